@@ -1,0 +1,1 @@
+"""lorafit: LoRA fine-tuning for Hugging Face transformers models."""
