@@ -1,1 +1,22 @@
-"""lorafit: LoRA fine-tuning for Hugging Face transformers models."""
+"""lorafit: LoRA fine-tuning for Hugging Face transformers models.
+
+The public API mirrors PEFT's names so code moves over: ``LoraConfig``, ``get_lora_model`` (PEFT's
+``get_peft_model``) and ``LoraModel`` (with ``from_pretrained``, ``save_pretrained``, adapters by name).
+"""
+
+from lorafit.config import LoraConfig
+from lorafit.errors import LorafitError
+from lorafit.layers import BASE_ADAPTER, LoraEmbedding, LoraLayer, LoraLinear
+from lorafit.model import LoraModel, get_lora_model
+
+__all__ = [
+    "BASE_ADAPTER",
+    "LoraConfig",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraModel",
+    "LorafitError",
+    "get_lora_model",
+]
+__version__ = "0.1.0"

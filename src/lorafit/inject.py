@@ -1,0 +1,170 @@
+"""Finding the modules a LoraConfig targets, wrapping them in LoRA layers, and unwrapping them again."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorafit.config import ALL_LINEAR, LoraConfig
+from lorafit.errors import LorafitError
+from lorafit.layers import BatchRouting, LoraLayer, wrap_layer
+from lorafit.saved_modules import ModulesToSave
+
+CLASSIFIER_HEAD_NAMES = ("classifier", "score")
+# Used when target_modules is None: the attention projections LoRA's paper adapts (query and value).
+DEFAULT_TARGETS = {
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"], "distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"],
+    "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"], "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"], "bloom": ["query_key_value"], "t5": ["q", "v"], "bart": ["q_proj", "v_proj"],
+}
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+
+
+def name_matches(name: str, patterns: list[str] | str) -> bool:
+    """PEFT's rule: a list entry matches the full name or its last dotted part(s); a string is a regex fullmatch."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith(f".{p}") for p in patterns)
+
+
+def in_transformed_layer(name: str, config: LoraConfig) -> bool:
+    """True unless layers_to_transform is set and the module sits in a layer not listed."""
+    if not config.layers_to_transform:
+        return True
+    if config.layers_pattern:
+        match = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in config.layers_pattern)), None)
+    else:
+        match = _LAYER_INDEX.match(name)
+    return match is not None and int(match["idx"]) in config.layers_to_transform
+
+
+def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    """The config's targets, with None and "all-linear" turned into concrete module names."""
+    if config.target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise LorafitError(f"no default LoRA targets for model type {model_type!r}; pass target_modules "
+                               f"(modules here include: {sample_module_names(model)})")
+        return DEFAULT_TARGETS[model_type]
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
+        output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [name for name, module in model.named_modules()
+                if isinstance(module, (nn.Linear, Conv1D)) and module is not output_head
+                and name.split(".")[-1] not in CLASSIFIER_HEAD_NAMES]
+    return config.target_modules
+
+
+def modules_to_save_for(model: nn.Module, config: LoraConfig) -> list[str]:
+    """modules_to_save plus, for classification tasks, the head, which a new task must train anyway."""
+    names = list(config.modules_to_save or [])
+    if config.task_type in ("SEQ_CLS", "TOKEN_CLS"):
+        names += [head for head in CLASSIFIER_HEAD_NAMES if head not in names]
+    return names
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules the config adapts, checked: an unmatched target is an error, not a no-op."""
+    targets = resolve_target_modules(model, config)
+    saved = modules_to_save_for(model, config)
+    found = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, (LoraLayer, ModulesToSave)) or _inside_wrapper(model, name):
+            continue
+        if not name_matches(name, targets) or not in_transformed_layer(name, config):
+            continue
+        if config.exclude_modules and name_matches(name, config.exclude_modules):
+            continue
+        if any(name == s or name.endswith(f".{s}") or f".{s}." in f".{name}" for s in saved):
+            continue
+        if wrap_layer(module, BatchRouting(), False) is None:
+            raise LorafitError(f"target module '{name}' is a {type(module).__name__}; lorafit adapts Linear, "
+                               "Conv1D and Embedding layers only: target those inside it instead")
+        found.append(name)
+    if not found:
+        shown = targets if isinstance(targets, str) else ", ".join(targets)
+        raise LorafitError(f"target modules '{shown}' matched nothing; modules here include: "
+                           f"{sample_module_names(model)}")
+    return found
+
+
+def _inside_wrapper(model: nn.Module, name: str) -> bool:
+    """True for modules that live inside a LoRA layer or a saved-module copy (never adapt those)."""
+    parts = name.split(".")
+    for depth in range(1, len(parts)):
+        if isinstance(model.get_submodule(".".join(parts[:depth])), (LoraLayer, ModulesToSave)):
+            return True
+    return False
+
+
+def sample_module_names(model: nn.Module, limit: int = 12) -> str:
+    """A short, de-duplicated list of leaf module names such as 'query, key, value, dense'."""
+    seen: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if name and isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
+            seen.setdefault(name.split(".")[-1], None)
+    names = list(seen)
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, routing: BatchRouting) -> list[str]:
+    """Add adapter ``adapter_name`` to every targeted module, wrapping modules on first use."""
+    names = find_targets(model, config)
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, LoraLayer):
+            layer = wrap_layer(layer, routing, config.fan_in_fan_out)
+            _replace(model, name, layer)
+        layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.lora_dropout,
+                          config.init_lora_weights, config.use_rslora)
+    for name in _saved_module_names(model, config):
+        wrapper = model.get_submodule(name)
+        if not isinstance(wrapper, ModulesToSave):
+            wrapper = ModulesToSave(wrapper, routing)
+            _replace(model, name, wrapper)
+        wrapper.add_adapter(adapter_name)
+    return names
+
+
+def _saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    wanted = modules_to_save_for(model, config)
+    names = []
+    for name, module in model.named_modules():
+        if name and any(name == w or name.endswith(f".{w}") for w in wanted) and not _inside_wrapper(model, name):
+            names.append(name)
+    missing = [w for w in config.modules_to_save or [] if not any(n == w or n.endswith(f".{w}") for n in names)]
+    if missing:
+        raise LorafitError(f"modules_to_save '{', '.join(missing)}' matched nothing; modules here include: "
+                           f"{sample_module_names(model)}")
+    return names
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def lora_layers(model: nn.Module) -> list[LoraLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def saved_module_wrappers(model: nn.Module) -> list[ModulesToSave]:
+    return [m for m in model.modules() if isinstance(m, ModulesToSave)]
+
+
+def unwrap_all(model: nn.Module, keep_adapter: str | None = None) -> None:
+    """Put the base modules back in place of every wrapper.
+
+    With ``keep_adapter`` a saved module keeps that adapter's trained copy (what merging wants);
+    otherwise the original module returns.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            _replace(model, name, module.base_layer)
+        elif isinstance(module, ModulesToSave):
+            keep = module.modules_to_save[keep_adapter] if keep_adapter in module.modules_to_save else module.original_module
+            _replace(model, name, keep)

@@ -1,0 +1,261 @@
+"""LoRA layers: a frozen base layer plus one low-rank update per adapter.
+
+For an input x the output is ``h = W0 x + (alpha / r) * B A dropout(x)``: W0 is the frozen base
+weight, A (r x in) and B (out x r) are the trainable low-rank factors (Hu et al., 2021,
+arXiv:2106.09685). B starts at zero, so a fresh adapter leaves the model unchanged. Merging adds
+``(alpha / r) * B A`` into W0 so inference pays nothing extra; it happens only when asked.
+
+Parameter names (``lora_A.<adapter>.weight``, ``lora_embedding_A.<adapter>``, ``base_layer``) follow
+PEFT so state dicts map one-to-one onto PEFT's adapter files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+BASE_ADAPTER = "__base__"
+"""In a mixed batch, the name for rows that use no adapter at all."""
+
+
+@dataclass
+class BatchRouting:
+    """Which adapter each row of the current batch uses; shared by all LoRA layers of one model."""
+
+    adapter_names: list[str] | None = None
+    _index_cache: dict = field(default_factory=dict)
+
+    def row_slots(self, names: list[str], batch_size: int, device: torch.device) -> torch.Tensor:
+        """Per row, its adapter's position in ``names`` (len(names) for the base model)."""
+        key = (tuple(names), batch_size, device)
+        if key not in self._index_cache:
+            rows = self.adapter_names
+            if batch_size != len(rows):
+                # generate() with num_return_sequences or beams repeats each prompt's row in place
+                repeat = batch_size // len(rows)
+                rows = [name for name in rows for _ in range(repeat)]
+            # a row whose adapter does not adapt this layer passes through it unchanged
+            slot = {name: i for i, name in enumerate(names)}
+            self._index_cache[key] = torch.tensor([slot.get(name, len(names)) for name in rows], device=device)
+        return self._index_cache[key]
+
+    def set(self, adapter_names: list[str] | None) -> None:
+        self.adapter_names = adapter_names
+        self._index_cache.clear()
+
+
+class LoraLayer(nn.Module):
+    """What every LoRA layer shares: adapters by name, which are active, merging, mixed batches."""
+
+    def __init__(self, base_layer: nn.Module, routing: BatchRouting) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.routing = routing
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def weight_dtype(self) -> torch.dtype:
+        """Adapters of a half-precision base stay in fp32; training low-rank factors in fp16 is unstable."""
+        dtype = self.base_layer.weight.dtype
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+    def register_scaling(self, name: str, r: int, alpha: float, use_rslora: bool) -> None:
+        self.r[name], self.lora_alpha[name] = r, alpha
+        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge()
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(name, None)
+        for attr in self.adapter_attribute_names:
+            getattr(self, attr).pop(name, None)
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    # --- merging -------------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``(alpha / r) * B A`` laid out like the base weight."""
+        raise NotImplementedError
+
+    def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add each adapter's update into the base weight; adapters already merged are skipped."""
+        weight = self.base_layer.weight
+        for name in names if names is not None else [self.active_adapter]:
+            if name is None or name in self.merged_adapters or name not in self.r:
+                continue
+            delta = self.delta_weight(name).to(weight.dtype)
+            if safe_merge:
+                merged = weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"adapter {name!r} would put NaN or inf into {self.base_name}; not merged")
+                weight.data.copy_(merged)
+            else:
+                weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract merged updates again, newest first."""
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            weight.data -= self.delta_weight(self.merged_adapters.pop()).to(weight.dtype)
+
+    @property
+    def base_name(self) -> str:
+        return type(self.base_layer).__name__
+
+    # --- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled or self.merged:
+            if self.merged and (self.disabled or self.routing.adapter_names is not None):
+                raise RuntimeError("adapters are merged into the weights; call unmerge_adapter() first")
+            return result
+        if self.routing.adapter_names is not None:
+            return self.add_mixed_update(x, result)
+        if self.active_adapter is None or self.active_adapter not in self.r:
+            return result
+        update = self.lora_update(x, self.active_adapter)
+        return result + update.to(result.dtype)
+
+    def lora_update(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def add_mixed_update(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2 stores the weight as (in, out))."""
+
+    adapter_attribute_names = ("lora_A", "lora_B", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module, routing: BatchRouting, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer, routing)
+        self.fan_in_fan_out = fan_in_fan_out or isinstance(base_layer, Conv1D)
+        self.in_features, self.out_features = linear_features(base_layer, fan_in_fan_out)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool) -> None:
+        kwargs = {"bias": False, "device": self.base_layer.weight.device, "dtype": self.weight_dtype()}
+        self.lora_A[name] = nn.Linear(self.in_features, r, **kwargs)
+        self.lora_B[name] = nn.Linear(r, self.out_features, **kwargs)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_scaling(name, r, alpha, use_rslora)
+        if init is True:
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+        if init is not False:
+            nn.init.zeros_(self.lora_B[name].weight)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def lora_update(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        lora_A = self.lora_A[name]
+        x = self.lora_dropout[name](x.to(lora_A.weight.dtype))
+        return self.lora_B[name](lora_A(x)) * self.scaling[name]
+
+    def add_mixed_update(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """One batched matmul pair for all rows: each row gathers its own adapter's A and B.
+
+        Ranks differ between adapters, so factors are zero-padded to the largest rank; the base row
+        gets all-zero factors. The base layer has already run once for the whole batch.
+        """
+        names = list(self.r)
+        if not names:
+            return result
+        rank = max(self.r.values())
+        dtype = self.weight_dtype()
+        stacked_A = x.new_zeros(len(names) + 1, rank, self.in_features, dtype=dtype)
+        stacked_B = x.new_zeros(len(names) + 1, self.out_features, rank, dtype=dtype)
+        for i, name in enumerate(names):
+            r = self.r[name]
+            stacked_A[i, :r] = self.lora_A[name].weight
+            stacked_B[i, :, :r] = self.lora_B[name].weight * self.scaling[name]
+        slots = self.routing.row_slots(names, x.shape[0], x.device)
+        rows_x = x.to(dtype).reshape(x.shape[0], -1, self.in_features)  # (B, T, in)
+        hidden = torch.bmm(rows_x, stacked_A[slots].transpose(1, 2))  # (B, T, r)
+        update = torch.bmm(hidden, stacked_B[slots].transpose(1, 2))  # (B, T, out)
+        return result + update.reshape(result.shape).to(result.dtype)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around ``nn.Embedding``: a row lookup in A^T (num_embeddings x r), then B.
+
+    As in the original loralib, A starts at zero and B random, so the update again starts at zero.
+    """
+
+    adapter_attribute_names = ("lora_embedding_A", "lora_embedding_B", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Embedding, routing: BatchRouting) -> None:
+        super().__init__(base_layer, routing)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool) -> None:
+        num_embeddings, dim = self.base_layer.weight.shape
+        kwargs = {"device": self.base_layer.weight.device, "dtype": self.weight_dtype()}
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, num_embeddings, **kwargs))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r, **kwargs))
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_scaling(name, r, alpha, use_rslora)
+        if init is not False:
+            nn.init.zeros_(self.lora_embedding_A[name])
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+
+    def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type,
+                           base.scale_grad_by_freq, base.sparse)
+
+    def lora_update(self, ids: torch.Tensor, name: str) -> torch.Tensor:
+        rows = self._lookup(ids, self.lora_embedding_A[name].T)  # (..., r)
+        return (rows @ self.lora_embedding_B[name].T) * self.scaling[name]
+
+    def add_mixed_update(self, ids: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        names = list(self.r)
+        slots = self.routing.row_slots(names, ids.shape[0], ids.device)
+        update = torch.zeros_like(result, dtype=self.weight_dtype())
+        for i, name in enumerate(names):
+            rows = (slots == i).nonzero().squeeze(1)
+            if rows.numel():
+                update[rows] = self.lora_update(ids[rows], name)
+        return result + update.to(result.dtype)
+
+
+def linear_features(layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear, or of a Conv1D whose weight is stored transposed."""
+    out_features, in_features = layer.weight.shape
+    if fan_in_fan_out or isinstance(layer, Conv1D):
+        return out_features, in_features
+    return in_features, out_features
+
+
+def wrap_layer(module: nn.Module, routing: BatchRouting, fan_in_fan_out: bool) -> LoraLayer | None:
+    """The LoRA layer for a base module, or None when LoRA has no variant for its type."""
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return LoraLinear(module, routing, fan_in_fan_out)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module, routing)
+    return None

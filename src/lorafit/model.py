@@ -1,0 +1,298 @@
+"""LoraModel: one base model, any number of named adapters, and the switches between them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from lorafit.config import LoraConfig
+from lorafit.errors import LorafitError
+from lorafit.inject import inject_adapter, lora_layers, saved_module_wrappers, unwrap_all
+from lorafit.layers import BASE_ADAPTER, BatchRouting, LoraLayer
+from lorafit.saved_modules import ModulesToSave
+from lorafit.serialization import check_adapter_fits, read_adapter, save_adapter
+
+DEFAULT_ADAPTER = "default"
+
+
+def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> "LoraModel":
+    """Freeze ``model`` and add a trainable LoRA adapter to it (PEFT's ``get_peft_model``)."""
+    return LoraModel(model, config, adapter_name)
+
+
+class LoraModel(nn.Module):
+    """A transformers model with LoRA adapters injected into it.
+
+    Switching adapters flips which low-rank factors each layer adds; the base weights are never
+    copied or reloaded. ``model(**batch, adapter_names=[...])`` runs each row with its own adapter.
+    """
+
+    def __init__(self, model: nn.Module, config: LoraConfig | None = None, adapter_name: str = DEFAULT_ADAPTER) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.routing = BatchRouting()
+        self._active_adapter: str | None = None
+        model.requires_grad_(False)
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
+
+    # --- adapters ------------------------------------------------------------------------------
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self._active_adapter] if self._active_adapter else []
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Inject a new adapter (inactive until ``set_adapter``); the base weights are untouched."""
+        if adapter_name in self.peft_config:
+            raise LorafitError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter() it")
+        if adapter_name == BASE_ADAPTER:
+            raise LorafitError(f"{BASE_ADAPTER!r} is reserved for 'no adapter' in mixed batches; pick another name")
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        inject_adapter(self.model, config, adapter_name, self.routing)
+        self.peft_config[adapter_name] = config
+        if self._active_adapter is None:
+            self.set_adapter(adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the one applied and the one trained; the others stay frozen."""
+        self._require(adapter_name)
+        for module in [*lora_layers(self.model), *saved_module_wrappers(self.model)]:
+            module.active_adapter = adapter_name
+        self._active_adapter = adapter_name
+        self._set_trainable(adapter_name, trainable=not self.peft_config[adapter_name].inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._require(adapter_name)
+        for module in [*lora_layers(self.model), *saved_module_wrappers(self.model)]:
+            module.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        if self._active_adapter == adapter_name:
+            self._active_adapter = None
+            if self.peft_config:
+                self.set_adapter(next(iter(self.peft_config)))
+
+    def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
+                     is_trainable: bool = False) -> None:
+        """Add an adapter saved by lorafit or PEFT; a file that does not fit leaves the model as it was."""
+        if adapter_name in self.peft_config:
+            raise LorafitError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter() it")
+        config, tensors = read_adapter(adapter_dir)
+        config.inference_mode = not is_trainable
+        check_adapter_fits(self.model, config, tensors, str(adapter_dir))
+        self.add_adapter(adapter_name, config)
+        self._load_tensors(adapter_name, tensors)
+        self._set_trainable(adapter_name, trainable=is_trainable and adapter_name == self._active_adapter)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, adapter_dir: str | os.PathLike,
+                        adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False) -> "LoraModel":
+        """Wrap ``base_model`` and load a saved adapter onto it (PEFT's ``PeftModel.from_pretrained``)."""
+        lora_model = cls(base_model)
+        lora_model.load_adapter(adapter_dir, adapter_name, is_trainable=is_trainable)
+        return lora_model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+        """PEFT's layout: the ``default`` adapter at the top, every other one in a sub-folder of its name."""
+        for name in selected_adapters or list(self.peft_config):
+            self._require(name)
+            directory = Path(save_directory) if name == DEFAULT_ADAPTER else Path(save_directory) / name
+            save_adapter(self.model, name, self.peft_config[name], directory)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the plain base model inside the block (merged weights are unmerged for it, then re-merged)."""
+        layers, wrappers = lora_layers(self.model), saved_module_wrappers(self.model)
+        merged = {layer: list(layer.merged_adapters) for layer in layers if layer.merged}
+        for layer in merged:
+            layer.unmerge()
+        for module in [*layers, *wrappers]:
+            module.disabled = True
+        try:
+            yield
+        finally:
+            for module in [*layers, *wrappers]:
+                module.disabled = False
+            for layer, names in merged.items():
+                layer.merge(names)
+
+    # --- merging -------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active one) into the base weights for zero-overhead inference."""
+        names = adapter_names or self.active_adapters
+        for name in names:
+            self._require(name)
+        layers = lora_layers(self.model)
+        if safe_merge:
+            # check every layer before touching any, so a bad adapter leaves the whole model as it was
+            for layer in layers:
+                weight = layer.base_layer.weight.data.clone()
+                for name in names:
+                    if name in layer.r and name not in layer.merged_adapters:
+                        weight += layer.delta_weight(name).to(weight.dtype)
+                if not torch.isfinite(weight).all():
+                    raise ValueError("merging would put NaN or inf into the base weights; the model is unchanged")
+        for layer in layers:
+            layer.merge(names)
+
+    def unmerge_adapter(self) -> None:
+        for layer in lora_layers(self.model):
+            layer.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge and return the plain transformers model with no lorafit modules left in it."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        unwrap_all(self.model, keep_adapter=(adapter_names or self.active_adapters or [None])[0])
+        return self.model
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original base model."""
+        self.unmerge_adapter()
+        unwrap_all(self.model)
+        return self.model
+
+    # --- running -------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, adapter_names: list[str] | None = None, **kwargs):
+        """The wrapped model's forward; ``adapter_names`` gives one adapter per row (``"__base__"``: none).
+
+        The named arguments are spelled out so that transformers' Trainer keeps those dataset columns.
+        """
+        named = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+                 "position_ids": position_ids, "inputs_embeds": inputs_embeds, "labels": labels}
+        kwargs.update({key: value for key, value in named.items() if value is not None})
+        with self._routed(adapter_names, batch_size=_batch_size(kwargs)):
+            return self.model(**kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        batch_size = len(args[0]) if args else _batch_size(kwargs)
+        with self._routed(adapter_names, batch_size=batch_size):
+            return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _routed(self, adapter_names: list[str] | None, batch_size: int | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise LorafitError("adapter_names (mixed-adapter batches) is for inference; call model.eval() first")
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise LorafitError(f"unknown adapter(s) {', '.join(unknown)} in adapter_names; loaded: "
+                               f"{', '.join(self.peft_config)} (or {BASE_ADAPTER!r} for the base model)")
+        if batch_size is not None and len(adapter_names) != batch_size:
+            raise LorafitError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch_size} rows; "
+                               "give one name per row")
+        if any(layer.merged for layer in lora_layers(self.model)):
+            raise LorafitError("adapters are merged into the weights; call unmerge_adapter() before mixed batches")
+        self.routing.set(list(adapter_names))
+        try:
+            yield
+        finally:
+            self.routing.set(None)
+
+    # --- parameters ----------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, each shared tensor counted once, as PEFT counts."""
+        trainable = total = 0
+        for param in self.parameters():
+            total += param.numel()
+            trainable += param.numel() if param.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def _set_trainable(self, adapter_name: str, trainable: bool) -> None:
+        for name, param in self.model.named_parameters():
+            if _is_adapter_parameter(name):
+                param.requires_grad_(trainable and _adapter_of(name) == adapter_name)
+        bias = self.peft_config[adapter_name].bias
+        if bias == "all":
+            for name, param in self.model.named_parameters():
+                if name.endswith(".bias") and ".original_module." not in name and not _is_adapter_parameter(name):
+                    param.requires_grad_(trainable)
+        elif bias == "lora_only":
+            for layer in lora_layers(self.model):
+                if getattr(layer.base_layer, "bias", None) is not None:
+                    layer.base_layer.bias.requires_grad_(trainable)
+
+    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        own = {}
+        for path, module in self.model.named_modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.r:
+                for attr in module.adapter_attribute_names[:2]:
+                    entry = getattr(module, attr)[adapter_name]
+                    suffix = "" if isinstance(entry, nn.Parameter) else ".weight"
+                    own[f"{path}.{attr}{suffix}"] = entry if suffix == "" else entry.weight
+            elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+                for key, param in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                    own[f"{path}.{key}"] = param
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                target = own.get(key) if key in own else params.get(key)
+                if target is not None:
+                    target.copy_(tensor.to(target.dtype))
+
+    def _require(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise LorafitError(f"no adapter named {adapter_name!r}; loaded: {', '.join(self.peft_config) or 'none'}")
+
+    # --- what Trainer and generation helpers look for ---------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint activations; with the embeddings frozen, their outputs must require grad for it to work."""
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self.model.enable_input_require_grads()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing_disable()
+
+
+_ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save")
+
+
+def _adapter_of(name: str) -> str | None:
+    """The adapter a parameter belongs to: the name right after its container ('...lora_A.<adapter>.weight')."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in _ADAPTER_CONTAINERS:
+            return parts[i + 1]
+    return None
+
+
+def _is_adapter_parameter(name: str) -> bool:
+    return _adapter_of(name) is not None
+
+
+def _batch_size(kwargs: dict) -> int | None:
+    for key in ("input_ids", "inputs_embeds"):
+        if kwargs.get(key) is not None:
+            return kwargs[key].shape[0]
+    return None
