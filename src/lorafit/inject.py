@@ -73,7 +73,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     saved = modules_to_save_for(model, config)
     found = []
     for name, module in model.named_modules():
-        if not name or isinstance(module, (LoraLayer, ModulesToSave)) or _inside_wrapper(model, name):
+        # an existing LoRA layer is a target again (a second adapter); what sits inside wrappers is not
+        if not name or isinstance(module, ModulesToSave) or _inside_wrapper(model, name):
             continue
         if not name_matches(name, targets) or not in_transformed_layer(name, config):
             continue
@@ -81,7 +82,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if any(name == s or name.endswith(f".{s}") or f".{s}." in f".{name}" for s in saved):
             continue
-        if wrap_layer(module, BatchRouting(), False) is None:
+        if not isinstance(module, LoraLayer) and wrap_layer(module, BatchRouting(), False) is None:
             raise LorafitError(f"target module '{name}' is a {type(module).__name__}; lorafit adapts Linear, "
                                "Conv1D and Embedding layers only: target those inside it instead")
         found.append(name)

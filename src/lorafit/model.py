@@ -95,6 +95,13 @@ class LoraModel(nn.Module):
         self._load_tensors(adapter_name, tensors)
         self._set_trainable(adapter_name, trainable=is_trainable and adapter_name == self._active_adapter)
 
+    def load_weights(self, adapter_dir: str | os.PathLike, adapter_name: str) -> None:
+        """Overwrite an existing adapter's weights with saved ones (resuming a run, loading best/)."""
+        self._require(adapter_name)
+        config, tensors = read_adapter(adapter_dir)
+        check_adapter_fits(self.model, config, tensors, str(adapter_dir))
+        self._load_tensors(adapter_name, tensors)
+
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, adapter_dir: str | os.PathLike,
                         adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False) -> "LoraModel":

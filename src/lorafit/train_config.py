@@ -1,0 +1,201 @@
+"""TrainConfig: everything a `lorafit train` run needs; the single source for its flags and YAML file."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorafit.errors import LorafitError
+
+TASKS = ("classification", "causal-lm")
+STRATEGIES = ("epoch", "steps", "no")
+
+
+@dataclass
+class TrainConfig:
+    """A fine-tuning run. Every field is also a command-line flag (``max_length`` -> ``--max-length``)."""
+
+    task: str = "classification"
+    """What to train: classification (a text classifier) or causal-lm (instruction-tune an LLM)."""
+    model: str | None = None
+    """Base model: a local directory, a Hugging Face hub id, or a built-in alias (minilm, smollm2).
+    Default: minilm for classification, smollm2 for causal-lm."""
+    train_file: str | None = None
+    """Training data: CSV, TSV, JSON Lines, JSON, Parquet, or a `datasets` directory. Default: the
+    built-in dataset of the task."""
+    validation_file: str | None = None
+    """Validation data, same formats; evaluated per --eval-strategy and used to pick best/."""
+    test_file: str | None = None
+    """Test data, evaluated once at the end with the best adapter."""
+    dataset: str | None = None
+    """A Hugging Face hub dataset instead of files, e.g. glue (needs network)."""
+    dataset_config: str | None = None
+    """The hub dataset's configuration, e.g. sst2."""
+    text_column: str = "text"
+    """Column holding the text to classify."""
+    text_pair_column: str | None = None
+    """Optional second text column (sentence pairs, e.g. premise/hypothesis)."""
+    label_column: str = "label"
+    """Column holding the labels (strings or integers)."""
+    encoding: str | None = None
+    """Text encoding of CSV/TSV/JSON files when not UTF-8, e.g. latin-1."""
+    max_length: int | None = None
+    """Longest input in tokens; longer inputs are cut. Default: 128 (classification), 256 (causal-lm)."""
+    truncation_side: str = "right"
+    """Which end of a too-long text is cut: right (keep the start) or left (keep the end)."""
+    train_on_prompt: bool = False
+    """causal-lm: also train on prompt tokens (default: the loss covers the response only)."""
+    pack: bool = False
+    """causal-lm: pack several short examples into one sequence of --max-length tokens."""
+    r: int = 8
+    """LoRA rank."""
+    lora_alpha: float = 16
+    """LoRA scale numerator: the update is multiplied by lora_alpha / r."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch's input."""
+    target_modules: list[str] | None = None
+    """Modules to adapt, e.g. query value, or all-linear. Default: the architecture's query and value
+    projections (query/value, q_proj/v_proj, c_attn)."""
+    lr: float | None = None
+    """Peak learning rate (AdamW, linear decay). Default: 1e-3 (classification), 2e-4 (causal-lm)."""
+    batch_size: int = 16
+    """Training examples per optimizer step."""
+    eval_batch_size: int = 64
+    """Examples per batch when evaluating."""
+    epochs: float = 3
+    """Passes over the training data."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides --epochs)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on the LoRA matrices and trained heads."""
+    warmup_ratio: float = 0.06
+    """Fraction of steps over which the learning rate rises linearly from 0."""
+    seed: int = 42
+    """Seed for initialisation, dropout and data order."""
+    group_by_length: bool = True
+    """Batch texts of similar length together (less padding, faster); --no-group-by-length to turn off."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+    output_dir: str | None = None
+    """Run directory. Default: lorafit-runs/<task>-<model>-<time>."""
+    eval_strategy: str = "epoch"
+    """When to evaluate: epoch, steps (every --eval-steps), or no."""
+    eval_steps: int = 100
+    """Optimizer steps between evaluations with --eval-strategy steps."""
+    save_strategy: str | None = None
+    """When to write checkpoint-<step>/: epoch, steps (every --save-steps), or no. Default: as --eval-strategy."""
+    save_steps: int | None = None
+    """Optimizer steps between checkpoints with --save-strategy steps. Default: --eval-steps."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep (best/ is kept separately)."""
+    metric: str | None = None
+    """Validation metric that picks best/: accuracy, f1 or loss (classification); loss (causal-lm)."""
+    resume: bool = False
+    """Continue the run in --output-dir from its newest complete checkpoint."""
+    max_train_samples: int | None = None
+    """Use only the first N training examples (quick experiments)."""
+    max_eval_samples: int | None = None
+    """Evaluate on only the first N validation examples."""
+
+    def __post_init__(self) -> None:
+        _choice("task", self.task, TASKS)
+        _choice("truncation_side", self.truncation_side, ("left", "right"))
+        _choice("eval_strategy", self.eval_strategy, STRATEGIES)
+        _choice("save_strategy", self.save_strategy, STRATEGIES + (None,))
+        metrics = ("accuracy", "f1", "loss") if self.task == "classification" else ("loss",)
+        _choice("metric", self.metric, metrics + (None,))
+        for name in ("r", "batch_size", "eval_batch_size", "eval_steps", "keep_checkpoints"):
+            _positive(name, getattr(self, name), integer=True)
+        for name in ("max_length", "max_steps", "save_steps", "max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name), integer=True)
+        for name in ("lora_alpha", "epochs"):
+            _positive(name, getattr(self, name))
+        if self.lr is not None:
+            _positive("lr", self.lr)
+        if not 0 <= self.lora_dropout < 1:
+            raise LorafitError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise LorafitError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            raise LorafitError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.dataset and self.train_file:
+            raise LorafitError("pass either --dataset or --train-file, not both")
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every task-dependent default filled in."""
+        causal = self.task == "causal-lm"
+        defaults = {
+            "model": "smollm2" if causal else "minilm",
+            "max_length": 256 if causal else 128,
+            "lr": 2e-4 if causal else 1e-3,
+            "metric": "loss" if causal else "accuracy",
+            "save_strategy": self.eval_strategy,
+            "save_steps": self.eval_steps,
+        }
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        shown = ", ".join(a for a in allowed if a is not None)
+        raise LorafitError(f"--{name.replace('_', '-')} must be one of {shown}; got {value!r}")
+
+
+def _positive(name: str, value: Any, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        what = "a positive integer" if integer else "a number > 0"
+        raise LorafitError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field, read from the source (help texts come from here)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def load_yaml_config(path: str | Path, cls: type = TrainConfig) -> dict[str, Any]:
+    """The settings in a YAML run file, keys checked against the config's fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorafitError(f"config file '{path}' does not exist; pass the path of a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise LorafitError(f"config file '{path}' is not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise LorafitError(f"config file '{path}' must hold a mapping of settings, e.g. 'r: 8'")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise LorafitError(f"config file '{path}' has unknown setting(s) {', '.join(unknown)}; "
+                           f"run `lorafit train --help` for the valid ones")
+    return data
+
+
+def build_config(settings: dict[str, Any], cls: type = TrainConfig):
+    """Construct a config, turning type mistakes into one-line errors."""
+    try:
+        return cls(**settings)
+    except TypeError as err:
+        raise LorafitError(f"invalid settings: {err}") from None
+
+
+def dump_config(config) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
