@@ -106,7 +106,7 @@ def sample_module_names(model: nn.Module, limit: int = 12) -> str:
     """A short, de-duplicated list of leaf module names such as 'query, key, value, dense'."""
     seen: dict[str, None] = {}
     for name, module in model.named_modules():
-        if name and isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
+        if name and isinstance(module, (nn.Linear, Conv1D, nn.Embedding, LoraLayer)) and not _inside_wrapper(model, name):
             seen.setdefault(name.split(".")[-1], None)
     names = list(seen)
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
@@ -137,7 +137,10 @@ def _saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
     for name, module in model.named_modules():
         if name and any(name == w or name.endswith(f".{w}") for w in wanted) and not _inside_wrapper(model, name):
             names.append(name)
-    missing = [w for w in config.modules_to_save or [] if not any(n == w or n.endswith(f".{w}") for n in names)]
+    # classification configs (ours and PEFT's) list both head names, classifier and score; a model has one
+    optional = CLASSIFIER_HEAD_NAMES if config.task_type in ("SEQ_CLS", "TOKEN_CLS") else ()
+    missing = [w for w in config.modules_to_save or []
+               if w not in optional and not any(n == w or n.endswith(f".{w}") for n in names)]
     if missing:
         raise LorafitError(f"modules_to_save '{', '.join(missing)}' matched nothing; modules here include: "
                            f"{sample_module_names(model)}")
