@@ -64,6 +64,9 @@ class LoraModel(nn.Module):
         self.peft_config[adapter_name] = config
         if self._active_adapter is None:
             self.set_adapter(adapter_name)
+        else:  # the new adapter's fresh parameters stay frozen until set_adapter; the active one trains on
+            active = self._active_adapter
+            self._set_trainable(active, trainable=not self.peft_config[active].inference_mode)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the one applied and the one trained; the others stay frozen."""
@@ -93,7 +96,8 @@ class LoraModel(nn.Module):
         check_adapter_fits(self.model, config, tensors, str(adapter_dir))
         self.add_adapter(adapter_name, config)
         self._load_tensors(adapter_name, tensors)
-        self._set_trainable(adapter_name, trainable=is_trainable and adapter_name == self._active_adapter)
+        # add_adapter already set requires_grad: the loaded adapter trains only if it is the active one
+        # and is_trainable; an adapter loaded beside the active one leaves that one's training as it was
 
     def load_weights(self, adapter_dir: str | os.PathLike, adapter_name: str) -> None:
         """Overwrite an existing adapter's weights with saved ones (resuming a run, loading best/)."""
