@@ -1,0 +1,114 @@
+"""Text classification: data, loss, evaluation and prediction around a LoRA-adapted classifier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorafit import data
+from lorafit.errors import LorafitError
+from lorafit.metrics import classification_report
+from lorafit.model import LoraModel
+from lorafit.train_config import TrainConfig
+
+# The article's six example sentences (SST-2 validation style), printed before and after training.
+EXAMPLE_SENTENCES = [
+    "a feel-good picture in the best sense of the term .",
+    "resourceful and ingenious entertainment .",
+    "it 's just incredibly dull .",
+    "the movie 's biggest offense is its complete and utter lack of tension .",
+    "impresses you with its open-endedness and surprises .",
+    "unless you are in dire need of a diesel fix , there is no real reason to see it .",
+]
+
+
+@dataclass
+class ClassificationData:
+    splits: dict[str, "data.datasets.Dataset"]  # prepared: text, [text_pair], label
+    labels: data.LabelSpace
+    description: str
+
+
+def load_classification_data(config: TrainConfig) -> ClassificationData:
+    """Read and validate every split before anything is written; errors name the file and the fix."""
+    if config.dataset:
+        raw = data.load_hub_dataset(config.dataset, config.dataset_config)
+        sources = {split: f"{config.dataset}/{split}" for split in raw}
+        description = f"hub dataset `{config.dataset}`" + (f" (`{config.dataset_config}`)" if config.dataset_config else "")
+    elif config.train_file:
+        files = {"train": config.train_file, "validation": config.validation_file, "test": config.test_file}
+        raw = {split: data.read_table(path, encoding=config.encoding, role=f"{split} file")
+               for split, path in files.items() if path}
+        sources = {split: Path(path).name for split, path in files.items() if path}
+        description = ", ".join(f"{split}: `{path}`" for split, path in files.items() if path)
+    else:
+        if config.validation_file or config.test_file:
+            raise LorafitError("--validation-file and --test-file need --train-file too")
+        raw = data.load_builtin_sentiment()
+        sources = {split: f"built-in {split}.jsonl" for split in raw}
+        description = "lorafit's built-in sentiment set"
+    if "train" not in raw:
+        raise LorafitError(f"no training split found (splits: {', '.join(raw)}); pass --train-file")
+    if config.max_train_samples:
+        raw["train"] = raw["train"].select(range(min(config.max_train_samples, len(raw["train"]))))
+    if config.max_eval_samples and "validation" in raw:
+        raw["validation"] = raw["validation"].select(range(min(config.max_eval_samples, len(raw["validation"]))))
+    labels = data.build_label_space(raw["train"], config.label_column)
+    splits = {}
+    for split in ("train", "validation", "test"):
+        if split in raw:
+            role = {"train": "training", "validation": "validation", "test": "test"}[split]
+            splits[split] = data.prepare_split(raw[split], split=role, source=sources[split],
+                                               text_column=config.text_column,
+                                               text_pair_column=config.text_pair_column,
+                                               label_column=config.label_column, labels=labels)
+    return ClassificationData(splits, labels, description)
+
+
+def classification_loss(model, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+@torch.inference_mode()
+def predict_logits(model, examples, collate, batch_size: int) -> tuple[torch.Tensor, float | None]:
+    """Logits for every example (and the mean loss when labels are present), in input order."""
+    was_training = model.training
+    model.eval()
+    logits, loss_sum, count = [], 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in range(start, min(start + batch_size, len(examples)))]).items()}
+        out = model(**batch)
+        logits.append(out.logits.float().cpu())
+        if "labels" in batch:
+            loss_sum += out.loss.item() * len(batch["labels"])
+            count += len(batch["labels"])
+    model.train(was_training)
+    return torch.cat(logits), (loss_sum / count if count else None)
+
+
+def evaluate_classifier(model, examples, collate, batch_size: int, names: list[str]) -> dict:
+    """Loss, accuracy, macro-F1, per-class precision/recall and the confusion matrix."""
+    logits, loss = predict_logits(model, examples, collate, batch_size)
+    labels = [int(e["labels"]) for e in examples]
+    report = classification_report(labels, logits.argmax(-1).tolist(), names)
+    return {"loss": round(loss, 6), **{k: round(v, 6) if isinstance(v, float) else v for k, v in report.items()}}
+
+
+def predict_texts(model, tokenizer, texts: list[str], *, max_length: int, truncation_side: str = "right",
+                  batch_size: int = 64, pairs: list[str] | None = None) -> torch.Tensor:
+    """Class probabilities for raw texts, batched."""
+    ds = data.datasets.Dataset.from_dict({"text": texts, **({"text_pair": pairs} if pairs else {})})
+    encoded = data.tokenize(ds, tokenizer, max_length=max_length, truncation_side=truncation_side)
+    logits, _ = predict_logits(model, encoded, data.make_collator(tokenizer), batch_size)
+    return logits.softmax(-1)
+
+
+def print_predictions(title: str, model: LoraModel, tokenizer, id2label: dict[int, str], max_length: int) -> None:
+    """The article's before/after check: each example sentence with its predicted label."""
+    probabilities = predict_texts(model, tokenizer, EXAMPLE_SENTENCES, max_length=max_length)
+    print(f"\n{title}:\n" + "-" * (len(title) + 1))
+    for text, p in zip(EXAMPLE_SENTENCES, probabilities):
+        print(f"{text} - {id2label[int(p.argmax())]}")

@@ -1,0 +1,146 @@
+"""The `lorafit` command line: one sub-command per module (train, eval, predict, merge, generate)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from typing import Any, Sequence
+
+from lorafit.errors import LorafitError
+
+DESCRIPTION = """\
+LoRA fine-tuning for Hugging Face transformers models, offline on a laptop CPU or on GPUs.
+
+  lorafit train                       fine-tune the built-in classifier (MiniLM on sentiment data)
+  lorafit train --task causal-lm      instruction-tune the built-in LLM (SmolLM2-135M-Instruct)
+  lorafit eval --adapter DIR --data FILE
+  lorafit predict --adapter DIR "a text" "another text"
+  lorafit generate --adapter DIR "a prompt"
+  lorafit merge --adapter DIR --output DIR
+
+Run `lorafit COMMAND --help` for each command's options."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line on stderr with exit code 2, like every other bad input."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of a config dataclass, its help text taken from the field's docstring."""
+    from lorafit.train_config import field_docs
+
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        kind = base[0]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": docs.get(f.name, "")}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list:
+            kwargs.update(nargs="+", type=typing.get_args(kind)[0], metavar="NAME")
+        else:
+            kwargs.update(type=kind, metavar=f.name.upper() if kind is str else kind.__name__.upper())
+        default = f.default
+        if default is not None and default is not dataclasses.MISSING and kind is not bool:
+            kwargs["help"] += f" (default: {default})"
+        parser.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lorafit import evaluate, generate, merge, predict
+    from lorafit.train_config import TrainConfig
+
+    parser = _Parser(prog="lorafit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lorafit {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    train = commands.add_parser(
+        "train", help="fine-tune a model with LoRA", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=TRAIN_DESCRIPTION)
+    train.add_argument("--config", metavar="YAML", help="read settings from a YAML file; flags given here override it")
+    add_dataclass_flags(train, TrainConfig)
+    train.set_defaults(run=_run_train)
+
+    for module in (evaluate, predict, merge, generate):
+        sub = commands.add_parser(module.NAME, help=module.HELP, description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+TRAIN_DESCRIPTION = """\
+Fine-tune a model with LoRA and write a run folder: config.yaml, metrics.jsonl, curves.png,
+checkpoint-<step>/ (resumable), best/ (the adapter with the best validation score) and README.md.
+
+With no arguments it trains the built-in classifier (all-MiniLM-L6-v2 on lorafit's sentiment set)
+offline in a few minutes. Examples:
+
+  lorafit train
+  lorafit train --train-file train.csv --validation-file dev.csv --text-column review --epochs 5
+  lorafit train --model roberta-base --dataset glue --dataset-config sst2 --text-column sentence \\
+                --r 4 --lora-alpha 32 --lora-dropout 0.01 --target-modules query --epochs 5
+  lorafit train --task causal-lm --train-file chats.jsonl --target-modules all-linear
+  lorafit train --config run.yaml --lr 5e-4
+  lorafit train --output-dir runs/a --resume         # continue a killed run"""
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from lorafit.finetune import run_train
+    from lorafit.train_config import build_config, load_yaml_config
+
+    settings = load_yaml_config(args.config) if args.config else {}
+    settings.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "run")})
+    run_train(build_config(settings))
+    return 0
+
+
+def _version() -> str:
+    from lorafit import __version__
+
+    return __version__
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal to lorafit's own output: library chatter hides what matters."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        _quiet_libraries()
+        return args.run(args)
+    except LorafitError as err:
+        print(f"lorafit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lorafit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

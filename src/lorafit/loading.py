@@ -1,0 +1,78 @@
+"""Loading a saved adapter with its base model and tokenizer, for the inference commands."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafit.errors import LorafitError
+from lorafit.model import LoraModel
+from lorafit.models import load_causal_lm, load_classifier, load_tokenizer, resolve_model
+from lorafit.run_dir import load_adapter_info
+from lorafit.serialization import CONFIG_NAME
+
+
+@dataclass
+class LoadedAdapter:
+    model: LoraModel
+    tokenizer: object
+    info: dict
+    task: str
+
+
+def adapter_task(adapter_dir: Path, info: dict) -> str:
+    """classification or causal-lm, from lorafit's info file or the adapter's PEFT task_type."""
+    if "task" in info:
+        return info["task"]
+    task_type = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8")).get("task_type")
+    return "causal-lm" if task_type == "CAUSAL_LM" else "classification"
+
+
+def check_adapter_dir(adapter: str | Path) -> Path:
+    path = Path(adapter)
+    if not path.is_dir():
+        raise LorafitError(f"adapter directory '{path}' does not exist; pass the best/ folder of a run "
+                           "(or any folder holding adapter_config.json)")
+    if not (path / CONFIG_NAME).is_file():
+        best = path / "best"
+        hint = f"; did you mean '{best}'?" if (best / CONFIG_NAME).is_file() else ""
+        raise LorafitError(f"'{path}' holds no {CONFIG_NAME}{hint}")
+    return path
+
+
+def load_adapter_for_inference(adapter: str | Path, model: str | None = None, padding_side: str = "right") -> LoadedAdapter:
+    """Base model (``model`` or the one the adapter names), its tokenizer, and the adapter on top."""
+    adapter_dir = check_adapter_dir(adapter)
+    info = load_adapter_info(adapter_dir)
+    peft_config = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    base_name = model or info.get("base_model") or peft_config.get("base_model_name_or_path")
+    if not base_name:
+        raise LorafitError(f"adapter '{adapter_dir}' does not say which base model it was trained on; pass --model")
+    base_path = resolve_model(base_name)
+    tokenizer_dir = adapter_dir / "tokenizer"
+    tokenizer = load_tokenizer(str(tokenizer_dir) if tokenizer_dir.is_dir() else base_path, padding_side=padding_side)
+    task = adapter_task(adapter_dir, info)
+    if task == "classification":
+        id2label = info.get("id2label") or _id2label_from_weights(adapter_dir)
+        base = load_classifier(base_path, num_labels=len(id2label), id2label=id2label,
+                               label2id={v: k for k, v in id2label.items()}, pad_token_id=tokenizer.pad_token_id)
+    else:
+        base = load_causal_lm(base_path)
+        if base.generation_config.pad_token_id is None:
+            base.generation_config.pad_token_id = tokenizer.pad_token_id
+    lora_model = LoraModel.from_pretrained(base, adapter_dir)
+    lora_model.eval()
+    return LoadedAdapter(lora_model, tokenizer, info, task)
+
+
+def _id2label_from_weights(adapter_dir: Path) -> dict[int, str]:
+    """A PEFT adapter without lorafit's info file: count classes from the saved head's output rows."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        heads = [k for k in f.keys() if k.endswith(("classifier.weight", "out_proj.weight", "score.weight"))]
+        if not heads:
+            raise LorafitError(f"adapter '{adapter_dir}' has no classification head; is it a causal-LM adapter?")
+        num_labels = f.get_slice(heads[0]).get_shape()[0]
+    return {i: f"LABEL_{i}" for i in range(num_labels)}

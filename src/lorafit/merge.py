@@ -1,0 +1,43 @@
+"""Merge an adapter into its base model and write a plain transformers model.
+
+  lorafit merge --adapter runs/x/best --output merged-model
+
+The result loads with AutoModelForSequenceClassification / AutoModelForCausalLM.from_pretrained,
+needs no lorafit, and runs at the base model's speed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lorafit.errors import LorafitError
+from lorafit.loading import load_adapter_for_inference
+from lorafit.run_dir import replace_dir_atomically
+
+NAME = "merge"
+HELP = "fold an adapter into its base model and save a plain transformers model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True, help="adapter directory (a run's best/ folder)")
+    parser.add_argument("--output", required=True, help="directory to write the merged model to (must not exist)")
+    parser.add_argument("--model", help="base model, if not the one the adapter was trained on")
+    parser.add_argument("--no-safe-merge", dest="safe_merge", action="store_false",
+                        help="skip the check that merged weights are finite")
+
+
+def run(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()):
+        raise LorafitError(f"output directory '{output}' is not empty; pass a new --output")
+    loaded = load_adapter_for_inference(args.adapter, args.model)
+    merged = loaded.model.merge_and_unload(safe_merge=args.safe_merge)
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+
+    replace_dir_atomically(output, write)
+    print(f"merged model written to {output}")
+    return 0

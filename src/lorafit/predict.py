@@ -1,0 +1,71 @@
+"""Predict labels with a trained classifier adapter.
+
+  lorafit predict --adapter runs/x/best "a wonderful film" "a waste of two hours"
+  lorafit predict --adapter runs/x/best --input texts.csv --output predictions.jsonl
+
+Each prediction is the label name and the probability of every class; --output writes JSON Lines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lorafit import data
+from lorafit.classify import predict_texts
+from lorafit.errors import LorafitError
+from lorafit.loading import load_adapter_for_inference
+from lorafit.serialization import atomic_path
+
+NAME = "predict"
+HELP = "label texts with a trained classifier adapter"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("texts", nargs="*", help="texts to classify (or use --input)")
+    parser.add_argument("--adapter", required=True, help="adapter directory (a run's best/ folder)")
+    parser.add_argument("--model", help="base model, if not the one the adapter was trained on")
+    parser.add_argument("--input", help="file of texts: CSV, TSV, JSON Lines, JSON, Parquet")
+    parser.add_argument("--text-column", help="column of --input holding the texts (default: as in training, else text)")
+    parser.add_argument("--output", help="write JSON Lines here instead of printing")
+    parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
+    parser.add_argument("--encoding", help="encoding of --input when not UTF-8")
+
+
+def read_texts(args: argparse.Namespace, default_column: str) -> list[str]:
+    if args.texts and args.input:
+        raise LorafitError("pass texts as arguments or --input FILE, not both")
+    if args.texts:
+        return list(args.texts)
+    if not args.input:
+        raise LorafitError("nothing to predict: pass texts as arguments or --input FILE")
+    column = args.text_column or default_column
+    table = data.read_table(args.input, encoding=args.encoding, role="input file")
+    prepared = data.prepare_split(table, split="input", source=Path(args.input).name, text_column=column,
+                                  text_pair_column=None, label_column=None, labels=None)
+    return list(prepared["text"])
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise LorafitError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    loaded = load_adapter_for_inference(args.adapter, args.model)
+    if loaded.task != "classification":
+        raise LorafitError(f"'{args.adapter}' is a {loaded.task} adapter; use `lorafit generate` for it")
+    texts = read_texts(args, loaded.info.get("text_column") or "text")
+    id2label = loaded.model.config.id2label
+    probabilities = predict_texts(loaded.model, loaded.tokenizer, texts,
+                                  max_length=loaded.info.get("max_length", 512),
+                                  truncation_side=loaded.info.get("truncation_side", "right"),
+                                  batch_size=args.batch_size)
+    rows = [{"text": text, "label": id2label[int(p.argmax())],
+             "probabilities": {id2label[i]: round(float(v), 6) for i, v in enumerate(p)}}
+            for text, p in zip(texts, probabilities)]
+    if args.output:
+        with atomic_path(args.output) as tmp:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        print(f"wrote {len(rows)} predictions to {args.output}")
+    else:
+        for row in rows:
+            print(f"{row['label']}\t{row['probabilities'][row['label']]:.4f}\t{row['text']}")
+    return 0

@@ -1,0 +1,178 @@
+"""The training loop, on Hugging Face accelerate: steps, evaluation, checkpoints, best adapter, resume.
+
+The loop knows nothing of the task: it is given examples, a collate function, a loss function and
+an evaluation function. Data order is a pure function of (seed, epoch), so a resumed run replays
+exactly the batches the interrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lorafit.checkpoint import TrainState, list_checkpoints, load_checkpoint, remove_temporaries, save_checkpoint
+from lorafit.data import length_grouped_order
+from lorafit.model import LoraModel
+from lorafit.run_dir import append_metrics, replace_dir_atomically, rewrite_metrics
+from lorafit.train_config import TrainConfig
+
+LossFn = Callable[[LoraModel, dict], torch.Tensor]
+EvalFn = Callable[[], dict]
+
+
+@dataclass
+class LoopResult:
+    state: TrainState
+    seconds: float
+    samples_per_second: float
+    peak_memory_mb: float | None
+
+
+def epoch_batches(lengths: Sequence[int], config: TrainConfig, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: shuffled (and length-grouped if asked), deterministic per epoch."""
+    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    if config.group_by_length:
+        order = length_grouped_order(list(lengths), config.batch_size, generator)
+    else:
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+    return [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+
+
+def make_optimizer(model: LoraModel, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW on trainable parameters; biases and norm weights get no decay, as transformers' Trainer does."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name.endswith(".bias") or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warm-up to the peak learning rate, then linear decay to zero."""
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def total_steps_for(num_examples: int, config: TrainConfig) -> int:
+    per_epoch = math.ceil(num_examples / config.batch_size)
+    return config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
+
+
+def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, loss_fn: LossFn,
+                 evaluate: EvalFn | None, config: TrainConfig, run_dir: Path,
+                 on_evaluate: Callable[[dict], None] = lambda record: None) -> LoopResult:
+    """Train ``model``'s active adapter; returns when the step budget is spent (or the run is resumed to it)."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    torch.manual_seed(config.seed)
+    lengths = [len(example["input_ids"]) for example in examples]
+    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    total_steps = total_steps_for(len(examples), config)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, total_steps, config.warmup_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    lora_model: LoraModel = accelerator.unwrap_model(model)
+
+    state = TrainState()
+    remove_temporaries(run_dir)
+    checkpoints = list_checkpoints(run_dir)
+    if config.resume and checkpoints:
+        state = load_checkpoint(checkpoints[-1], lora_model, optimizer, scheduler)
+        rewrite_metrics(run_dir, state.history)
+        print(f"Resuming from {checkpoints[-1].name} (step {state.step} of {total_steps})")
+
+    def evaluate_and_record(epoch_value: float, train_loss: float | None) -> None:
+        record = {"step": state.step, "epoch": round(epoch_value, 4), "train_loss": train_loss}
+        if evaluate is not None and config.eval_strategy != "no":
+            model.eval()
+            record.update(evaluate())
+            model.train()
+            score = record.get(config.metric)
+            if score is not None and _is_better(score, state.best_metric, config.metric):
+                state.best_metric, state.best_step = score, state.step
+                replace_dir_atomically(run_dir / "best", lambda tmp: lora_model.save_pretrained(tmp))
+        state.history.append(record)
+        if accelerator.is_main_process:
+            append_metrics(run_dir, record)
+        on_evaluate(record)
+
+    model.train()
+    start, samples, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
+                    disable=not accelerator.is_main_process, dynamic_ncols=True)
+    while state.step < total_steps:
+        batches = epoch_batches(lengths, config, state.epoch)[state.batch_in_epoch:]
+        loader = accelerator.prepare_data_loader(
+            DataLoader(examples, batch_sampler=batches, collate_fn=collate), device_placement=True)
+        for batch in loader:
+            loss = loss_fn(model, batch)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch_in_epoch += 1
+            samples += len(batch["input_ids"])
+            window_loss += loss.item()
+            window_steps += 1
+            elapsed = time.perf_counter() - start
+            progress.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{samples / elapsed:.1f}")
+            progress.update(1)
+            epoch_end = state.batch_in_epoch == steps_per_epoch
+            done = state.step >= total_steps
+            at_eval = _due(config.eval_strategy, config.eval_steps, state.step, epoch_end, done)
+            at_save = _due(config.save_strategy, config.save_steps, state.step, epoch_end, done)
+            if epoch_end:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            if at_eval or (done and config.eval_strategy == "no"):
+                mean_loss = window_loss / max(1, window_steps)
+                window_loss, window_steps = 0.0, 0
+                evaluate_and_record(state.step / steps_per_epoch, round(mean_loss, 6))
+            if at_save and accelerator.is_main_process:
+                save_checkpoint(run_dir, lora_model, optimizer, scheduler, state, config.keep_checkpoints)
+            if done:
+                break
+    progress.close()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return LoopResult(state, seconds, samples / seconds if seconds else 0.0, peak)
+
+
+def _due(strategy: str, every: int, step: int, epoch_end: bool, done: bool) -> bool:
+    if strategy == "epoch":
+        return epoch_end or done
+    if strategy == "steps":
+        return step % every == 0 or done
+    return False
+
+
+def _is_better(score: float, best: float | None, metric: str) -> bool:
+    if best is None:
+        return True
+    return score < best if metric == "loss" else score > best
+
+
+def restore_best(model: LoraModel, run_dir: Path) -> bool:
+    """Load best/ into the active adapter, as Trainer's load_best_model_at_end does."""
+    best = run_dir / "best"
+    if not (best / "adapter_config.json").is_file():
+        return False
+    model.load_weights(best, model.active_adapter)
+    return True
+
