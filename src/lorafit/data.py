@@ -25,10 +25,7 @@ from datasets.exceptions import DatasetNotFoundError
 
 from lorafit.errors import LorafitError
 
-SUPPORTED_FORMATS = (
-    ".csv, .tsv/.tab, .jsonl/.ndjson, .json, .parquet, or a directory written by datasets' "
-    "save_to_disk"
-)
+SUPPORTED_FORMATS = ".csv, .tsv/.tab, .jsonl/.ndjson, .json, .parquet, or a directory written by save_to_disk"
 _DELIMITED = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 _JSON = {".json", ".jsonl", ".ndjson"}
 _INT = re.compile(r"[+-]?\d{1,18}")
@@ -50,9 +47,7 @@ def read_table(path, *, encoding: str | None = None, role: str = "data file") ->
         return _read_saved_dataset(path)
     ext = path.suffix.lower()
     if ext not in _DELIMITED and ext not in _JSON and ext != ".parquet":
-        raise LorafitError(
-            f"'{path}' has an unsupported file type '{path.suffix}'; supported: {SUPPORTED_FORMATS}"
-        )
+        raise LorafitError(f"'{path}' has an unsupported file type '{path.suffix}'; supported: {SUPPORTED_FORMATS}")
     if ext == ".parquet":
         return _read_parquet(path)
     text = _decode(path, path.read_bytes(), encoding)
@@ -70,13 +65,11 @@ def _decode(path: Path, raw: bytes, encoding: str | None) -> str:
     try:
         text = raw.decode(chosen)
     except LookupError:
-        raise LorafitError(
-            f"unknown encoding '{encoding}'; pass one Python knows, such as utf-8, latin-1 or cp1252"
-        ) from None
+        raise LorafitError(f"unknown encoding '{encoding}'; pass one Python knows, such as utf-8, latin-1 or cp1252") \
+            from None
     except UnicodeDecodeError as exc:
-        fix = "pass --encoding latin-1 (or the file's encoding)"
-        if encoding:
-            fix = "pass the file's actual encoding with --encoding"
+        fix = "pass the file's actual encoding with --encoding" if encoding else \
+            "pass --encoding latin-1 (or the file's encoding)"
         where = f"byte 0x{raw[exc.start]:02x} at position {exc.start}"
         raise LorafitError(f"'{path}' is not valid {encoding or 'UTF-8'} ({where}); {fix}") from None
     return text.removeprefix("\ufeff")
@@ -97,16 +90,13 @@ def _parse_delimited(path: Path, text: str, delimiter: str) -> dict[str, list]:
             if header is None:
                 header = _clean_header(path, row)
             elif len(row) != len(header):
-                raise LorafitError(
-                    f"line {reader.line_num} of '{path}' has {len(row)} fields but the header has "
-                    f"{len(header)}; quote fields that contain {delimiter!r}, quotes or line breaks"
-                )
+                raise LorafitError(f"line {reader.line_num} of '{path}' has {len(row)} fields but the header has "
+                                   f"{len(header)}; quote fields that contain {delimiter!r}, quotes or line breaks")
             else:
                 rows.append(row)
     except csv.Error as exc:
-        raise LorafitError(
-            f"'{path}' could not be parsed near line {reader.line_num} ({exc}); check its quoting"
-        ) from None
+        raise LorafitError(f"'{path}' could not be parsed near line {reader.line_num} ({exc}); check its quoting") \
+            from None
     if header is None:
         raise LorafitError(f"'{path}' is empty; it needs a header line naming the columns")
     return {name: _infer_type([row[i] for row in rows]) for i, name in enumerate(header)}
@@ -147,10 +137,8 @@ def _parse_json(path: Path, text: str, *, lines: bool) -> dict[str, list]:
             return _json_columns(path, json.loads(text))
         except json.JSONDecodeError as exc:
             if exc.msg != "Extra data":  # "Extra data" means JSON Lines in a .json file
-                raise LorafitError(
-                    f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno} column "
-                    f"{exc.colno}); fix the file"
-                ) from None
+                raise LorafitError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno} column "
+                                   f"{exc.colno}); fix the file") from None
     records = []
     # split("\n"), not splitlines(): U+2028 and friends may sit unescaped inside strings.
     for number, line in enumerate(text.split("\n"), 1):
@@ -159,15 +147,11 @@ def _parse_json(path: Path, text: str, *, lines: bool) -> dict[str, list]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise LorafitError(
-                f"line {number} of '{path}' is not valid JSON ({exc.msg} at column {exc.colno}); "
-                "each line must be one JSON object"
-            ) from None
+            raise LorafitError(f"line {number} of '{path}' is not valid JSON ({exc.msg} at column {exc.colno}); "
+                               "each line must be one JSON object") from None
         if not isinstance(record, dict):
-            raise LorafitError(
-                f"line {number} of '{path}' is not a JSON object; each line must look like "
-                '{"text": "...", "label": "..."}'
-            )
+            raise LorafitError(f"line {number} of '{path}' is not a JSON object; each line must look like "
+                               '{"text": "...", "label": "..."}')
         records.append(record)
     return _records_to_columns(records)
 
@@ -181,10 +165,8 @@ def _json_columns(path: Path, data) -> dict[str, list]:
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
         if len({len(v) for v in data.values()}) == 1:
             return data
-    raise LorafitError(
-        f"'{path}' must hold a list of objects, {{\"data\": [objects]}} or a dict of equal-length "
-        "column lists; convert it to JSON Lines (one object per line, .jsonl)"
-    )
+    raise LorafitError(f"'{path}' must hold a list of objects, {{\"data\": [objects]}} or a dict of equal-length "
+                       "column lists; convert it to JSON Lines (one object per line, .jsonl)")
 
 
 def _records_to_columns(records: list[dict]) -> dict[str, list]:
@@ -198,9 +180,8 @@ def _to_dataset(path: Path, columns: dict[str, list]) -> datasets.Dataset:
     try:
         return datasets.Dataset.from_dict(columns)
     except (pa.ArrowException, TypeError, ValueError) as exc:
-        raise LorafitError(
-            f"'{path}' could not be turned into a table ({exc}); give every column one kind of value"
-        ) from None
+        raise LorafitError(f"'{path}' could not be turned into a table ({exc}); give every column one kind of value") \
+            from None
 
 
 def _kind(value) -> str | None:
@@ -223,10 +204,8 @@ def _check_one_type(path: Path, name: str, values: list) -> None:
             first[kind] = (row, value)
         if len(first) > 1:
             (kind_a, (row_a, a)), (kind_b, (row_b, b)) = first.items()
-            raise LorafitError(
-                f"column '{name}' of '{path}' mixes {kind_a} (row {row_a}: {a!r}) and {kind_b} "
-                f"(row {row_b}: {b!r}); make every value the same kind, e.g. quote them all"
-            )
+            raise LorafitError(f"column '{name}' of '{path}' mixes {kind_a} (row {row_a}: {a!r}) and {kind_b} "
+                               f"(row {row_b}: {b!r}); make every value the same kind, e.g. quote them all")
 
 
 def _read_parquet(path: Path) -> datasets.Dataset:
@@ -244,17 +223,12 @@ def _read_saved_dataset(path: Path) -> datasets.Dataset:
     try:
         loaded = datasets.load_from_disk(str(path))
     except FileNotFoundError:
-        raise LorafitError(
-            f"'{path}' is a directory but not one written by save_to_disk; "
-            f"pass a data file instead ({SUPPORTED_FORMATS})"
-        ) from None
+        raise LorafitError(f"'{path}' is a directory but not one written by save_to_disk; "
+                           f"pass a data file instead ({SUPPORTED_FORMATS})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if len(loaded) != 1:
-            splits = ", ".join(loaded)
-            raise LorafitError(
-                f"'{path}' holds several splits ({splits}); pass the folder of the one you mean, "
-                f"e.g. '{path / next(iter(loaded))}'"
-            )
+            raise LorafitError(f"'{path}' holds several splits ({', '.join(loaded)}); pass the folder of the one "
+                               f"you mean, e.g. '{path / next(iter(loaded))}'")
         loaded = next(iter(loaded.values()))
     return loaded
 
@@ -270,10 +244,8 @@ def load_builtin_sentiment() -> dict[str, datasets.Dataset]:
     for split in ("train", "validation"):
         resource = _builtin_folder() / f"{split}.jsonl"
         if not resource.is_file():
-            raise LorafitError(
-                f"the built-in sentiment data is missing from this installation ({resource}); "
-                "reinstall lorafit or pass --train-file"
-            )
+            raise LorafitError(f"the built-in sentiment data is missing from this installation ({resource}); "
+                               "reinstall lorafit or pass --train-file")
         with resources.as_file(resource) as file:
             splits[split] = read_table(file)
     return splits
@@ -284,22 +256,17 @@ def load_hub_dataset(name: str, config: str | None) -> dict[str, datasets.Datase
     try:
         loaded = datasets.load_dataset(name, config)
     except DatasetNotFoundError:
-        raise LorafitError(
-            f"dataset '{name}' was not found on the Hugging Face hub (or needs a login); "
-            "check the name, or pass --train-file with a local file"
-        ) from None
+        raise LorafitError(f"dataset '{name}' was not found on the Hugging Face hub (or needs a login); "
+                           "check the name, or pass --train-file with a local file") from None
     except (ConnectionError, TimeoutError) as exc:
-        raise LorafitError(
-            f"the Hugging Face hub is unreachable ({exc}); pass --train-file with a local file instead"
-        ) from None
+        raise LorafitError(f"the Hugging Face hub is unreachable ({exc}); pass --train-file with a local file "
+                           "instead") from None
     except ValueError as exc:
         if "config" not in str(exc).lower():
             raise
         detail = " ".join(str(exc).split("\n")[:2])
-        raise LorafitError(
-            f"dataset '{name}' cannot be loaded with config {config!r} ({detail}); "
-            "pass one of its config names"
-        ) from None
+        raise LorafitError(f"dataset '{name}' cannot be loaded with config {config!r} ({detail}); "
+                           "pass one of its config names") from None
     return dict(loaded)
 
 
@@ -319,9 +286,7 @@ class LabelSpace:
         return {name: i for i, name in enumerate(self.names)}
 
 
-def build_label_space(
-    train: datasets.Dataset, label_column: str, *, source: str | None = None
-) -> LabelSpace:
+def build_label_space(train: datasets.Dataset, label_column: str, *, source: str | None = None) -> LabelSpace:
     """Derive the classes from the training labels (names sorted; integer ids 0..max)."""
     where = f"training file '{source}'" if source else "the training data"
     _require_columns(train, {"label": label_column}, where)
@@ -329,16 +294,12 @@ def build_label_space(
     feature = train.features[label_column]
     kinds = {_kind(v) for v in values} - {None}
     if kinds - {"number", "text", "true/false"} or len(kinds) > 1:
-        raise LorafitError(
-            f"column '{label_column}' of {where} holds {' and '.join(sorted(kinds))} values, not "
-            f"single class labels; pick a column with one name or class id per row ({_FLAGS['label']})"
-        )
-    if any(isinstance(v, float) for v in values):
-        example = next(v for v in values if isinstance(v, float))
-        raise LorafitError(
-            f"labels in column '{label_column}' of {where} are decimal numbers (e.g. {example}); "
-            "classification needs class names or whole-number class ids, so rewrite them as such"
-        )
+        raise LorafitError(f"column '{label_column}' of {where} holds {' and '.join(sorted(kinds))} values, not "
+                           f"single class labels; pick a column with one name or class id per row ({_FLAGS['label']})")
+    example = next((v for v in values if isinstance(v, float)), None)
+    if example is not None:
+        raise LorafitError(f"labels in column '{label_column}' of {where} are decimal numbers (e.g. {example}); "
+                           "classification needs class names or whole-number class ids, so rewrite them as such")
     _refuse_missing_labels(values, label_column, source or "the training data")
     if kinds == {"number"}:
         space = _id_label_space(values, feature, label_column, where)
@@ -347,10 +308,8 @@ def build_label_space(
         distinct = sorted({str(v).strip() for v in values})
         space = LabelSpace(tuple(distinct))
     if len(distinct) < 2:
-        raise LorafitError(
-            f"{where} has only one distinct label ({distinct[0]!r}) in column '{label_column}'; "
-            "a classifier needs at least two, so add examples of other labels or pick another column"
-        )
+        raise LorafitError(f"{where} has only one distinct label ({distinct[0]!r}) in column '{label_column}'; "
+                           "a classifier needs at least two, so add examples of other labels or pick another column")
     return space
 
 
@@ -360,10 +319,8 @@ def _id_label_space(values: list[int], feature, column: str, where: str) -> Labe
     names += [str(i) for i in range(len(names), max(values) + 1)]
     for row, value in enumerate(values, 1):
         if not 0 <= value < len(names):
-            raise LorafitError(
-                f"label {value} (row {row}) in column '{column}' of {where} is not a class id "
-                f"(ids run 0..{len(names) - 1}); fix or remove the row"
-            )
+            raise LorafitError(f"label {value} (row {row}) in column '{column}' of {where} is not a class id "
+                               f"(ids run 0..{len(names) - 1}); fix or remove the row")
     return LabelSpace(tuple(names), from_ids=True)
 
 
@@ -371,22 +328,12 @@ def _refuse_missing_labels(values: list, column: str, source: str) -> None:
     """Name the first rows whose label is null or blank."""
     missing = [row for row, v in enumerate(values, 1) if v is None or str(v).strip() == ""]
     if missing:
-        raise LorafitError(
-            f"row {missing[0]} of {source} has no label in column '{column}'"
-            f"{_more_rows(missing)}; remove the row or fill it in"
-        )
+        raise LorafitError(f"row {missing[0]} of {source} has no label in column '{column}'{_more_rows(missing)}; "
+                           "remove the row or fill it in")
 
 
-def prepare_split(
-    ds: datasets.Dataset,
-    *,
-    split: str,
-    source: str,
-    text_column: str,
-    text_pair_column: str | None,
-    label_column: str | None,
-    labels: LabelSpace | None,
-) -> datasets.Dataset:
+def prepare_split(ds: datasets.Dataset, *, split: str, source: str, text_column: str, text_pair_column: str | None,
+                  label_column: str | None, labels: LabelSpace | None) -> datasets.Dataset:
     """Validate one split and return it as columns text, [text_pair], [label as class id]."""
     where = f"{split} file '{source}'"
     if len(ds) == 0:
@@ -394,11 +341,8 @@ def prepare_split(
     wanted = {"text": text_column, "text_pair": text_pair_column, "label": label_column}
     wanted = {role: column for role, column in wanted.items() if column}
     _require_columns(ds, wanted, where)
-    columns = {
-        role: pa.array(_texts(ds, wanted[role], source), pa.string())
-        for role in ("text", "text_pair")
-        if role in wanted
-    }
+    columns = {role: pa.array(_texts(ds, wanted[role], source), pa.string())
+               for role in ("text", "text_pair") if role in wanted}
     if label_column:
         if labels is None:
             raise ValueError("prepare_split needs `labels` when `label_column` is given")
@@ -421,27 +365,21 @@ def _require_columns(ds: datasets.Dataset, wanted: dict[str, str], where: str) -
             guess = next((c for c in found if c.lower() in _LIKELY[role] and c not in taken), None)
             if guess is None and role == "text":
                 guess = next((c for c in found if c not in taken and ds.features[c] == datasets.Value("string")), None)
-            raise LorafitError(
-                f"{where} has no column '{column}'; columns found: {_name_list(found) or 'none'}. "
-                f"Pass {_FLAGS[role]} {guess or 'NAME'}"
-            )
+            raise LorafitError(f"{where} has no column '{column}'; columns found: {_name_list(found) or 'none'}. "
+                               f"Pass {_FLAGS[role]} {guess or 'NAME'}")
 
 
 def _texts(ds: datasets.Dataset, column: str, source: str) -> list[str]:
     """Text values as str, refusing null, blank and non-scalar ones with their rows."""
     values = _column_values(ds, column)
     if any(isinstance(v, list | dict) for v in values):
-        raise LorafitError(
-            f"column '{column}' of {source} holds lists or objects, not text; "
-            f"pick the text column with {_FLAGS['text']}"
-        )
+        raise LorafitError(f"column '{column}' of {source} holds lists or objects, not text; "
+                           f"pick the text column with {_FLAGS['text']}")
     texts = ["" if v is None else str(v) for v in values]
     empty = [row for row, text in enumerate(texts, 1) if not text.strip()]
     if empty:
-        raise LorafitError(
-            f"row {empty[0]} of {source} has an empty text in column '{column}'"
-            f"{_more_rows(empty)}; remove the row or fill it in"
-        )
+        raise LorafitError(f"row {empty[0]} of {source} has an empty text in column '{column}'{_more_rows(empty)}; "
+                           "remove the row or fill it in")
     return texts
 
 
@@ -462,10 +400,8 @@ def _label_ids(values: list, labels: LabelSpace, split: str, source: str, column
     if unknown:
         (value, row), *others = unknown.items()
         also = f"; other unknown labels: {_name_list([str(v) for v, _ in others])}" if others else ""
-        raise LorafitError(
-            f"{split} label {value!r} (row {row}) never occurs in the training data (labels seen: "
-            f"{_name_list(labels.names)}{also}); fix the data or add examples of it to training"
-        )
+        raise LorafitError(f"{split} label {value!r} (row {row}) never occurs in the training data (labels seen: "
+                           f"{_name_list(labels.names)}{also}); fix the data or add examples of it to training")
     return ids
 
 
@@ -483,9 +419,7 @@ def _name_list(names, limit: int = 20) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def tokenize(
-    ds: datasets.Dataset, tokenizer, *, max_length: int, truncation_side: str = "right"
-) -> datasets.Dataset:
+def tokenize(ds: datasets.Dataset, tokenizer, *, max_length: int, truncation_side: str = "right") -> datasets.Dataset:
     """Tokenise a prepared split to input_ids/attention_mask[/token_type_ids][/labels], unpadded, texts dropped."""
     if truncation_side not in ("left", "right"):
         raise LorafitError(f"truncation side must be 'left' or 'right', not {truncation_side!r}")
@@ -509,21 +443,15 @@ def _check_max_length(tokenizer, max_length: int, pair: bool) -> None:
     """Refuse a max length that leaves no room for text or exceeds the model's limit."""
     specials = tokenizer.num_special_tokens_to_add(pair=pair)
     if max_length <= specials:
-        raise LorafitError(
-            f"--max-length {max_length} leaves no room for text (the tokenizer adds {specials} "
-            "special tokens); pass a larger --max-length, e.g. 128"
-        )
+        raise LorafitError(f"--max-length {max_length} leaves no room for text (the tokenizer adds {specials} "
+                           "special tokens); pass a larger --max-length, e.g. 128")
     limit = tokenizer.model_max_length
     if limit and limit < 1_000_000 and max_length > limit:  # unset limits are huge sentinels
-        raise LorafitError(
-            f"--max-length {max_length} exceeds the model's limit of {limit} tokens; "
-            f"pass --max-length {limit} or less"
-        )
+        raise LorafitError(f"--max-length {max_length} exceeds the model's limit of {limit} tokens; "
+                           f"pass --max-length {limit} or less")
 
 
-def make_collator(
-    tokenizer, *, pad_to_multiple_of: int | None = None
-) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+def make_collator(tokenizer, *, pad_to_multiple_of: int | None = None) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
     """Make a collate function padding to the batch's longest example (on the tokenizer's side)."""
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     fills = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
