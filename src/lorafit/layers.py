@@ -77,14 +77,19 @@ class LoraLayer(nn.Module):
         self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
 
     def delete_adapter(self, name: str) -> None:
+        still_merged = [n for n in self.merged_adapters if n != name]
         if name in self.merged_adapters:
             self.unmerge()
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name, None)
         for attr in self.adapter_attribute_names:
-            getattr(self, attr).pop(name, None)
+            container = getattr(self, attr)  # ModuleDict/ParameterDict.pop takes no default
+            if name in container:
+                del container[name]
         if self.active_adapter == name:
             self.active_adapter = None
+        if len(still_merged) != len(self.merged_adapters):  # put the other merged adapters back
+            self.merge(still_merged)
 
     # --- merging -------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:

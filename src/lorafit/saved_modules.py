@@ -31,7 +31,8 @@ class ModulesToSave(nn.Module):
         self.modules_to_save[name] = trainable_copy
 
     def delete_adapter(self, name: str) -> None:
-        self.modules_to_save.pop(name, None)
+        if name in self.modules_to_save:  # ModuleDict.pop takes no default
+            del self.modules_to_save[name]
         if self.active_adapter == name:
             self.active_adapter = None
 
