@@ -110,8 +110,14 @@ class LoraModel(nn.Module):
     def from_pretrained(cls, base_model: nn.Module, adapter_dir: str | os.PathLike,
                         adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False) -> "LoraModel":
         """Wrap ``base_model`` and load a saved adapter onto it (PEFT's ``PeftModel.from_pretrained``)."""
-        lora_model = cls(base_model)
-        lora_model.load_adapter(adapter_dir, adapter_name, is_trainable=is_trainable)
+        requires_grad = [(param, param.requires_grad) for param in base_model.parameters()]
+        lora_model = cls(base_model)  # freezes base_model
+        try:
+            lora_model.load_adapter(adapter_dir, adapter_name, is_trainable=is_trainable)
+        except BaseException:
+            for param, flag in requires_grad:  # an adapter that does not fit leaves the model as it was
+                param.requires_grad_(flag)
+            raise
         return lora_model
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
