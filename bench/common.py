@@ -1,0 +1,165 @@
+"""Shared helpers: clocks, medians, memory, the machine's description and its fp32 matmul peak."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+
+
+def median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+class Clock:
+    """Wall-clock timing of a callable: perf_counter on CPU, CUDA events (after a sync) on a GPU."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.cuda = str(device).startswith("cuda")
+
+    def sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def time(self, fn: Callable[[], object]) -> float:
+        """Seconds one call of ``fn`` takes."""
+        if self.cuda:
+            import torch
+
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
+
+
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int, warmup: int,
+                clock: Clock) -> dict[str, list[float]]:
+    """Time every variant once per round, rotating the order each round so drift hits all alike."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    clock.sync()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_number in range(rounds):
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(clock.time(variants[name]))
+    return times
+
+
+def summarize(times: dict[str, list[float]], baseline: str | None = None) -> dict[str, dict]:
+    """Median milliseconds per variant and, against ``baseline``, the median of per-round ratios.
+
+    Per-round ratios pair measurements taken seconds apart, so slow drift in the machine's load
+    cancels out of them better than out of a ratio of two medians.
+    """
+    out = {}
+    for name, values in times.items():
+        entry = {"median_ms": round(1000 * median(values), 3), "min_ms": round(1000 * min(values), 3),
+                 "n": len(values)}
+        if baseline is not None and name != baseline:
+            ratios = [v / b for v, b in zip(values, times[baseline])]
+            entry["ratio"] = round(median(ratios), 4)
+        out[name] = entry
+    return out
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu", dtype=None) -> dict:
+    """This machine's dense matmul peak: the best of ``repeats`` n x n x n torch.mm calls."""
+    import torch
+
+    dtype = dtype or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    clock = Clock(device)
+    for _ in range(2):
+        torch.mm(a, b)
+    times = [clock.time(lambda: torch.mm(a, b)) for _ in range(repeats)]
+    flops = 2 * n ** 3
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "best_gflops": round(flops / min(times) / 1e9, 1), "median_gflops": round(flops / median(times) / 1e9, 1)}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gb() -> float | None:
+    try:
+        import psutil
+
+        return round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        return None
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    """The machine and the versions every figure was measured with."""
+    import torch
+
+    machine = {"cpu": _cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "memory_gb": _memory_gb(), "os": platform.platform(), "python": platform.python_version()}
+    if torch.cuda.is_available():
+        machine["gpu"] = torch.cuda.get_device_name(0)
+    versions = {name: _version(name) for name in
+                ("lorafit", "torch", "transformers", "peft", "accelerate", "datasets")}
+    versions["lorafit_commit"] = _git_commit()
+    return {"machine": machine, "versions": versions}
+
+
+def python_command() -> list[str]:
+    return [sys.executable]

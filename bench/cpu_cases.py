@@ -1,0 +1,75 @@
+"""The in-process CPU cases on the classifier base model: inference, mixed batches, switching, scaling,
+and this machine's fp32 matmul peak."""
+
+from __future__ import annotations
+
+import tempfile
+
+from bench import steps
+from bench.common import Clock, matmul_peak_gflops
+from bench.fixtures import Setup
+
+TARGETS = ["query", "value"]
+
+
+def load_base(setup: Setup):
+    from lorafit.models import load_classifier
+
+    return load_classifier(setup.cls_model, num_labels=2, id2label={0: "negative", 1: "positive"},
+                           label2id={"negative": 0, "positive": 1}).eval()
+
+
+def run_inference(setup: Setup, options: dict) -> dict:
+    s = setup.sizes
+    base = load_base(setup)
+    batch = steps.random_batch(base, s.infer_batch, s.infer_tokens)
+    result = steps.inference(base, "SEQ_CLS", TARGETS, batch, s.infer_rounds, warmup=2, clock=Clock(), r=s.r)
+    return {"batch": s.infer_batch, "tokens": s.infer_tokens, "variants": result}
+
+
+def run_mixed(setup: Setup, options: dict) -> dict:
+    s = setup.sizes
+    base = load_base(setup)
+    batch = steps.random_batch(base, s.infer_batch, s.infer_tokens)
+    result = steps.mixed_batches(base, "SEQ_CLS", TARGETS, batch, s.mixed_rounds, warmup=1, clock=Clock(), r=s.r)
+    return {"batch": s.infer_batch, "tokens": s.infer_tokens, **result}
+
+
+def run_switching(setup: Setup, options: dict) -> dict:
+    s = setup.sizes
+    base = load_base(setup)
+    with tempfile.TemporaryDirectory(prefix="bench-adapters-", dir=setup.workdir) as adapter_dir:
+        return steps.switching(base, lambda: load_base(setup), "SEQ_CLS", TARGETS, s.switch_repeats,
+                               s.reload_repeats, adapter_dir, r=s.r)
+
+
+def run_scaling(setup: Setup, options: dict) -> dict:
+    s = setup.sizes
+    base = load_base(setup)
+    return steps.scaling(base, "SEQ_CLS", TARGETS, s.scaling_ranks, s.scaling_lengths, s.batch_size,
+                         s.scaling_steps, Clock(), fixed_r=s.r, fixed_length=s.max_length)
+
+
+def run_matmul(setup: Setup, options: dict) -> dict:
+    return matmul_peak_gflops(n=setup.sizes.matmul_n)
+
+
+def matmul_params(model_dir: str, kind: str) -> dict:
+    """Parameters that take part in matmuls per token (embedding lookups excluded; a tied LM head counted)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        if kind == "causal":
+            model = AutoModelForCausalLM.from_config(config)
+        else:
+            config.num_labels = 2
+            model = AutoModelForSequenceClassification.from_config(config)
+    embedding = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
+    total = sum(p.numel() for p in model.parameters())
+    matmul = total - embedding
+    head = model.get_output_embeddings() if kind == "causal" else None
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        matmul += head.weight.numel()  # a tied LM head multiplies by the embedding table
+    return {"total": total, "matmul": matmul}

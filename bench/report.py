@@ -1,0 +1,112 @@
+"""Turn the suite's raw results into figures, target verdicts, results.json and results.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import report_md
+
+
+def _get(data: dict, *path, default=None):
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return default
+        data = data[key]
+    return data
+
+
+def _ratio(a, b, digits: int = 3):
+    return round(a / b, digits) if a is not None and b not in (None, 0) else None
+
+
+def target(name: str, goal: str, value, ok) -> dict:
+    return {"target": name, "goal": goal, "measured": value, "pass": None if value is None else bool(ok(value))}
+
+
+def derive(results: dict) -> dict:
+    """The headline figures and every target of the issue, each a ratio from this one run."""
+    cases = results["cases"]
+    cls = {side: _get(cases, "classifier", side, "median", default={}) for side in ("lorafit", "peft", "peft_grouped")}
+    llm = {side: _get(cases, "llm", side, "median", default={}) for side in ("lorafit", "peft")}
+    infer = _get(cases, "inference", "variants", default={})
+    mixed = _get(cases, "mixed", "lorafit", default={})
+    figures = {
+        "classifier_speedup_vs_peft": _ratio(cls["lorafit"].get("samples_per_second"), cls["peft"].get("samples_per_second")),
+        "classifier_speedup_vs_peft_grouped": _ratio(cls["lorafit"].get("samples_per_second"),
+                                                     cls["peft_grouped"].get("samples_per_second")),
+        "classifier_accuracy_diff_points": (round(100 * (cls["lorafit"]["accuracy"] - cls["peft"]["accuracy"]), 2)
+                                            if cls["lorafit"].get("accuracy") is not None
+                                            and cls["peft"].get("accuracy") is not None else None),
+        "classifier_peak_memory_ratio": _ratio(cls["lorafit"].get("peak_rss_mb"), cls["peft"].get("peak_rss_mb")),
+        "inference_unmerged_over_base": _get(infer, "lorafit_unmerged", "ratio"),
+        "inference_merged_over_base": _get(infer, "lorafit_merged", "ratio"),
+        "mixed_4_over_single": _get(mixed, "mixed_4", "ratio"),
+        "mixed_16_over_single": _get(mixed, "mixed_16", "ratio"),
+        "switch_ms": _get(cases, "switching", "lorafit_set_adapter_ms"),
+        "llm_speedup_vs_peft": _ratio(llm["lorafit"].get("tokens_per_second"), llm["peft"].get("tokens_per_second")),
+        "llm_peak_memory_ratio": _ratio(llm["lorafit"].get("peak_rss_mb"), llm["peft"].get("peak_rss_mb")),
+    }
+    f = figures
+    targets = [
+        target("classifier samples/s vs PEFT + Trainer (article)", ">= 2.0x", f["classifier_speedup_vs_peft"],
+               lambda v: v >= 2.0),
+        target("classifier final accuracy vs PEFT", "within 1 point", f["classifier_accuracy_diff_points"],
+               lambda v: abs(v) <= 1.0),
+        target("classifier samples/s vs PEFT + Trainer, group_by_length", ">= 1.2x",
+               f["classifier_speedup_vs_peft_grouped"], lambda v: v >= 1.2),
+        target("classifier peak memory vs PEFT", "<= 1.0x", f["classifier_peak_memory_ratio"], lambda v: v <= 1.0),
+        target("LLM training peak memory vs PEFT", "<= 1.0x", f["llm_peak_memory_ratio"], lambda v: v <= 1.0),
+        target("inference, lorafit unmerged vs base model", "<= 1.05x", f["inference_unmerged_over_base"],
+               lambda v: v <= 1.05),
+        target("inference, lorafit merged vs base model", "<= 1.01x", f["inference_merged_over_base"],
+               lambda v: v <= 1.01),
+        target("4-adapter mixed batch vs single-adapter batch", "<= 1.03x", f["mixed_4_over_single"],
+               lambda v: v <= 1.03),
+        target("16-adapter mixed batch vs single-adapter batch", "<= 1.10x", f["mixed_16_over_single"],
+               lambda v: v <= 1.10),
+        target("switching the active adapter", "< 5 ms", f["switch_ms"], lambda v: v < 5.0),
+        target("LLM training tokens/s vs PEFT + Trainer", ">= 1.5x", f["llm_speedup_vs_peft"], lambda v: v >= 1.5),
+    ]
+    return {"figures": figures, "targets": targets, "gflops": gflops(results)}
+
+
+def gflops(results: dict) -> dict:
+    """Achieved useful GFLOP/s against this machine's measured fp32 matmul peak.
+
+    Formula: 4 * P * T per training run (2PT forward + 2PT backward input-gradients; the frozen base
+    weights get no weight-gradient and LoRA's own FLOPs are negligible), P = parameters that take
+    part in matmuls (embedding lookups excluded, a tied LM head included), T = real (non-pad) tokens.
+    Attention's score/value matmuls are left out, so the figures are slight underestimates.
+    """
+    cases = results["cases"]
+    peak = _get(cases, "matmul", "best_gflops")
+    params = cases.get("params", {})
+    out = {"matmul_peak_gflops": peak, "formula": "4 * P_matmul * real_tokens / train_seconds"}
+    tokens = _get(cases, "classifier", "tokens", "real_tokens")
+    p_cls = _get(params, "classifier", "matmul")
+    for side in ("lorafit", "peft", "peft_grouped"):
+        seconds = _get(cases, "classifier", side, "median", "train_seconds")
+        if tokens and p_cls and seconds:
+            value = 4 * p_cls * tokens / seconds / 1e9
+            out[f"classifier_{side}"] = {"gflops": round(value, 2), "of_peak": _ratio(value, peak, 5)}
+    step = _get(cases, "scaling", "by_length", "64", "lorafit", "median_ms")
+    batch = _get(cases, "scaling", "batch_size")
+    if step and batch and p_cls:
+        value = 4 * p_cls * batch * 64 / (step / 1000) / 1e9
+        out["classifier_step_lorafit_len64"] = {"gflops": round(value, 2), "of_peak": _ratio(value, peak, 5),
+                                                "note": "one unpadded 16 x 64 training step, no eval/save"}
+    p_llm = _get(params, "llm", "matmul")
+    for side in ("lorafit", "peft"):
+        median = _get(cases, "llm", side, "median", default={})
+        if p_llm and median.get("real_tokens") and median.get("train_seconds"):
+            value = 4 * p_llm * median["real_tokens"] / median["train_seconds"] / 1e9
+            out[f"llm_{side}"] = {"gflops": round(value, 2), "of_peak": _ratio(value, peak, 5)}
+    return out
+
+
+def write(results: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {**results, **derive(results)}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+    (out_dir / "results.md").write_text(report_md.render(results), encoding="utf-8")

@@ -1,0 +1,199 @@
+"""results.md: the machine, the versions, every target with its verdict, and each case's table."""
+
+from __future__ import annotations
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,d}"
+    return str(value)
+
+
+def _x(value) -> str:
+    return "-" if value is None else f"{value:.3f}x"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _get(data, *path):
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def render(results: dict) -> str:
+    meta, cases = results["meta"], results["cases"]
+    lines = ["# lorafit vs PEFT + Trainer: benchmark results", ""]
+    if meta.get("smoke"):
+        lines += ["**SMOKE RUN**: tiny random models and data; the figures only show the harness works.", ""]
+    lines += [f"Command: `{meta['command'].strip()}` - {meta['started']} to {meta.get('finished', '?')}; "
+              f"load average {meta.get('load_average_start')} at start, {meta.get('load_average_end')} at end. "
+              f"Training runs: {meta['repeats']} per classifier variant, {meta['llm_repeats']} per LLM side, "
+              f"alternated, each in {'its own process' if meta['isolated_processes'] else 'one shared process'}; "
+              "medians shown.", ""]
+    lines += ["## Machine and versions", ""]
+    lines += _table(["", ""], [[k, str(v)] for k, v in {**meta["machine"], **meta["versions"]}.items()])
+    lines += ["## Targets", ""]
+    lines += _table(["target", "goal", "measured", "result"],
+                    [[t["target"], t["goal"], _fmt(t["measured"], 3),
+                      {True: "PASS", False: "**FAIL**", None: "not measured"}[t["pass"]]] for t in results["targets"]])
+    lines += _classifier(cases.get("classifier"))
+    lines += _inference(cases)
+    lines += _llm(cases.get("llm"))
+    lines += _scaling(cases.get("scaling"))
+    lines += _gflops(results.get("gflops", {}))
+    lines += _gpu(cases.get("gpu"))
+    lines += _notes()
+    return "\n".join(lines) + "\n"
+
+
+def _errors(case: dict | None, sides) -> list[str]:
+    return [f"- {side}: **error** {case[side]['error']}" for side in sides if case and "error" in case.get(side, {})]
+
+
+def _classifier(case: dict | None) -> list[str]:
+    if not case:
+        return []
+    sides = ("lorafit", "peft", "peft_grouped")
+    m = {s: case.get(s, {}).get("median", {}) for s in sides}
+    tokens = case.get("tokens", {})
+    lines = ["## Classifier training", "",
+             f"{tokens.get('examples')} training texts ({tokens.get('real_tokens')} tokens, mean "
+             f"{tokens.get('mean_length')} at max length 64); random batches of 16 carry "
+             f"{tokens.get('padded_over_real_random')}x their real tokens, length-grouped ones "
+             f"{tokens.get('padded_over_real_grouped')}x. Trainer: the article's settings, then the same plus "
+             "`train_sampling_strategy=\"group_by_length\"`. lorafit: `lorafit train` defaults (length-grouped "
+             "batches) with the same hyperparameters.", ""]
+    rows = []
+    for key, label in (("samples_per_second", "samples/s"), ("train_seconds", "training time (s)"),
+                       ("peak_rss_mb", "peak RSS (MiB)"), ("accuracy", "final validation accuracy")):
+        a, b, c = m["lorafit"].get(key), m["peft"].get(key), m["peft_grouped"].get(key)
+        rows.append([label, a, b, c, _x(a / b) if a and b else "-", _x(a / c) if a and c else "-"])
+    lines += _table(["figure", "lorafit", "PEFT + Trainer", "PEFT + Trainer (grouped)", "lorafit / PEFT",
+                     "lorafit / grouped"], rows)
+    return lines + _errors(case, sides) + [""]
+
+
+def _inference(cases: dict) -> list[str]:
+    lines = []
+    infer = cases.get("inference")
+    if infer and "variants" in infer:
+        lines += ["## Inference", "", f"Batch {infer['batch']} x {infer['tokens']} tokens, forward under "
+                  "`torch.inference_mode()`; ratio = median of per-round ratios to the base model.", ""]
+        lines += _table(["model", "median ms", "vs base"],
+                        [[name, v["median_ms"], _x(v.get("ratio")) if "ratio" in v else "1.000x"]
+                         for name, v in infer["variants"].items()])
+    elif infer:
+        lines += ["## Inference", "", f"**error** {infer.get('error')}", ""]
+    mixed = cases.get("mixed")
+    if mixed and "lorafit" in mixed:
+        lines += ["## Mixed-adapter batches", "", f"Batch {mixed['batch']} x {mixed['tokens']} tokens, 16 adapters "
+                  "loaded; `single`: the active adapter alone, `same_adapter_names`: adapter_names naming one "
+                  "adapter for every row, `mixed_N`: rows spread over N adapters.", ""]
+        names = list(mixed["lorafit"])
+        lines += _table(["batch", "lorafit ms", "lorafit vs single", "PEFT ms", "PEFT vs single"],
+                        [[n, mixed["lorafit"][n]["median_ms"], _x(mixed["lorafit"][n].get("ratio", 1.0)),
+                          _get(mixed, "peft", n, "median_ms"), _x(_get(mixed, "peft", n, "ratio") or 1.0)]
+                         for n in names])
+    elif mixed:
+        lines += ["## Mixed-adapter batches", "", f"**error** {mixed.get('error')}", ""]
+    switch = cases.get("switching")
+    if switch:
+        lines += ["## Switching adapters", ""]
+        lines += _table(["operation", "median ms"], [[k, v] for k, v in switch.items()
+                                                     if k.endswith("_ms") or k == "reload_over_switch" or k == "error"])
+    return lines
+
+
+def _llm(case: dict | None) -> list[str]:
+    if not case:
+        return []
+    m = {s: case.get(s, {}).get("median", {}) for s in ("lorafit", "peft")}
+    peft = m["peft"] or m["lorafit"]
+    lines = ["## LLM instruction tuning", "",
+             f"{peft.get('examples')} examples (lorafit's built-in instruction set), {peft.get('real_tokens')} real "
+             f"tokens of which {peft.get('scored_tokens')} are scored, one epoch, batch 4, max length 256; "
+             "tokens/s counts real tokens only.", ""]
+    rows = []
+    for key, label in (("tokens_per_second", "tokens/s"), ("train_seconds", "training time (s)"),
+                       ("peak_rss_mb", "peak RSS (MiB)"), ("train_loss", "training loss")):
+        a, b = m["lorafit"].get(key), m["peft"].get(key)
+        rows.append([label, a, b, _x(a / b) if a and b else "-"])
+    lines += _table(["figure", "lorafit", "PEFT + Trainer", "lorafit / PEFT"], rows)
+    return lines + _errors(case, ("lorafit", "peft")) + [""]
+
+
+def _scaling(case: dict | None) -> list[str]:
+    if not case or "by_rank" not in case:
+        return ["## Scaling", "", f"**error** {case.get('error')}", ""] if case else []
+    lines = ["## Scaling (training step: forward, backward, AdamW; batch "
+             f"{case['batch_size']}, unpadded)", ""]
+    for key, label in (("by_rank", f"rank r (length {case['rank_at_length']})"),
+                       ("by_length", f"sequence length (r={case['length_at_rank']})")):
+        lines += _table([label, "lorafit ms", "PEFT ms", "lorafit / PEFT"],
+                        [[k, v["lorafit"]["median_ms"], v["peft"]["median_ms"], _x(v["lorafit"].get("ratio"))]
+                         for k, v in case[key].items()])
+    return lines
+
+
+def _gflops(g: dict) -> list[str]:
+    if not g.get("matmul_peak_gflops"):
+        return []
+    lines = ["## Achieved GFLOP/s", "", f"fp32 matmul peak measured on this machine: {g['matmul_peak_gflops']} "
+             f"GFLOP/s. Useful work: `{g['formula']}` (see notes).", ""]
+    rows = [[k, v["gflops"], f"{100 * v['of_peak']:.1f}%" if v.get("of_peak") else "-"]
+            for k, v in g.items() if isinstance(v, dict)]
+    return lines + _table(["run", "GFLOP/s", "of peak"], rows)
+
+
+def _gpu(case: dict | None) -> list[str]:
+    if not case:
+        return []
+    if "skipped" in case:
+        return ["## GPU", "", f"Skipped: {case['skipped']}.", ""]
+    lines = ["## GPU suite", "", case.get("note", f"device {case.get('device')}, {case.get('dtype')}"), ""]
+    if "error" in case:
+        return lines + [f"**error** {case['error']}", ""]
+    rows = [["classifier samples/s", *(case["classifier"]["samples_per_second"][s] for s in ("lorafit", "peft"))],
+            ["LLM tokens/s", *(case["llm"]["tokens_per_second"][s] for s in ("lorafit", "peft"))],
+            ["classifier peak MiB", *(case["classifier"]["peak_memory_mb"][s] for s in ("lorafit", "peft"))],
+            ["LLM peak MiB", *(case["llm"]["peak_memory_mb"][s] for s in ("lorafit", "peft"))]]
+    lines += _table(["figure", "lorafit", "PEFT"], rows)
+    lines += _table(["ratio", "value"],
+                    [["unmerged / base", _x(_get(case, "inference", "lorafit_unmerged", "ratio"))],
+                     ["merged / base", _x(_get(case, "inference", "lorafit_merged", "ratio"))],
+                     ["mixed 4 / single", _x(_get(case, "mixed", "lorafit", "mixed_4", "ratio"))],
+                     ["mixed 16 / single", _x(_get(case, "mixed", "lorafit", "mixed_16", "ratio"))],
+                     ["set_adapter ms", _fmt(_get(case, "switching", "lorafit_set_adapter_ms"), 3)]])
+    return lines
+
+
+def _notes() -> list[str]:
+    return ["## How it is measured", "",
+            "- Same machine, model, data and hyperparameters for both sides, in one run; training runs alternate "
+            "lorafit, PEFT, PEFT grouped (classifier) and lorafit, PEFT (LLM), each in a fresh process.",
+            "- Classifier samples/s = training examples / wall time of the training call. For Trainer that is "
+            "`trainer.train()`, which includes its per-epoch evaluation, checkpoint save and best-model reload; "
+            "lorafit's loop likewise evaluates and saves once per epoch (its own reported samples/s). Evaluation "
+            "batch 16 on both sides.",
+            "- Peak memory = the process's peak resident set (`ru_maxrss`), libraries and data included.",
+            "- Accuracy: the final (best) adapter on the validation set, evaluated after training.",
+            "- LLM tokens/s = real (non-pad) tokens of the epoch / wall time of the training call; both sides "
+            "train on the examples `lorafit.lm_data.tokenize_lm` builds (responses scored only).",
+            "- Inference, mixed batches and scaling time every variant once per round, rotating the order; "
+            "ratios are medians of per-round ratios. Switching: median of `set_adapter` calls vs reloading the "
+            "base model from disk.",
+            "- GFLOP/s: 4 x P_matmul x real tokens / seconds (frozen base: forward 2PT + backward input "
+            "gradients 2PT; attention score matmuls and LoRA FLOPs left out).", ""]

@@ -1,0 +1,173 @@
+"""lorafit vs PEFT + Trainer benchmark suite.
+
+    python bench/run.py                      # full CPU suite (about 30 min), writes bench/results.{md,json}
+    python bench/run.py --smoke --out /tmp/b # tiny models built from configs, seconds; what CI runs
+    python bench/run.py --cases classifier,inference --repeats 5
+
+Training runs each get a fresh process and alternate lorafit / PEFT / PEFT-grouped, ``--repeats``
+times, so that machine drift hits both sides; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import report
+from bench.common import BENCH, environment, load_average, median
+from bench.fixtures import Setup, Sizes, prepare
+from bench.worker import measure, measure_in_subprocess
+
+CASES = ("classifier", "inference", "mixed", "switching", "llm", "scaling", "gpu")
+CLASSIFIER_VARIANTS = {"lorafit": ("classifier/lorafit", {}), "peft": ("classifier/peft", {}),
+                       "peft_grouped": ("classifier/peft", {"group_by_length": True})}
+LLM_VARIANTS = {"lorafit": ("llm/lorafit", {}), "peft": ("llm/peft", {})}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny models and data: checks the harness in seconds")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--repeats", type=int, help="classifier runs per variant (default 3; smoke 1)")
+    parser.add_argument("--llm-repeats", type=int, help="LLM runs per side (default 2; smoke 1)")
+    parser.add_argument("--llm-examples", type=int, help="instruction examples in the LLM epoch (default 100)")
+    parser.add_argument("--out", default=str(BENCH), help="folder for results.md and results.json (default bench/)")
+    parser.add_argument("--workdir", help="scratch folder for runs and logs (default OUT/.work)")
+    parser.add_argument("--threads", type=int, help="torch threads in every measurement (default: torch's own "
+                        "choice, all cores; smoke: 1, as tiny ops on busy shared cores stall on thread hand-offs)")
+    isolate = parser.add_mutually_exclusive_group()
+    isolate.add_argument("--isolate", dest="isolate", action="store_true", default=None,
+                         help="one fresh process per measurement (default, except with --smoke)")
+    isolate.add_argument("--no-isolate", dest="isolate", action="store_false", help="run everything in this process")
+    args = parser.parse_args(argv)
+    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = sorted(set(args.cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    args.repeats = args.repeats or (1 if args.smoke else 3)
+    args.llm_repeats = args.llm_repeats or (1 if args.smoke else 2)
+    args.isolate = (not args.smoke) if args.isolate is None else args.isolate
+    args.threads = args.threads or (1 if args.smoke else None)
+    return args
+
+
+class Runner:
+    def __init__(self, setup: Setup, isolate: bool, log_dir: Path) -> None:
+        self.setup, self.isolate, self.log_dir, self.count = setup, isolate, log_dir, 0
+
+    def __call__(self, name: str, options: dict | None = None) -> dict:
+        self.count += 1
+        tag = f"{self.count:02d}-{name.replace('/', '-')}"
+        print(f"[bench] {time.strftime('%H:%M:%S')} {tag} {options or ''} (load {load_average()})", flush=True)
+        if self.isolate:
+            result = measure_in_subprocess(name, self.setup, options or {}, self.log_dir, tag)
+        else:
+            result = measure(name, self.setup, options)
+        shown = {k: v for k, v in result.items() if not isinstance(v, dict)}
+        print(f"[bench]   -> {json.dumps(shown)[:400]}", flush=True)
+        return result
+
+
+def alternate(run: Runner, variants: dict, repeats: int) -> dict:
+    """Run every variant once per round, round after round; medians of each figure per variant."""
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, (measurement, options) in variants.items():
+            runs[name].append(run(measurement, options))
+    out = {}
+    for name, results in runs.items():
+        good = [r for r in results if "error" not in r]
+        keys = {k for r in good for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        out[name] = {"median": {k: median(r.get(k) for r in good) for k in sorted(keys)}, "runs": results}
+        if not good:
+            out[name]["error"] = results[0].get("error") if results else "not run"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out_dir = Path(args.out)
+    workdir = Path(args.workdir) if args.workdir else out_dir / ".work"
+    sizes = Sizes.smoke() if args.smoke else Sizes.full()
+    if args.llm_examples:
+        sizes.llm_examples = args.llm_examples
+    import torch
+
+    saved = torch.get_num_threads(), {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # worker processes
+        torch.set_num_threads(args.threads)
+    try:
+        run_suite(args, out_dir, workdir, sizes, argv)
+    finally:  # a caller running the smoke suite in its own process gets its settings back
+        torch.set_num_threads(saved[0])
+        for key, value in saved[1].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    print(f"[bench] wrote {out_dir / 'results.md'} and {out_dir / 'results.json'}")
+    return 0
+
+
+def run_suite(args: argparse.Namespace, out_dir: Path, workdir: Path, sizes: Sizes, argv: list[str] | None) -> None:
+    setup = prepare(args.smoke, workdir, sizes)
+    run = Runner(setup, args.isolate, workdir / "logs")
+    results = {"meta": {**environment(), "smoke": args.smoke, "isolated_processes": args.isolate,
+                        "repeats": args.repeats, "threads": args.threads, "llm_repeats": args.llm_repeats, "cases": args.cases,
+                        "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_start": load_average(),
+                        "sizes": setup.to_json()["sizes"]},
+               "cases": {}}
+    cases = results["cases"]
+
+    def save() -> None:
+        results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        results["meta"]["load_average_end"] = load_average()
+        report.write(results, out_dir)
+
+    cases["matmul"] = run("matmul")
+    cases["params"] = model_params(setup)
+    if "classifier" in args.cases:
+        cases["classifier"] = {"tokens": run("classifier/tokens"), **alternate(run, CLASSIFIER_VARIANTS, args.repeats)}
+        save()
+    for case in ("inference", "mixed", "switching"):
+        if case in args.cases:
+            cases[case] = run(case)
+            save()
+    if "llm" in args.cases:
+        cases["llm"] = alternate(run, LLM_VARIANTS, args.llm_repeats)
+        save()
+    if "scaling" in args.cases:
+        cases["scaling"] = run("scaling")
+        save()
+    if "gpu" in args.cases:
+        cases["gpu"] = gpu_case(run, args.smoke)
+    save()
+
+
+def model_params(setup: Setup) -> dict:
+    from bench.cpu_cases import matmul_params
+
+    return {"classifier": matmul_params(setup.cls_model, "cls"), "llm": matmul_params(setup.llm_model, "causal")}
+
+
+def gpu_case(run: Runner, smoke: bool) -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        return run("gpu", {"device": "cuda"})
+    if smoke:  # no GPU here: still run the GPU suite's code, on tiny configs on the CPU
+        return {**run("gpu", {"device": "cpu"}), "note": "no CUDA device: GPU code path run on CPU with tiny configs"}
+    return {"skipped": "no CUDA device on this machine (the smoke suite runs the GPU code path on the CPU)"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
