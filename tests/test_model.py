@@ -269,6 +269,27 @@ def test_adding_an_adapter_keeps_it_frozen_until_set():
     assert lora.active_adapter == "a"
 
 
+def test_bias_modes_follow_the_active_adapter():
+    lora = get_lora_model(tiny_bert_cls(), LoraConfig(target_modules=["query"], bias="all"), "a")
+
+    def trainable_base():
+        return {n for n, p in lora.model.named_parameters() if p.requires_grad and ".lora_" not in n}
+
+    all_biases = {n for n, _ in lora.model.named_parameters() if n.endswith(".bias")}
+    assert len(all_biases) == sum(n.endswith(".bias") for n, _ in tiny_bert_cls().named_parameters())
+    assert trainable_base() == all_biases
+    lora.add_adapter("b", LoraConfig(target_modules=["query"]))
+    assert trainable_base() == all_biases  # "a" is still the one training
+    lora.set_adapter("b")
+    assert trainable_base() == set()  # bias="none": no bias trains, whatever "a" set
+    lora.add_adapter("c", LoraConfig(target_modules=["query", "value"], bias="lora_only"))
+    lora.set_adapter("c")
+    assert trainable_base() == {f"bert.encoder.layer.{i}.attention.self.{m}.base_layer.bias"
+                                for i in range(2) for m in ("query", "value")}
+    lora.set_adapter("a")
+    assert trainable_base() == {n for n, _ in lora.model.named_parameters() if n.endswith(".bias")}
+
+
 def test_disable_adapter_gives_exactly_the_base_outputs():
     lora = _two_adapters()
     batch = make_batch()

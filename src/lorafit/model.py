@@ -236,6 +236,10 @@ class LoraModel(nn.Module):
         for name, param in self.model.named_parameters():
             if _is_adapter_parameter(name):
                 param.requires_grad_(trainable and _adapter_of(name) == adapter_name)
+        if any(config.bias != "none" for config in self.peft_config.values()):
+            for name, param in self.model.named_parameters():  # biases another adapter's bias mode made trainable
+                if name.endswith(".bias") and not _is_adapter_parameter(name):
+                    param.requires_grad_(False)
         bias = self.peft_config[adapter_name].bias
         if bias == "all":
             for name, param in self.model.named_parameters():
