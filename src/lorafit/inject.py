@@ -53,8 +53,10 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | 
         return DEFAULT_TARGETS[model_type]
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        # a layer already wrapped by an earlier adapter (or before load_weights) is still a linear target
         return [name for name, module in model.named_modules()
-                if isinstance(module, (nn.Linear, Conv1D)) and module is not output_head
+                if isinstance(module.base_layer if isinstance(module, LoraLayer) else module,
+                              (nn.Linear, Conv1D)) and module is not output_head
                 and name.split(".")[-1] not in CLASSIFIER_HEAD_NAMES]
     return config.target_modules
 
