@@ -150,7 +150,7 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module, routing: BatchRouting, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer, routing)
-        self.fan_in_fan_out = fan_in_fan_out or isinstance(base_layer, Conv1D)
+        self.fan_in_fan_out = stored_transposed(base_layer, fan_in_fan_out)
         self.in_features, self.out_features = linear_features(base_layer, fan_in_fan_out)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -249,10 +249,18 @@ class LoraEmbedding(LoraLayer):
         return result + update.to(result.dtype)
 
 
+def stored_transposed(layer: nn.Module, fan_in_fan_out: bool) -> bool:
+    """True when the weight is (in, out): always for Conv1D, never for nn.Linear (as in PEFT, whose
+    GPT-2 configs carry fan_in_fan_out=True even when they also target a Linear such as lm_head)."""
+    if isinstance(layer, Conv1D):
+        return True
+    return fan_in_fan_out and not isinstance(layer, nn.Linear)
+
+
 def linear_features(layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
     """(in_features, out_features) of a Linear, or of a Conv1D whose weight is stored transposed."""
     out_features, in_features = layer.weight.shape
-    if fan_in_fan_out or isinstance(layer, Conv1D):
+    if stored_transposed(layer, fan_in_fan_out):
         return out_features, in_features
     return in_features, out_features
 

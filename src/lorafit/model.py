@@ -287,13 +287,30 @@ class LoraModel(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Checkpoint activations; with the embeddings frozen, their outputs must require grad for it to work."""
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-        self.model.enable_input_require_grads()
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Checkpoint activations; with the embeddings frozen, their outputs must require grad for it to work.
+
+        transformers 5 calls this ``activation_checkpointing_enable`` (and passes ``every_n_layers`` and
+        ``offload``); older versions only have this name.
+        """
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs,
+                                                       **kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if getattr(self.model, "_require_grads_hook", None) is None:
+            self.model.enable_input_require_grads()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """transformers 5's name for ``gradient_checkpointing_enable`` (what its Trainer calls)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        self.model.gradient_checkpointing_disable()
+        disable = getattr(self.model, "activation_checkpointing_disable", None) or self.model.gradient_checkpointing_disable
+        disable()
+
+    def activation_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing_disable()
 
 
 _ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save")

@@ -115,6 +115,8 @@ def expected_adapter_shapes(model: nn.Module, config: LoraConfig) -> dict[str, t
         module = model.get_submodule(path)
         base = module.base_layer if isinstance(module, LoraLayer) else module
         r = config.rank_for(path)
+        # PEFT also saves the full base weight of a targeted embed_tokens / lm_head (save_embedding_layers)
+        shapes[f"{path}.base_layer.weight"] = tuple(base.weight.shape)
         if isinstance(base, nn.Embedding):
             shapes[f"{path}.lora_embedding_A"] = (r, base.num_embeddings)
             shapes[f"{path}.lora_embedding_B"] = (base.embedding_dim, r)
