@@ -35,6 +35,8 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)
+    window_loss: float = 0.0  # training loss summed since the last evaluation (logged as its mean)
+    window_steps: int = 0
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -8,6 +8,8 @@ exactly the batches the interrupted one would have seen.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,11 +91,13 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
 
     state = TrainState()
     remove_temporaries(run_dir)
+    _recover_best(run_dir)
     checkpoints = list_checkpoints(run_dir)
     if config.resume and checkpoints:
         state = load_checkpoint(checkpoints[-1], lora_model, optimizer, scheduler)
-        rewrite_metrics(run_dir, state.history)
         print(f"Resuming from {checkpoints[-1].name} (step {state.step} of {total_steps})")
+    if config.resume:  # drop what a killed run logged after its newest checkpoint (or before its first)
+        rewrite_metrics(run_dir, state.history)
 
     def evaluate_and_record(epoch_value: float, train_loss: float | None) -> None:
         record = {"step": state.step, "epoch": round(epoch_value, 4), "train_loss": train_loss}
@@ -111,15 +115,18 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
         on_evaluate(record)
 
     model.train()
-    start, samples, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+    start, samples = time.perf_counter(), 0
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     while state.step < total_steps:
         batches = epoch_batches(lengths, config, state.epoch)[state.batch_in_epoch:]
+        # its own generator: a DataLoader otherwise draws its base seed from the global RNG, one draw
+        # per epoch that a resumed run would make again after restoring the checkpoint's RNG state
         loader = accelerator.prepare_data_loader(
-            DataLoader(examples, batch_sampler=batches, collate_fn=collate), device_placement=True)
+            DataLoader(examples, batch_sampler=batches, collate_fn=collate, generator=torch.Generator()),
+            device_placement=True)
         for batch in loader:
             loss = loss_fn(model, batch)
             accelerator.backward(loss)
@@ -129,8 +136,8 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
             state.step += 1
             state.batch_in_epoch += 1
             samples += len(batch["input_ids"])
-            window_loss += loss.item()
-            window_steps += 1
+            state.window_loss += loss.item()
+            state.window_steps += 1
             elapsed = time.perf_counter() - start
             progress.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{samples / elapsed:.1f}")
             progress.update(1)
@@ -141,8 +148,8 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
             if epoch_end:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             if at_eval or (done and config.eval_strategy == "no"):
-                mean_loss = window_loss / max(1, window_steps)
-                window_loss, window_steps = 0.0, 0
+                mean_loss = state.window_loss / max(1, state.window_steps)
+                state.window_loss, state.window_steps = 0.0, 0
                 evaluate_and_record(state.step / steps_per_epoch, round(mean_loss, 6))
             if at_save and accelerator.is_main_process:
                 save_checkpoint(run_dir, lora_model, optimizer, scheduler, state, config.keep_checkpoints)
@@ -152,6 +159,15 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return LoopResult(state, seconds, samples / seconds if seconds else 0.0, peak)
+
+
+def _recover_best(run_dir: Path) -> None:
+    """A run killed between the two renames that replace best/ left the previous one as .best.old."""
+    best, old = run_dir / "best", run_dir / ".best.old"
+    if old.is_dir() and not best.exists():
+        os.rename(old, best)
+    for leftover in run_dir.glob(".best.*"):  # half-written replacements
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _due(strategy: str, every: int, step: int, epoch_end: bool, done: bool) -> bool:
