@@ -35,6 +35,8 @@ def load_classification_data(config: TrainConfig) -> ClassificationData:
     """Read and validate every split before anything is written; errors name the file and the fix."""
     if config.dataset:
         raw = data.load_hub_dataset(config.dataset, config.dataset_config)
+        if _unlabelled(raw.get("test"), config.label_column):
+            del raw["test"]  # GLUE-style hidden test labels (all -1): nothing to score it against
         sources = {split: f"{config.dataset}/{split}" for split in raw}
         description = f"hub dataset `{config.dataset}`" + (f" (`{config.dataset_config}`)" if config.dataset_config else "")
     elif config.train_file:
@@ -55,16 +57,26 @@ def load_classification_data(config: TrainConfig) -> ClassificationData:
         raw["train"] = raw["train"].select(range(min(config.max_train_samples, len(raw["train"]))))
     if config.max_eval_samples and "validation" in raw:
         raw["validation"] = raw["validation"].select(range(min(config.max_eval_samples, len(raw["validation"]))))
-    labels = data.build_label_space(raw["train"], config.label_column)
+    roles = {"train": "training", "validation": "validation", "test": "test"}
+    for split, role in roles.items():
+        if split in raw and len(raw[split]) == 0:  # before the labels are read: an empty list has none
+            raise LorafitError(f"{role} file '{sources[split]}' has no rows; add examples to it or pass another file")
+    labels = data.build_label_space(raw["train"], config.label_column, source=sources["train"])
     splits = {}
-    for split in ("train", "validation", "test"):
+    for split, role in roles.items():
         if split in raw:
-            role = {"train": "training", "validation": "validation", "test": "test"}[split]
             splits[split] = data.prepare_split(raw[split], split=role, source=sources[split],
                                                text_column=config.text_column,
                                                text_pair_column=config.text_pair_column,
                                                label_column=config.label_column, labels=labels)
     return ClassificationData(splits, labels, description)
+
+
+def _unlabelled(split, label_column: str) -> bool:
+    """A hub split whose labels are all -1 (GLUE and others hide their test labels that way)."""
+    if split is None or label_column not in split.column_names or len(split) == 0:
+        return False
+    return all(value == -1 for value in split.with_format("arrow")[label_column].to_pylist())
 
 
 def classification_loss(model, batch: dict) -> torch.Tensor:

@@ -48,9 +48,6 @@ def train_classifier(config: TrainConfig) -> dict:
     tokenized = {split: data.tokenize(ds, tokenizer, max_length=config.max_length,
                                       truncation_side=config.truncation_side)
                  for split, ds in task_data.splits.items()}
-    prepare_run_dir(run_dir, config.resume)
-    write_text(run_dir / "config.yaml", dump_config(config))
-
     labels = task_data.labels
     base = load_classifier(model_path, num_labels=len(labels.names), id2label=labels.id2label,
                            label2id=labels.label2id, pad_token_id=tokenizer.pad_token_id)
@@ -59,6 +56,9 @@ def train_classifier(config: TrainConfig) -> dict:
     # the head and the adapter start from the same random state whatever ran before
     torch.manual_seed(config.seed)
     model = get_lora_model(base, lora_config)
+    # only now that the data, model and adapter settings have all been checked is anything written
+    prepare_run_dir(run_dir, config.resume)
+    write_text(run_dir / "config.yaml", dump_config(config))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     model.print_trainable_parameters()
