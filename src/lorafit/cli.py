@@ -46,7 +46,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         hint = hints[f.name]
         base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
         kind = base[0]
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": docs.get(f.name, "")}
+        # argparse %-formats help texts: a literal '%' (as in "30% slower") must be doubled
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": docs.get(f.name, "").replace("%", "%%")}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is list:
@@ -121,6 +123,7 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on every model load
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
 

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import inspect
 import textwrap
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,17 @@ def load_yaml_config(path: str | Path, cls: type = TrainConfig) -> dict[str, Any
     if unknown:
         raise LorafitError(f"config file '{path}' has unknown setting(s) {', '.join(unknown)}; "
                            f"run `lorafit train --help` for the valid ones")
-    return data
+    return {key: _yaml_number(cls, key, value) for key, value in data.items()}
+
+
+def _yaml_number(cls: type, key: str, value: Any) -> Any:
+    """YAML 1.1 reads 5e-4 (no dot) as a string; a float setting takes it as the flag --lr 5e-4 would."""
+    if isinstance(value, str) and typing.get_type_hints(cls)[key] in (float, float | None):
+        try:
+            return float(value)
+        except ValueError:
+            return value  # the config's own check names the setting and the bad value
+    return value
 
 
 def build_config(settings: dict[str, Any], cls: type = TrainConfig):
