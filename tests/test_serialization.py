@@ -330,3 +330,26 @@ def test_dora_adapter_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(LorafitError, match="DoRA"):
         LoraModel.from_pretrained(tiny_gpt2(), tmp_path)
+
+
+@pytest.mark.parametrize("config", [
+    dict(r=4, target_modules=["q_proj", "v_proj", "up_proj"], rank_pattern={"v_proj": 2, r"layers\.1\.mlp\.up_proj": 6},
+         alpha_pattern={"q_proj": 3}, use_rslora=True),
+    dict(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers"),
+    dict(r=2, target_modules=r".*\.(q|v)_proj", exclude_modules=["layers.0.self_attn.q_proj"]),
+], ids=["patterns", "layers", "regex-exclude"])
+def test_peft_adapters_with_patterns_and_layers_round_trip(config, tmp_path):
+    batch = make_batch()
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(init_lora_weights=False, **config)).eval()
+    expected = _logits(peft_model, batch)
+    assert (expected - _logits(tiny_llama(), batch)).abs().max() > 1e-3
+    peft_model.save_pretrained(tmp_path / "theirs")
+    ours = LoraModel.from_pretrained(tiny_llama(), tmp_path / "theirs").eval()
+    torch.testing.assert_close(_logits(ours, batch), expected, rtol=1e-5, atol=1e-5)
+    their_layers = sorted(n for n, m in peft_model.base_model.model.named_modules()
+                          if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert sorted(n for n, m in ours.model.named_modules() if isinstance(m, LoraLayer)) == their_layers
+    ours.save_pretrained(tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
+    torch.testing.assert_close(_logits(again, batch), expected, rtol=1e-5, atol=1e-5)
