@@ -16,7 +16,7 @@ import torch
 from lorafit import data
 from lorafit.classify import (ClassificationData, classification_loss, evaluate_classifier,
                               load_classification_data, print_predictions)
-from lorafit.config import LoraConfig
+from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.model import get_lora_model
 from lorafit.models import load_classifier, load_tokenizer, resolve_model
 from lorafit.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info, write_text
@@ -51,8 +51,11 @@ def train_classifier(config: TrainConfig) -> dict:
     labels = task_data.labels
     base = load_classifier(model_path, num_labels=len(labels.names), id2label=labels.id2label,
                            label2id=labels.label2id, pad_token_id=tokenizer.pad_token_id)
+    targets = config.target_modules
+    if targets and len(targets) == 1 and targets[0].lower() == ALL_LINEAR:
+        targets = ALL_LINEAR  # the keyword, not a module named all-linear
     lora_config = LoraConfig(task_type="SEQ_CLS", r=config.r, lora_alpha=config.lora_alpha,
-                             lora_dropout=config.lora_dropout, target_modules=config.target_modules)
+                             lora_dropout=config.lora_dropout, target_modules=targets)
     # the head and the adapter start from the same random state whatever ran before
     torch.manual_seed(config.seed)
     model = get_lora_model(base, lora_config)
