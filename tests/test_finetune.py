@@ -179,6 +179,27 @@ def test_decoder_model_as_classifier(tmp_path_factory, tmp_path, capsys, kind):
     assert torch.allclose(together, alone, atol=1e-5)
 
 
+@pytest.mark.parametrize("targets, adapted", [
+    # all-linear: every linear layer but the classification head (PEFT's meaning of the keyword)
+    (["all-linear"], {"attention.self.query", "attention.self.key", "attention.self.value",
+                      "attention.output.dense", "intermediate.dense", "output.dense", "pooler.dense"}),
+    (["key"], {"attention.self.key"}),
+    (["query", "output.dense"], {"attention.self.query", "attention.output.dense", "output.dense"}),
+])
+def test_target_modules(tmp_path, capsys, small_run, targets, adapted):
+    import re
+
+    from test_cli import adapter_tensors
+
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_cmd(small_run.model, small_run.train, out, None, "--max-steps", "1",
+                                              "--target-modules", *targets))
+    assert code == 0, err
+    modules = {re.sub(r"^base_model\.model\.bert\.(encoder\.layer\.\d+\.)?", "", k).removesuffix(".lora_A.weight")
+               for k in adapter_tensors(out / "best") if k.endswith(".lora_A.weight")}
+    assert modules == adapted
+
+
 # --- length grouping ---------------------------------------------------------------------------------
 
 def test_group_by_length_on_and_off_both_train(tmp_path, capsys, tiny_bert_dir):

@@ -1,0 +1,166 @@
+"""Tests for lorafit.checkpoint: what a checkpoint holds, exact restore, atomic writes, pruning."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_batch, tiny_bert_cls
+from lorafit import checkpoint
+from lorafit.checkpoint import (STATE_NAME, TrainState, list_checkpoints, load_checkpoint, remove_temporaries,
+                                save_checkpoint)
+from lorafit.config import LoraConfig
+from lorafit.model import get_lora_model
+from lorafit.train import make_optimizer, make_scheduler
+from lorafit.train_config import TrainConfig
+from test_cli import single_thread
+
+FILES = {"adapter", "optimizer.safetensors", "rng.safetensors", STATE_NAME}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+def _setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = get_lora_model(tiny_bert_cls(), LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"]))
+    config = TrainConfig(lr=0.01, weight_decay=0.1)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, total_steps=10, warmup_ratio=0.2)
+    return model, optimizer, scheduler
+
+
+def _train_steps(model, optimizer, scheduler, steps: int) -> None:
+    model.train()
+    batch = make_batch()
+    for step in range(steps):
+        loss = model(**batch, labels=torch.tensor([0, 1, 0, 1])).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+
+def _trainable(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _state(step: int = 3) -> TrainState:
+    return TrainState(step=step, epoch=1, batch_in_epoch=1, best_metric=0.75, best_step=2,
+                      history=[{"step": 2, "accuracy": 0.75}], window_loss=1.25, window_steps=1)
+
+
+def test_round_trip_restores_weights_optimizer_schedule_and_every_rng(tmp_path):
+    model, optimizer, scheduler = _setup()
+    _train_steps(model, optimizer, scheduler, 3)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    path = save_checkpoint(tmp_path, model, optimizer, scheduler, _state(), keep=5)
+    assert path == tmp_path / "checkpoint-3"
+    weights, lr = _trainable(model), optimizer.param_groups[0]["lr"]
+    moments = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
+    expected_draws = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+
+    fresh, fresh_optimizer, fresh_scheduler = _setup(seed=9)  # other weights, empty optimizer
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    state = load_checkpoint(path, fresh, fresh_optimizer, fresh_scheduler)
+
+    assert state == _state()
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected_draws
+    restored = _trainable(fresh)
+    assert restored.keys() == weights.keys()
+    assert all(torch.equal(restored[k], weights[k]) for k in weights)
+    assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+    assert fresh_scheduler.last_epoch == 3
+    restored_moments = fresh_optimizer.state_dict()["state"][0]
+    assert restored_moments.keys() == moments.keys()
+    assert all(torch.equal(torch.as_tensor(restored_moments[k]), torch.as_tensor(moments[k])) for k in moments)
+
+    # the same next steps from the restored state as from the original one
+    torch.manual_seed(5)  # the same dropout masks for both
+    _train_steps(model, optimizer, scheduler, 2)
+    torch.manual_seed(5)
+    _train_steps(fresh, fresh_optimizer, fresh_scheduler, 2)
+    after, fresh_after = _trainable(model), _trainable(fresh)
+    assert all(torch.equal(after[k], fresh_after[k]) for k in after)
+
+
+def test_checkpoint_is_safetensors_and_json_only(tmp_path):
+    model, optimizer, scheduler = _setup()
+    _train_steps(model, optimizer, scheduler, 1)
+    path = save_checkpoint(tmp_path, model, optimizer, scheduler, _state(1), keep=5)
+    assert {p.name for p in path.iterdir()} == FILES
+    assert {p.name for p in (path / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert any(key.endswith(".exp_avg") for key in load_file(str(path / "optimizer.safetensors")))
+    assert set(load_file(str(path / "rng.safetensors"))) == {"torch"}
+    saved = json.loads((path / STATE_NAME).read_text())
+    assert saved["state"]["step"] == 1 and saved["state"]["history"] == [{"step": 2, "accuracy": 0.75}]
+    assert {"optimizer", "scheduler", "python_rng", "numpy_rng"} <= set(saved)
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in path.rglob("*"))
+
+
+def test_failed_save_leaves_no_checkpoint_and_no_temporary(tmp_path, monkeypatch):
+    model, optimizer, scheduler = _setup()
+    save_checkpoint(tmp_path, model, optimizer, scheduler, _state(2), keep=5)
+    before = {p: p.read_bytes() for p in (tmp_path / "checkpoint-2").rglob("*") if p.is_file()}
+
+    real_save_file = checkpoint.save_file
+
+    def failing_save_file(tensors, filename, *args, **kwargs):
+        if filename.endswith("rng.safetensors"):
+            raise OSError("disk full")
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, model, optimizer, scheduler, _state(4), keep=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]  # no checkpoint-4, no temporary
+    assert {p: p.read_bytes() for p in (tmp_path / "checkpoint-2").rglob("*") if p.is_file()} == before
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    model, optimizer, scheduler = _setup()
+    for step in (2, 4, 6, 8, 10):
+        save_checkpoint(tmp_path, model, optimizer, scheduler, _state(step), keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-8", "checkpoint-10"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-8"]
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path):
+    model, optimizer, scheduler = _setup()
+    save_checkpoint(tmp_path, model, optimizer, scheduler, _state(3), keep=2)
+    changed = _state(3)
+    changed.best_metric = 0.9
+    save_checkpoint(tmp_path, model, optimizer, scheduler, changed, keep=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-3"]
+    assert json.loads((tmp_path / "checkpoint-3" / STATE_NAME).read_text())["state"]["best_metric"] == 0.9
+
+
+def test_list_checkpoints_numeric_order_and_only_complete_ones(tmp_path):
+    for name in ("checkpoint-9", "checkpoint-10", "checkpoint-100", "checkpoint-2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / STATE_NAME).write_text("{}")
+    (tmp_path / "checkpoint-50").mkdir()  # no trainer_state.json: not a checkpoint
+    (tmp_path / ".checkpoint-200.abc").mkdir()  # an interrupted save
+    (tmp_path / ".checkpoint-200.abc" / STATE_NAME).write_text("{}")
+    (tmp_path / "checkpoint-last").mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-9", "checkpoint-10",
+                                                            "checkpoint-100"]
+
+
+def test_remove_temporaries_removes_only_interrupted_saves(tmp_path):
+    (tmp_path / ".checkpoint-4.x1" / "adapter").mkdir(parents=True)
+    (tmp_path / ".checkpoint-6.x2").mkdir()
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "best").mkdir()
+    remove_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "checkpoint-2"]

@@ -1,0 +1,86 @@
+"""Tests for `lorafit merge`: a plain transformers model that predicts what base model + adapter predict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_cli import (assert_one_line_error, run_cli, single_thread, snapshot, tiny_bert3_dir,  # noqa: F401
+                      trained_run)
+
+TEXTS = ["a great and lovely film", "the plot was dull", "an okay movie", "terrible acting and a boring story",
+         "fine"]
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory, trained_run):
+    import test_cli
+
+    output = tmp_path_factory.mktemp("merge") / "merged"
+    with single_thread():
+        assert test_cli.main(["merge", "--adapter", str(trained_run.best), "--output", str(output)]) == 0
+    return output
+
+
+def _logits(model, tokenizer) -> torch.Tensor:
+    batch = tokenizer(TEXTS, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad(), single_thread():
+        return model(**batch).logits
+
+
+def test_merged_model_loads_without_lorafit(merged):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(merged)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert not [type(m).__module__ for m in model.modules() if type(m).__module__.startswith("lorafit")]
+    assert not [k for k in model.state_dict() if "lora" in k or "modules_to_save" in k or "base_layer" in k]
+    assert model.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    assert model.config.label2id == {"neg": 0, "neu": 1, "pos": 2}
+
+
+def test_merged_model_predicts_like_base_plus_adapter(merged, trained_run):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lorafit.loading import load_adapter_for_inference
+
+    plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    plain_logits = _logits(plain, AutoTokenizer.from_pretrained(merged))
+    loaded = load_adapter_for_inference(trained_run.best)
+    adapter_logits = _logits(loaded.model, loaded.tokenizer)
+    assert torch.allclose(plain_logits, adapter_logits, atol=1e-5)
+    assert plain_logits.argmax(-1).tolist() == adapter_logits.argmax(-1).tolist()
+    # and the merge is not a no-op: the plain base model scores differently
+    with single_thread():
+        base = AutoModelForSequenceClassification.from_pretrained(trained_run.model).eval()
+    assert not torch.allclose(_logits(base, loaded.tokenizer), adapter_logits, atol=1e-3)
+
+
+def test_merged_folder_holds_model_and_tokenizer(merged):
+    names = {p.name for p in merged.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert not any(name.startswith(".") for name in names)
+
+
+def test_output_must_be_new(tmp_path, capsys, trained_run):
+    output = tmp_path / "taken"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    code, out, err = run_cli(capsys, "merge", "--adapter", trained_run.best, "--output", output)
+    assert_one_line_error(code, err, "not empty", "--output")
+    assert snapshot(output) == {"keep.txt": b"mine"}
+
+
+def test_empty_output_folder_is_fine(tmp_path, capsys, trained_run):
+    output = tmp_path / "empty"
+    output.mkdir()
+    code, out, err = run_cli(capsys, "merge", "--adapter", trained_run.best, "--output", output)
+    assert code == 0, err
+    assert out == f"merged model written to {output}\n"
+    assert (output / "config.json").is_file()
+
+
+def test_missing_adapter(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "merge", "--adapter", tmp_path / "nothing", "--output", tmp_path / "out")
+    assert_one_line_error(code, err, "nothing", "does not exist")
+    assert not (tmp_path / "out").exists()
