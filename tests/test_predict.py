@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from test_cli import (assert_one_line_error, make_rows, read_jsonl, run_cli, snapshot, tiny_bert3_dir,  # noqa: F401
-                      trained_run, write_rows)
+                      tiny_bert_dir, trained_run, write_rows)
 
 NAMES = ["neg", "neu", "pos"]
 TEXTS = ["a great and lovely film", "the plot was dull", "an okay movie", "terrible"]
@@ -112,3 +112,50 @@ def test_output_is_replaced_whole(tmp_path, capsys, trained_run):
     assert code == 0, err
     assert [r["text"] for r in read_jsonl(output)] == ["good"]
     assert [p.name for p in tmp_path.iterdir()] == ["p.jsonl"]  # no temporary left beside it
+
+
+# --- an adapter trained on text pairs -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory, tiny_bert_dir):
+    import test_cli
+
+    root = tmp_path_factory.mktemp("pair_run")
+    rows = [{"premise": r["text"], "hypothesis": f"it was {'good' if i % 3 else 'bad'}", "label": r["label"]}
+            for i, r in enumerate(make_rows(24, seed=51))]
+    data = write_rows(root / "pairs.jsonl", rows)
+    with test_cli.single_thread():
+        assert test_cli.main(["train", "--model", str(tiny_bert_dir), "--train-file", str(data), "--output-dir",
+                              str(root / "run"), "--text-column", "premise", "--text-pair-column", "hypothesis",
+                              *test_cli.FAST, "--lr", "0.02"]) == 0
+    return root / "run" / "best", data, rows
+
+
+def test_pair_adapter_refuses_single_texts(capsys, pair_run):
+    best, _, _ = pair_run
+    code, out, err = run_cli(capsys, "predict", "--adapter", best, "good")
+    assert_one_line_error(code, err, "text pairs", "'premise' and 'hypothesis'", "--input")
+
+
+def test_pair_adapter_reads_both_columns(tmp_path, capsys, pair_run):
+    best, data, rows = pair_run
+    output = tmp_path / "p.jsonl"
+    code, _, err = run_cli(capsys, "predict", "--adapter", best, "--input", data, "--output", output)
+    assert code == 0, err
+    predictions = read_jsonl(output)
+    assert [(p["text"], p["text_pair"]) for p in predictions] == [(r["premise"], r["hypothesis"]) for r in rows]
+    # the labels predict gives are the ones eval scores (eval reads both columns too)
+    names = ["neg", "pos"]
+    matrix = [[sum(1 for p, r in zip(predictions, rows) if r["label"] == a and p["label"] == b) for b in names]
+              for a in names]
+    code, out, err = run_cli(capsys, "eval", "--adapter", best, "--data", data, "--json")
+    assert code == 0, err
+    assert json.loads(out)["confusion_matrix"] == matrix
+    # and the second text matters: without it the scores differ
+    from lorafit.classify import predict_texts
+    from lorafit.loading import load_adapter_for_inference
+
+    loaded = load_adapter_for_inference(best)
+    alone = predict_texts(loaded.model, loaded.tokenizer, [r["premise"] for r in rows], max_length=32)
+    together = torch.tensor([list(p["probabilities"].values()) for p in predictions])
+    assert not torch.allclose(alone, together, atol=1e-3)

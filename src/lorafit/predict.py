@@ -27,23 +27,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model, if not the one the adapter was trained on")
     parser.add_argument("--input", help="file of texts: CSV, TSV, JSON Lines, JSON, Parquet")
     parser.add_argument("--text-column", help="column of --input holding the texts (default: as in training, else text)")
+    parser.add_argument("--text-pair-column",
+                        help="column of --input holding the second texts, for an adapter trained on text pairs "
+                             "(default: as in training)")
     parser.add_argument("--output", help="write JSON Lines here instead of printing")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
     parser.add_argument("--encoding", help="encoding of --input when not UTF-8")
 
 
-def read_texts(args: argparse.Namespace, default_column: str) -> list[str]:
+def read_texts(args: argparse.Namespace, default_column: str,
+               pair_column: str | None = None) -> tuple[list[str], list[str] | None]:
+    """The texts to classify, and their second texts when the adapter was trained on pairs."""
     if args.texts and args.input:
         raise LorafitError("pass texts as arguments or --input FILE, not both")
     if args.texts:
-        return list(args.texts)
+        if pair_column:  # scoring the first texts alone would give confident nonsense
+            raise LorafitError(f"this adapter classifies text pairs (training columns {default_column!r} and "
+                               f"{pair_column!r}); pass --input FILE with both columns")
+        return list(args.texts), None
     if not args.input:
         raise LorafitError("nothing to predict: pass texts as arguments or --input FILE")
     column = args.text_column or default_column
     table = data.read_table(args.input, encoding=args.encoding, role="input file")
     prepared = data.prepare_split(table, split="input", source=Path(args.input).name, text_column=column,
-                                  text_pair_column=None, label_column=None, labels=None)
-    return list(prepared["text"])
+                                  text_pair_column=pair_column, label_column=None, labels=None)
+    return list(prepared["text"]), (list(prepared["text_pair"]) if pair_column else None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,15 +60,16 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_adapter_for_inference(args.adapter, args.model)
     if loaded.task != "classification":
         raise LorafitError(f"'{args.adapter}' is a {loaded.task} adapter; use `lorafit generate` for it")
-    texts = read_texts(args, loaded.info.get("text_column") or "text")
+    pair_column = getattr(args, "text_pair_column", None) or loaded.info.get("text_pair_column")
+    texts, pairs = read_texts(args, loaded.info.get("text_column") or "text", pair_column)
     id2label = loaded.model.config.id2label
     probabilities = predict_texts(loaded.model, loaded.tokenizer, texts,
                                   max_length=loaded.info.get("max_length", 512),
                                   truncation_side=loaded.info.get("truncation_side", "right"),
-                                  batch_size=args.batch_size)
-    rows = [{"text": text, "label": id2label[int(p.argmax())],
-             "probabilities": {id2label[i]: round(float(v), 6) for i, v in enumerate(p)}}
-            for text, p in zip(texts, probabilities)]
+                                  batch_size=args.batch_size, pairs=pairs)
+    rows = [{"text": text, **({"text_pair": pairs[i]} if pairs else {}), "label": id2label[int(p.argmax())],
+             "probabilities": {id2label[k]: round(float(v), 6) for k, v in enumerate(p)}}
+            for i, (text, p) in enumerate(zip(texts, probabilities))]
     if args.output:
         with atomic_path(args.output) as tmp:
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
