@@ -394,6 +394,18 @@ def test_bad_yaml_file_is_one_line_exit_2(tmp_path, capsys, content, fragments):
     assert not (tmp_path / "out").exists()
 
 
+def test_resume_starts_from_the_runs_saved_settings(tmp_path, captured, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({**dataclasses.asdict(TrainConfig(r=4, lr=0.005)),
+                                                     "output_dir": str(run), "train_file": "t.csv"}))
+    code, _, err = run_cli(capsys, "train", "--output-dir", run, "--resume", "--batch-size", "4")
+    assert code == 0, err
+    (config,) = captured
+    assert (config.r, config.lr, config.train_file) == (4, 0.005, "t.csv")  # from the run's config.yaml
+    assert config.batch_size == 4 and config.resume is True  # given now: wins
+
+
 def test_missing_yaml_file(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--config", tmp_path / "nope.yaml")
     assert_one_line_error(code, err, "nope.yaml", "does not exist")

@@ -274,6 +274,28 @@ def test_best_adapter_survives_a_kill_while_it_was_being_replaced(tmp_path):
     assert tensors_equal(adapter_tensors(tmp_path / "best"), adapter_tensors(tmp_path / "checkpoint-2" / "adapter"))
 
 
+def test_resume_needs_only_the_output_dir(tmp_path, capsys, monkeypatch, tiny_bert_dir):
+    """`lorafit train --output-dir DIR --resume` (as --help shows it) continues the run with its own
+    settings, not the defaults (built-in data and model)."""
+    from lorafit import finetune
+
+    train = write_rows(tmp_path / "train.jsonl", make_rows(24, seed=23))
+    common = ["train", "--model", str(tiny_bert_dir), "--train-file", str(train), "--validation-file", str(train),
+              "--max-length", "32", "--batch-size", "4", "--epochs", "1", "--eval-strategy", "steps",
+              "--eval-steps", "2", "--lr", "0.01", "--r", "4"]
+    code, _, err = run_cli(capsys, *common, "--output-dir", tmp_path / "reference")
+    assert code == 0, err
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune, "classification_loss", _crash_at(3))
+        with pytest.raises(Killed):
+            run_cli(capsys, *common, "--output-dir", tmp_path / "run")
+    code, out, err = run_cli(capsys, "train", "--output-dir", tmp_path / "run", "--resume")
+    assert code == 0, err
+    assert "Resuming from checkpoint-2 (step 2 of 6)" in out
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == (tmp_path / "reference" / "metrics.jsonl").read_text()
+    assert tensors_equal(adapter_tensors(tmp_path / "run" / "best"), adapter_tensors(tmp_path / "reference" / "best"))
+
+
 # --- the acceptance test: SIGKILL mid-epoch, then --resume ------------------------------------------
 
 def _complete_checkpoints(run_dir: Path) -> list[int]:

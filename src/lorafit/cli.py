@@ -7,6 +7,7 @@ import dataclasses
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Any, Sequence
 
 from lorafit.errors import LorafitError
@@ -106,6 +107,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
     settings = load_yaml_config(args.config) if args.config else {}
     settings.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "run")})
+    saved = Path(settings.get("output_dir") or "") / "config.yaml"
+    if settings.get("resume") and settings.get("output_dir") and saved.is_file():
+        # `--output-dir DIR --resume` continues the run as it was set up; settings given now override
+        settings = {**load_yaml_config(saved), **settings}
     run_train(build_config(settings))
     return 0
 
