@@ -6,14 +6,16 @@ its turn) unless ``train_on_prompt`` is set.
 
 Packing limitation: packed sequences carry ``position_ids`` that restart at 0 for every
 example, and each example's first label is masked so no example is trained to follow another.
-Whether tokens can *attend* across example boundaries depends on the attention path: with a
-2-D ``attention_mask`` in the batch, eager and SDPA attention let later examples see earlier
-ones in the same pack (only the positions restart). flash_attention_2, and transformers' own
-mask builder when the batch has no ``attention_mask`` and the model runs with
-``use_cache=False``, derive block-diagonal attention from ``position_ids`` and avoid that.
+Whether tokens can *attend* across example boundaries depends on the forward call: with a 2-D
+``attention_mask`` in the batch (or with the model's default ``use_cache=True``), eager and SDPA
+attention let later examples see earlier ones in the same pack; only the positions restart.
+Transformers 5 builds block-diagonal attention from ``position_ids`` when the batch has no
+``attention_mask`` and the forward runs with ``use_cache=False`` (SmolLM2's packed logits then
+match unpacked ones), and flash_attention_2 uses ``position_ids`` the same way. So for packed
+batches drop ``attention_mask`` and pass ``use_cache=False``.
 """
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -117,15 +119,22 @@ def tokenize_text(tokenizer, text: str) -> list[int]:
 
 def encode_prompt(tokenizer, prompt: str, system: str | None = None) -> list[int]:
     """Token ids of ``render_prompt``, built exactly as training builds its prompt tokens."""
-    return text_prefix_ids(tokenizer) + tokenize_text(tokenizer, render_prompt(tokenizer, prompt, system))
+    text = render_prompt(tokenizer, prompt, system)
+    return text_prefix_ids(tokenizer) + tokenize_text(tokenizer, text)
+
+
+def require_strings(record: Mapping, keys) -> None:
+    """Raise a LorafitError unless every named field of the record holds a string."""
+    for key in keys:
+        if not isinstance(record[key], str):
+            kind = type(record[key]).__name__
+            raise LorafitError(f"'{key}' must be a string, got {kind}; fix that record")
 
 
 def record_messages(record: Mapping, kind: str) -> list[dict]:
     """The conversation of a prompt-response or messages record, checked for string contents."""
     if kind == "prompt-response":
-        for key in ("prompt", "response"):
-            if not isinstance(record[key], str):
-                raise LorafitError(f"'{key}' must be a string, got {type(record[key]).__name__}; fix that record")
+        require_strings(record, ("prompt", "response"))
         system = record.get("system")
         messages = prompt_messages(record["prompt"], system if isinstance(system, str) else None)
         return messages + [{"role": "assistant", "content": record["response"]}]
@@ -217,8 +226,7 @@ def token_index_at(tokenizer, full: str, full_ids: list[int], char_pos: int, *, 
 def conversation_text_and_spans(tokenizer, record: Mapping, kind: str, train_on_prompt: bool):
     """Rendered text of a record and its trained character spans (None means train everything)."""
     if kind == "text":
-        if not isinstance(record["text"], str):
-            raise LorafitError(f"'text' must be a string, got {type(record['text']).__name__}; fix that record")
+        require_strings(record, ("text",))
         return record["text"] + end_text(tokenizer), None
     messages = record_messages(record, kind)
     full = render_messages(tokenizer, messages)
@@ -289,7 +297,9 @@ def tokenize_lm(
     examples, truncated = [], 0
     for number, record in enumerate(records, start=1):
         try:
-            encoded = encode_example(record, tokenizer, max_length=max_length, train_on_prompt=train_on_prompt)
+            encoded = encode_example(
+                record, tokenizer, max_length=max_length, train_on_prompt=train_on_prompt
+            )
         except LorafitError as error:
             raise LorafitError(f"record {number}: {error}") from error
         truncated += encoded.pop("truncated")
