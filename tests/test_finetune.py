@@ -80,9 +80,13 @@ def test_integer_labels(tmp_path, capsys, tiny_bert_dir):
     train = write_rows(tmp_path / "train.csv", rows)
     validation = write_rows(tmp_path / "dev.csv", rows[:6])
     out = tmp_path / "run"
-    code, _, err = run_cli(capsys, *train_cmd(tiny_bert_dir, train, out, validation))
+    code, stdout, err = run_cli(capsys, *train_cmd(tiny_bert_dir, train, out, validation, "--test-file", validation))
     assert code == 0, err
     assert info(out)["id2label"] == {"0": "0", "1": "1"}
+    # the test file is scored once, at the end, with the best adapter: here the same rows as validation
+    summary = dict(line.split(": ", 1) for line in stdout.splitlines() if line.startswith(("test_", "validation_")))
+    assert summary["test_accuracy"] == summary["validation_accuracy"] and summary["test_loss"] == summary["validation_loss"]
+    assert f"| test_accuracy | {float(summary['test_accuracy']):.4f} |" in (out / "README.md").read_text()
     assert read_jsonl(out / "metrics.jsonl")[0]["per_class"].keys() == {"0", "1"}
     assert {line[0] for line in predict_lines(capsys, out / "best", "good", "bad film")} <= {"0", "1"}
     code, _, err = run_cli(capsys, "eval", "--adapter", out / "best", "--data", validation, "--json")

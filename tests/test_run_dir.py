@@ -80,6 +80,22 @@ def test_metrics_jsonl_has_one_line_per_evaluation(steps_run):
         assert sum(map(sum, record["confusion_matrix"])) == 10
 
 
+def test_run_without_evaluations(tmp_path, capsys, tiny_bert_dir):
+    """--eval-strategy no: no checkpoints (saving follows evaluation), best/ is the final adapter,
+    the log has the final training loss, and the validation file is still scored once at the end."""
+    train = write_rows(tmp_path / "train.jsonl", make_rows(16, seed=33))
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "train", "--model", tiny_bert_dir, "--train-file", train,
+                                "--validation-file", train, "--output-dir", out, "--max-length", "32",
+                                "--batch-size", "8", "--epochs", "1", "--eval-strategy", "no")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "best", "config.yaml", "curves.png", "metrics.jsonl"]
+    (record,) = read_jsonl(out / "metrics.jsonl")
+    assert set(record) == {"step", "epoch", "train_loss"} and record["step"] == 2
+    assert "validation_accuracy: " in stdout
+    assert json.loads((out / "best" / "lorafit.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
+
+
 def test_epoch_strategy_logs_one_line_per_epoch(trained_run):
     records = read_jsonl(trained_run.dir / "metrics.jsonl")
     assert [(r["step"], r["epoch"]) for r in records] == [(12, 1.0), (24, 2.0), (36, 3.0), (48, 4.0)]
