@@ -341,8 +341,6 @@ def test_bad_input_in_a_real_process(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="models.load_classifier does not pass ignore_mismatched_sizes=True: "
-                                       "a base classifier with another label count raises a RuntimeError")
 def test_base_classifier_with_another_label_count(tmp_path, capsys, tiny_bert_dir):
     train = write_rows(tmp_path / "train.jsonl", make_rows(12, ("neg", "neu", "pos"), seed=11))
     code, _, err = run_cli(capsys, *train_cmd(tiny_bert_dir, train, tmp_path / "run"))  # 2-label base, 3 classes

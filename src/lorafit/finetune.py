@@ -18,7 +18,7 @@ from lorafit.classify import (ClassificationData, classification_loss, evaluate_
                               load_classification_data, print_predictions)
 from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.model import get_lora_model
-from lorafit.models import load_classifier, load_tokenizer, resolve_model
+from lorafit.models import load_classifier, load_tokenizer, model_reference, resolve_model
 from lorafit.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info, write_text
 from lorafit.train import restore_best, run_training
 from lorafit.train_config import TrainConfig, dump_config
@@ -89,7 +89,7 @@ def train_classifier(config: TrainConfig) -> dict:
     restored = restore_best(model, run_dir)
     if not restored:
         model.save_pretrained(run_dir / "best")
-    info = {"task": "classification", "base_model": config.model, "id2label": id2label,
+    info = {"task": "classification", "base_model": model_reference(config.model), "id2label": id2label,
             "max_length": config.max_length, "truncation_side": config.truncation_side,
             "text_column": config.text_column, "text_pair_column": config.text_pair_column,
             "label_column": config.label_column}

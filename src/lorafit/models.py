@@ -173,6 +173,14 @@ def _looks_like_path(name: str) -> bool:
     return os.sep in name and not _HUB_ID.match(name)
 
 
+def model_reference(name_or_path: str) -> str:
+    """How a run records its base model: aliases and hub ids as given, local folders as absolute paths
+    so that commands run from another folder still find them."""
+    if name_or_path in BUILTIN_MODELS or not Path(name_or_path).expanduser().is_dir():
+        return name_or_path
+    return str(Path(name_or_path).expanduser().resolve())
+
+
 def resolve_model(name_or_path: str) -> str:
     """Alias -> local directory (converting/caching smollm2 on first use); existing local dir ->
     itself; anything else that looks like a hub id ("org/name" or "name") -> returned as is."""
@@ -286,6 +294,8 @@ def load_classifier(
         id2label=dict(id2label),
         label2id=dict(label2id),
         dtype=torch.float32,
+        # a base saved with another number of labels gets a fresh head of the right size
+        ignore_mismatched_sizes=True,
         **extra,
     )
     if pad_token_id is not None:
