@@ -51,7 +51,12 @@ def run_scaling(setup: Setup, options: dict) -> dict:
 
 
 def run_matmul(setup: Setup, options: dict) -> dict:
-    return matmul_peak_gflops(n=setup.sizes.matmul_n)
+    """fp32 peak (the reference for achieved GFLOP/s), and bf16's for what autocast could reach here."""
+    import torch
+
+    result = matmul_peak_gflops(n=setup.sizes.matmul_n)
+    result["bf16_best_gflops"] = matmul_peak_gflops(n=setup.sizes.matmul_n, dtype=torch.bfloat16)["best_gflops"]
+    return result
 
 
 def matmul_params(model_dir: str, kind: str) -> dict:
@@ -72,4 +77,4 @@ def matmul_params(model_dir: str, kind: str) -> dict:
     head = model.get_output_embeddings() if kind == "causal" else None
     if head is not None and head.weight is model.get_input_embeddings().weight:
         matmul += head.weight.numel()  # a tied LM head multiplies by the embedding table
-    return {"total": total, "matmul": matmul}
+    return {"total": total, "matmul": matmul, "head": head.weight.numel() if head is not None else 0}

@@ -151,8 +151,10 @@ def _scaling(case: dict | None) -> list[str]:
 def _gflops(g: dict) -> list[str]:
     if not g.get("matmul_peak_gflops"):
         return []
+    bf16 = f" (bf16: {g['bf16_peak_gflops']} GFLOP/s)" if g.get("bf16_peak_gflops") else ""
     lines = ["## Achieved GFLOP/s", "", f"fp32 matmul peak measured on this machine: {g['matmul_peak_gflops']} "
-             f"GFLOP/s. Useful work: `{g['formula']}` (see notes).", ""]
+             f"GFLOP/s{bf16}, the best of the suite's start and end ({g.get('matmul_peaks_start_end')}). "
+             f"Useful work: {g['formula']} (see notes).", ""]
     rows = [[k, v["gflops"], f"{100 * v['of_peak']:.1f}%" if v.get("of_peak") else "-"]
             for k, v in g.items() if isinstance(v, dict)]
     return lines + _table(["run", "GFLOP/s", "of peak"], rows)
@@ -196,4 +198,5 @@ def _notes() -> list[str]:
             "ratios are medians of per-round ratios. Switching: median of `set_adapter` calls vs reloading the "
             "base model from disk.",
             "- GFLOP/s: 4 x P_matmul x real tokens / seconds (frozen base: forward 2PT + backward input "
-            "gradients 2PT; attention score matmuls and LoRA FLOPs left out).", ""]
+            "gradients 2PT; attention score matmuls and LoRA FLOPs left out; the LLM's head counted at scored "
+            "tokens only), against the best fp32 `torch.mm` 2048^3 rate measured at the suite's start and end.", ""]
