@@ -22,7 +22,7 @@ from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.errors import LorafitError
 from lorafit.finetune import _num, _print_summary, default_output_dir, peak_rss_mb
 from lorafit.model import get_lora_model
-from lorafit.models import load_causal_lm, load_tokenizer, resolve_model
+from lorafit.models import load_causal_lm, load_tokenizer, model_reference, resolve_model
 from lorafit.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info, write_text
 from lorafit.train import restore_best, run_training
 from lorafit.train_config import TrainConfig, dump_config
@@ -321,9 +321,9 @@ def train_causal_lm(config: TrainConfig) -> dict:
                           evaluate if validation is not None else None, config, run_dir, show)
     if not restore_best(model, run_dir):
         model.save_pretrained(run_dir / "best")
-    save_adapter_info(run_dir / "best", {"task": "causal-lm", "base_model": config.model, "max_length": config.max_length,
-                                         "chat": lm_data.has_chat_template(tokenizer),
-                                         "train_on_prompt": config.train_on_prompt})
+    info = {"task": "causal-lm", "base_model": model_reference(config.model), "max_length": config.max_length,
+            "chat": lm_data.has_chat_template(tokenizer), "train_on_prompt": config.train_on_prompt}
+    save_adapter_info(run_dir / "best", info)
     tokenizer.save_pretrained(run_dir / "best" / "tokenizer")
     if pairs:
         final["heldout_exact_match_after"] = score_heldout("Sample generations after training", model, tokenizer, pairs)
