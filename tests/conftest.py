@@ -15,6 +15,19 @@ import pytest
 import torch
 
 TINY_VOCAB = 100
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread(request):
+    """Tiny models gain nothing from threads, and on a busy machine spinning threads cost seconds a test.
+    Tests marked slow run real models and keep torch's default."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 TINY_SEQ = 12
 
 

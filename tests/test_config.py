@@ -8,18 +8,9 @@ import math
 
 import peft
 import pytest
-import torch
 
 from lorafit import LoraConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine several threads spin for seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 QUERY = "bert.encoder.layer.0.attention.self.query"
 VALUE = "bert.encoder.layer.1.attention.self.value"

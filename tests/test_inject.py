@@ -15,14 +15,6 @@ from lorafit import LoraConfig, LoraLayer, LorafitError, get_lora_model
 from lorafit.saved_modules import ModulesToSave
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine several threads spin for seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def ours(model, **config) -> list[str]:
     lora = get_lora_model(model, LoraConfig(**config))

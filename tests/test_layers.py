@@ -14,14 +14,6 @@ from conftest import make_batch, tiny_bert_cls, tiny_llama
 from lorafit import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear, get_lora_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine several threads spin for seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class Toy(nn.Module):
     """One base layer named ``proj`` inside a model, so get_lora_model can target it."""

@@ -12,14 +12,6 @@ from lorafit import BASE_ADAPTER, LoraConfig, LoraLayer, LoraModel, LorafitError
 from lorafit.saved_modules import ModulesToSave
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine several threads spin for seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 MODELS = {
     # (builder, config): Linear layers plus a saved head; Conv1D; Linear plus an Embedding
     "bert-linear": (tiny_bert_cls, dict(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value", "dense"])),

@@ -9,7 +9,6 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 
 import datasets
 import pyarrow as pa
