@@ -117,6 +117,17 @@ def test_causal_loss_and_gradients_match_transformers_loss(arch):
         torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_gradient_checkpointing_through_the_body_gives_the_same_gradients():
+    model = lora_wrapped("llama").train()
+    batch = random_batch(seed=2)
+    causal.causal_loss(model, batch).backward()
+    plain = lora_grads(model)
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    causal.causal_loss(model, batch).backward()
+    for name, grad in lora_grads(model).items():
+        torch.testing.assert_close(grad, plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_packed_sequences_score_as_separate_examples(arch):
     model = lora_wrapped(arch)
@@ -195,7 +206,12 @@ def tiny_run(request, tmp_path_factory):
                          validation_file=write_jsonl(root / "validation.jsonl", validation),
                          max_length=64, lr=1e-2, batch_size=8, max_steps=20, eval_strategy="steps", eval_steps=5,
                          lora_dropout=0.0, target_modules=["all-linear"], output_dir=str(root / "out"))
-    final = run_train(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls gain nothing from threads, and lose a lot on a busy machine
+    try:
+        final = run_train(config)
+    finally:
+        torch.set_num_threads(threads)
     return types.SimpleNamespace(arch=request.param, root=root, out=root / "out", final=final,
                                  model_dir=root / "model", validation=root / "validation.jsonl")
 

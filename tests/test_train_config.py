@@ -19,7 +19,8 @@ def test_defaults_resolved_for_classification():
 
 def test_defaults_resolved_for_causal_lm():
     config = TrainConfig(task="causal-lm").resolved()
-    assert (config.model, config.max_length, config.lr, config.metric) == ("smollm2", 256, 2e-4, "loss")
+    assert (config.model, config.max_length, config.lr, config.metric) == ("smollm2", 256, 3e-3, "loss")
+    assert (config.epochs, config.target_modules) == (2, ["all-linear"])
 
 
 def test_resolved_keeps_what_was_given():

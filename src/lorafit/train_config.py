@@ -63,16 +63,16 @@ class TrainConfig:
     lora_dropout: float = 0.05
     """Dropout on the LoRA branch's input."""
     target_modules: list[str] | None = None
-    """Modules to adapt, e.g. query value, or all-linear. Default: the architecture's query and value
-    projections (query/value, q_proj/v_proj, c_attn)."""
+    """Modules to adapt, e.g. query value, or all-linear. Default: all-linear for causal-lm; for
+    classification the architecture's query and value projections (query/value, q_proj/v_proj, c_attn)."""
     lr: float | None = None
-    """Peak learning rate (AdamW, linear decay). Default: 1e-3 (classification), 2e-4 (causal-lm)."""
+    """Peak learning rate (AdamW, linear decay). Default: 1e-3 (classification), 3e-3 (causal-lm)."""
     batch_size: int = 16
     """Training examples per optimizer step."""
     eval_batch_size: int = 64
     """Examples per batch when evaluating."""
-    epochs: float = 3
-    """Passes over the training data."""
+    epochs: float | None = None
+    """Passes over the training data. Default: 3 (classification), 2 (causal-lm)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides --epochs)."""
     weight_decay: float = 0.01
@@ -118,10 +118,10 @@ class TrainConfig:
         for name in ("max_length", "max_steps", "save_steps", "max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name), integer=True)
-        for name in ("lora_alpha", "epochs"):
-            _positive(name, getattr(self, name))
-        if self.lr is not None:
-            _positive("lr", self.lr)
+        _positive("lora_alpha", self.lora_alpha)
+        for name in ("epochs", "lr"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
         if not 0 <= self.lora_dropout < 1:
             raise LorafitError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.warmup_ratio < 1:
@@ -137,7 +137,10 @@ class TrainConfig:
         defaults = {
             "model": "smollm2" if causal else "minilm",
             "max_length": 256 if causal else 128,
-            "lr": 2e-4 if causal else 1e-3,
+            # causal-lm: measured on the built-in quickstart (SmolLM2, 2 CPU cores): exact match 0 -> ~90%
+            "lr": 3e-3 if causal else 1e-3,
+            "epochs": 2 if causal else 3,
+            "target_modules": ["all-linear"] if causal else None,
             "metric": "loss" if causal else "accuracy",
             "save_strategy": self.eval_strategy,
             "save_steps": self.eval_steps,
