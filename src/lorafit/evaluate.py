@@ -14,7 +14,7 @@ from pathlib import Path
 from lorafit import data
 from lorafit.classify import evaluate_classifier
 from lorafit.errors import LorafitError
-from lorafit.loading import load_adapter_for_inference
+from lorafit.loading import add_adapter_arguments, load_adapter_for_inference
 from lorafit.metrics import format_report
 
 NAME = "eval"
@@ -22,9 +22,8 @@ HELP = "score an adapter on a labelled data file"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", required=True, help="adapter directory (a run's best/ folder)")
+    add_adapter_arguments(parser)
     parser.add_argument("--data", required=True, help="labelled file: CSV, TSV, JSON Lines, JSON, Parquet")
-    parser.add_argument("--model", help="base model, if not the one the adapter was trained on")
     parser.add_argument("--text-column", help="text column (default: as in training)")
     parser.add_argument("--text-pair-column", help="second text column (default: as in training)")
     parser.add_argument("--label-column", help="label column (default: as in training)")

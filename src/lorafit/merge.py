@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from lorafit.errors import LorafitError
-from lorafit.loading import load_adapter_for_inference
+from lorafit.loading import add_adapter_arguments, load_adapter_for_inference
 from lorafit.run_dir import replace_dir_atomically
 
 NAME = "merge"
@@ -19,9 +19,8 @@ HELP = "fold an adapter into its base model and save a plain transformers model"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", required=True, help="adapter directory (a run's best/ folder)")
+    add_adapter_arguments(parser)
     parser.add_argument("--output", required=True, help="directory to write the merged model to (must not exist)")
-    parser.add_argument("--model", help="base model, if not the one the adapter was trained on")
     parser.add_argument("--no-safe-merge", dest="safe_merge", action="store_false",
                         help="skip the check that merged weights are finite")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from lorafit import data
 from lorafit.classify import predict_texts
 from lorafit.errors import LorafitError
-from lorafit.loading import load_adapter_for_inference
+from lorafit.loading import add_adapter_arguments, load_adapter_for_inference
 from lorafit.serialization import atomic_path
 
 NAME = "predict"
@@ -23,8 +23,7 @@ HELP = "label texts with a trained classifier adapter"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("texts", nargs="*", help="texts to classify (or use --input)")
-    parser.add_argument("--adapter", required=True, help="adapter directory (a run's best/ folder)")
-    parser.add_argument("--model", help="base model, if not the one the adapter was trained on")
+    add_adapter_arguments(parser)
     parser.add_argument("--input", help="file of texts: CSV, TSV, JSON Lines, JSON, Parquet")
     parser.add_argument("--text-column", help="column of --input holding the texts (default: as in training, else text)")
     parser.add_argument("--text-pair-column",
