@@ -50,7 +50,7 @@ def category(name: str) -> str:
     return "other"
 
 
-def run(kind: str, use_peft: bool, setup: Setup, examples: int) -> None:
+def run(kind: str, use_peft: bool, setup: Setup, examples: int, options: dict) -> None:
     if kind == "classifier":
         lines = Path(setup.train_file).read_text(encoding="utf-8").splitlines()[:examples]
         setup.train_file = str(Path(setup.workdir) / "profile_train.jsonl")
@@ -58,7 +58,7 @@ def run(kind: str, use_peft: bool, setup: Setup, examples: int) -> None:
         val = Path(setup.validation_file).read_text(encoding="utf-8").splitlines()[:max(16, examples // 6)]
         setup.validation_file = str(Path(setup.workdir) / "profile_validation.jsonl")
         Path(setup.validation_file).write_text("\n".join(val) + "\n", encoding="utf-8")
-        (classifier.run_peft if use_peft else classifier.run_lorafit)(setup, {})
+        (classifier.run_peft if use_peft else classifier.run_lorafit)(setup, options)
     else:
         from bench.fixtures import instruct_records
 
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=("classifier", "llm"))
     parser.add_argument("--examples", type=int, default=800)
     parser.add_argument("--peft", action="store_true", help="profile the PEFT + Trainer run instead")
+    parser.add_argument("--grouped", action="store_true", help="with --peft: train_sampling_strategy=group_by_length")
     parser.add_argument("--smoke", action="store_true", help="tiny models (checks the script)")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         profiler = cProfile.Profile()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             profiler.enable()
-            run(args.kind, args.peft, setup, args.examples)
+            run(args.kind, args.peft, setup, args.examples, {"group_by_length": args.grouped})
             profiler.disable()
 
     stats = pstats.Stats(profiler, stream=io.StringIO())

@@ -43,6 +43,13 @@ def render(results: dict) -> str:
               f"Training runs: {meta['repeats']} per classifier variant, {meta['llm_repeats']} per LLM side, "
               f"alternated, each in {'its own process' if meta['isolated_processes'] else 'one shared process'}; "
               "medians shown.", ""]
+    busiest = _max_load(results)
+    if busiest is not None and busiest > 1.5:
+        lines += [f"**Noisy run**: other work shared these {meta['machine'].get('logical_cores')} cores (1-minute load "
+                  f"average up to {busiest:.1f} during the measurements; see each run's load below). Figures taken at "
+                  "different loads are not comparable, so ratios between separate training runs can be far off; the "
+                  "in-process cases (inference, mixed, scaling) pair variants round by round and suffer less. Re-run "
+                  "on a quiet machine (load below ~1.5) for figures to judge the targets by.", ""]
     lines += ["## Machine and versions", ""]
     lines += _table(["", ""], [[k, str(v)] for k, v in {**meta["machine"], **meta["versions"]}.items()])
     lines += ["## Targets", ""]
@@ -57,6 +64,33 @@ def render(results: dict) -> str:
     lines += _gpu(cases.get("gpu"))
     lines += _notes()
     return "\n".join(lines) + "\n"
+
+
+def _max_load(results: dict) -> float | None:
+    """The highest 1-minute load average recorded by any measurement or at the suite's start and end."""
+    seen = [results["meta"].get("load_average_start"), results["meta"].get("load_average_end")]
+
+    def walk(data):
+        if isinstance(data, dict):
+            if isinstance(data.get("load_average"), dict):
+                seen.extend(data["load_average"].values())
+            for value in data.values():
+                walk(value)
+        elif isinstance(data, list):
+            for item in data:
+                walk(item)
+
+    walk(results["cases"])
+    values = [v[0] for v in seen if v]
+    return max(values) if values else None
+
+
+def _loads(case: dict, side: str) -> str:
+    """Each run's 1-minute load average before and after it: other work on the cores distorts a run."""
+    runs = case.get(side, {}).get("runs", [])
+    shown = [f"{r['load_average']['before'][0]}->{r['load_average']['after'][0]}" for r in runs
+             if r.get("load_average", {}).get("before") and r["load_average"].get("after")]
+    return ", ".join(shown) or "-"
 
 
 def _errors(case: dict | None, sides) -> list[str]:
@@ -81,6 +115,7 @@ def _classifier(case: dict | None) -> list[str]:
                        ("peak_rss_mb", "peak RSS (MiB)"), ("accuracy", "final validation accuracy")):
         a, b, c = m["lorafit"].get(key), m["peft"].get(key), m["peft_grouped"].get(key)
         rows.append([label, a, b, c, _x(a / b) if a and b else "-", _x(a / c) if a and c else "-"])
+    rows.append(["machine load (1-min average before -> after each run)", *(_loads(case, s) for s in sides), "", ""])
     lines += _table(["figure", "lorafit", "PEFT + Trainer", "PEFT + Trainer (grouped)", "lorafit / PEFT",
                      "lorafit / grouped"], rows)
     return lines + _errors(case, sides) + [""]
@@ -131,6 +166,7 @@ def _llm(case: dict | None) -> list[str]:
                        ("peak_rss_mb", "peak RSS (MiB)"), ("train_loss", "training loss")):
         a, b = m["lorafit"].get(key), m["peft"].get(key)
         rows.append([label, a, b, _x(a / b) if a and b else "-"])
+    rows.append(["machine load (1-min average before -> after each run)", *(_loads(case, s) for s in ("lorafit", "peft")), ""])
     lines += _table(["figure", "lorafit", "PEFT + Trainer", "lorafit / PEFT"], rows)
     return lines + _errors(case, ("lorafit", "peft")) + [""]
 
