@@ -475,3 +475,54 @@ def test_generate_with_adapter_names_equals_per_row_generation():
     assert mixed.shape == (len(names), 12)
     assert torch.equal(mixed, torch.cat(rows))
     assert len({tuple(r[0, 6:].tolist()) for r in rows}) > 1  # the adapters change what is generated
+
+
+def test_mixed_batch_sees_factors_changed_after_a_first_mixed_batch(tmp_path):
+    """The stacked factors are reused between mixed batches: in-place updates, reloads and re-created
+    adapters must all show up in the next one."""
+    lora = _two_adapters()
+    names = ["a", "b", BASE_ADAPTER]
+    batch = make_batch(batch=len(names))
+    _logits_mixed(lora, batch, names)
+    with torch.no_grad():  # an optimizer step changes factors in place
+        for layer in lora.modules():
+            if isinstance(layer, LoraLayer) and "b" in layer.r:
+                layer.lora_B["b"].weight.mul_(-2)
+    torch.testing.assert_close(_logits_mixed(lora, batch, names), _row_by_row(lora, batch, names), rtol=1e-5, atol=1e-5)
+    other = _lora("bert-linear", seed=9)
+    other.save_pretrained(tmp_path)
+    lora.delete_adapter("b")
+    lora.load_adapter(tmp_path, "b")
+    lora.eval()
+    torch.testing.assert_close(_logits_mixed(lora, batch, names), _row_by_row(lora, batch, names), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_through_a_mixed_batch_equal_row_by_row():
+    lora = _two_adapters()
+    names = ["a", "b", "a"]
+    batch = make_batch(batch=len(names))
+
+    def train_every_adapter():  # set_adapter freezes the others; here both adapters must learn
+        for n, p in lora.named_parameters():
+            p.requires_grad_(".lora_" in n)
+
+    def grads(run):
+        lora.zero_grad(set_to_none=True)
+        train_every_adapter()
+        run().sum().backward()
+        return {n: p.grad.clone() for n, p in lora.named_parameters() if ".lora_" in n and p.grad is not None}
+
+    mixed = grads(lambda: lora(**batch, adapter_names=names).logits)
+
+    def row_by_row():
+        rows = []
+        for i, name in enumerate(names):
+            lora.set_adapter(name)
+            train_every_adapter()
+            rows.append(lora(**{k: v[i:i + 1] for k, v in batch.items()}).logits)
+        return torch.cat(rows)
+
+    reference = grads(row_by_row)
+    assert set(mixed) == set(reference) and any(".b.weight" in n for n in mixed)
+    for name in reference:
+        torch.testing.assert_close(mixed[name], reference[name], rtol=1e-4, atol=1e-6)

@@ -62,6 +62,7 @@ class LoraLayer(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self._stack_cache: tuple | None = None  # mixed-batch factors, see LoraLinear.stacked_factors
 
     @property
     def merged(self) -> bool:
@@ -86,6 +87,7 @@ class LoraLayer(nn.Module):
             container = getattr(self, attr)  # ModuleDict/ParameterDict.pop takes no default
             if name in container:
                 del container[name]
+        self._stack_cache = None
         if self.active_adapter == name:
             self.active_adapter = None
         if len(still_merged) != len(self.merged_adapters):  # put the other merged adapters back
@@ -133,14 +135,24 @@ class LoraLayer(nn.Module):
             return self.add_mixed_update(x, result)
         if self.active_adapter is None or self.active_adapter not in self.r:
             return result
-        update = self.lora_update(x, self.active_adapter)
-        return result + update.to(result.dtype)
+        return self.add_update(x, result, self.active_adapter)
 
-    def lora_update(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def add_update(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        """``result + (alpha / r) * B A dropout(x)`` for adapter ``name``."""
         raise NotImplementedError
 
     def add_mixed_update(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The same, with each row of the batch on its own adapter (``routing.adapter_names``)."""
         raise NotImplementedError
+
+
+def in_place_ok(result: torch.Tensor, dtype: torch.dtype) -> bool:
+    """The base layer's fresh output may take the update in place when no graph is being recorded.
+
+    That saves the full-size temporary that ``result + update`` allocates, which is most of what
+    an unmerged adapter costs at inference.
+    """
+    return result.dtype == dtype and not (torch.is_grad_enabled() and result.requires_grad)
 
 
 class LoraLinear(LoraLayer):
@@ -157,6 +169,7 @@ class LoraLinear(LoraLayer):
         self.lora_dropout = nn.ModuleDict()
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool) -> None:
+        self._stack_cache = None
         kwargs = {"bias": False, "device": self.base_layer.weight.device, "dtype": self.weight_dtype()}
         self.lora_A[name] = nn.Linear(self.in_features, r, **kwargs)
         self.lora_B[name] = nn.Linear(r, self.out_features, **kwargs)
@@ -173,10 +186,18 @@ class LoraLinear(LoraLayer):
         delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
         return delta.T if self.fan_in_fan_out else delta
 
-    def lora_update(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        lora_A = self.lora_A[name]
-        x = self.lora_dropout[name](x.to(lora_A.weight.dtype))
-        return self.lora_B[name](lora_A(x)) * self.scaling[name]
+    def add_update(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        weight_A, weight_B = self.lora_A[name].weight, self.lora_B[name].weight
+        x = self.lora_dropout[name](x.to(weight_A.dtype))
+        hidden = x.reshape(-1, self.in_features) @ weight_A.T  # (tokens, r)
+        flat = result.reshape(-1, self.out_features)
+        # one addmm scales the rank-r product and adds it: no full-size scaled copy, no separate add
+        if in_place_ok(result, weight_A.dtype):
+            return flat.addmm_(hidden, weight_B.T, alpha=self.scaling[name]).view(result.shape)
+        if result.dtype == weight_A.dtype:
+            return torch.addmm(flat, hidden, weight_B.T, alpha=self.scaling[name]).view(result.shape)
+        update = (hidden * self.scaling[name]) @ weight_B.T
+        return result + update.view(result.shape).to(result.dtype)
 
     def add_mixed_update(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """One batched matmul pair for all rows: each row gathers its own adapter's A and B.
@@ -187,19 +208,41 @@ class LoraLinear(LoraLayer):
         names = list(self.r)
         if not names:
             return result
-        rank = max(self.r.values())
-        dtype = self.weight_dtype()
-        stacked_A = x.new_zeros(len(names) + 1, rank, self.in_features, dtype=dtype)
-        stacked_B = x.new_zeros(len(names) + 1, self.out_features, rank, dtype=dtype)
-        for i, name in enumerate(names):
-            r = self.r[name]
-            stacked_A[i, :r] = self.lora_A[name].weight
-            stacked_B[i, :, :r] = self.lora_B[name].weight * self.scaling[name]
+        stacked_A, stacked_B = self.stacked_factors(names)
         slots = self.routing.row_slots(names, x.shape[0], x.device)
-        rows_x = x.to(dtype).reshape(x.shape[0], -1, self.in_features)  # (B, T, in)
-        hidden = torch.bmm(rows_x, stacked_A[slots].transpose(1, 2))  # (B, T, r)
-        update = torch.bmm(hidden, stacked_B[slots].transpose(1, 2))  # (B, T, out)
+        rows_x = x.to(stacked_A.dtype).reshape(x.shape[0], -1, self.in_features)  # (B, T, in)
+        hidden = torch.bmm(rows_x, stacked_A[slots])  # (B, T, r)
+        rows_B = stacked_B[slots]  # (B, r, out)
+        rows_result = result.reshape(x.shape[0], -1, self.out_features)
+        if in_place_ok(result, stacked_A.dtype):
+            return rows_result.baddbmm_(hidden, rows_B).view(result.shape)
+        update = torch.bmm(hidden, rows_B)
         return result + update.reshape(result.shape).to(result.dtype)
+
+    def stacked_factors(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A^T (in x r) and scaled B^T (r x out) of every adapter, zero-padded to one rank, plus a zero
+        slot for the base model; reused across forwards until a factor changes (in place or by
+        replacement), rebuilt every time a graph is recorded so gradients reach the factors."""
+        weights = [(self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in names]
+        recording = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b, _ in weights)
+        key = tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in weights)
+        if not recording and self._stack_cache is not None and self._stack_cache[0] == key:
+            return self._stack_cache[1]
+        rank = max(self.r[n] for n in names)
+        first = weights[0][0]
+        stacked_A = first.new_zeros(len(names) + 1, self.in_features, rank)
+        stacked_B = first.new_zeros(len(names) + 1, rank, self.out_features)
+        if recording:
+            stacked_A = torch.stack([F.pad(a.T, (0, rank - a.shape[0])) for a, _, _ in weights] + [stacked_A[-1]])
+            stacked_B = torch.stack([F.pad(b.T * s, (0, 0, 0, rank - b.shape[1])) for _, b, s in weights]
+                                    + [stacked_B[-1]])
+            return stacked_A, stacked_B
+        with torch.no_grad():
+            for i, (a, b, s) in enumerate(weights):
+                stacked_A[i, :, : a.shape[0]] = a.T
+                stacked_B[i, : b.shape[1]] = b.T * s
+        self._stack_cache = (key, (stacked_A, stacked_B))
+        return stacked_A, stacked_B
 
 
 class LoraEmbedding(LoraLayer):
@@ -234,9 +277,12 @@ class LoraEmbedding(LoraLayer):
         return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type,
                            base.scale_grad_by_freq, base.sparse)
 
-    def lora_update(self, ids: torch.Tensor, name: str) -> torch.Tensor:
+    def embedding_update(self, ids: torch.Tensor, name: str) -> torch.Tensor:
         rows = self._lookup(ids, self.lora_embedding_A[name].T)  # (..., r)
-        return (rows @ self.lora_embedding_B[name].T) * self.scaling[name]
+        return (rows * self.scaling[name]) @ self.lora_embedding_B[name].T
+
+    def add_update(self, ids: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        return result + self.embedding_update(ids, name).to(result.dtype)
 
     def add_mixed_update(self, ids: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         names = list(self.r)
@@ -245,7 +291,7 @@ class LoraEmbedding(LoraLayer):
         for i, name in enumerate(names):
             rows = (slots == i).nonzero().squeeze(1)
             if rows.numel():
-                update[rows] = self.lora_update(ids[rows], name)
+                update[rows] = self.embedding_update(ids[rows], name)
         return result + update.to(result.dtype)
 
 
