@@ -92,10 +92,16 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def prepare(smoke: bool, workdir: Path, sizes: Sizes | None = None) -> Setup:
-    """Resolve (full) or build (smoke) the models and data files into ``workdir``."""
+def prepare(smoke: bool, workdir: Path, sizes: Sizes | None = None, cpu_models: bool = True) -> Setup:
+    """Resolve (full) or build (smoke) the models and data files into ``workdir``.
+
+    ``cpu_models=False`` (a GPU-only run, whose models come from configs) resolves nothing, so the
+    GPU suite runs on a machine without the CPU suite's model packages and conversion cache.
+    """
     sizes = sizes or (Sizes.smoke() if smoke else Sizes.full())
     workdir.mkdir(parents=True, exist_ok=True)
+    if not cpu_models:
+        return Setup(smoke, str(workdir), "", "", "", "", "", sizes)
     llm_train = write_jsonl(workdir / "instruct_train.jsonl", instruct_records(sizes.llm_examples))
     if smoke:
         train, validation = smoke_reviews(64, seed=1), smoke_reviews(32, seed=2)

@@ -89,8 +89,11 @@ def run_gpu(setup: Setup, options: dict) -> dict:
     result["classifier"] = {"step": pair, "samples_per_second": _per_second(pair, 16),
                             "peak_memory_mb": peak_memory(roberta, "SEQ_CLS", ROBERTA_TARGETS, train_batch, device)}
     infer_batch = steps.random_batch(roberta, batch_rows, tokens)
-    result["inference"] = steps.inference(roberta, "SEQ_CLS", ROBERTA_TARGETS, infer_batch, rounds, 3, clock)
-    result["mixed"] = steps.mixed_batches(roberta, "SEQ_CLS", ROBERTA_TARGETS, infer_batch, rounds, 3, clock)
+    shape = {"batch": batch_rows, "tokens": tokens}
+    result["inference"] = {**shape, "variants": steps.inference(roberta, "SEQ_CLS", ROBERTA_TARGETS, infer_batch,
+                                                                rounds, 3, clock)}
+    result["mixed"] = {**shape, **steps.mixed_batches(roberta, "SEQ_CLS", ROBERTA_TARGETS, infer_batch, rounds, 3,
+                                                      clock)}
     with tempfile.TemporaryDirectory(prefix="bench-gpu-", dir=setup.workdir) as tmp:
         roberta.save_pretrained(f"{tmp}/base")
 

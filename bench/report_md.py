@@ -61,7 +61,15 @@ def render(results: dict) -> str:
     lines += _llm(cases.get("llm"))
     lines += _scaling(cases.get("scaling"))
     lines += _gflops(results.get("gflops", {}))
-    lines += _gpu(cases.get("gpu"))
+    elsewhere = results.get("gpu_elsewhere")
+    if elsewhere:
+        meta_gpu = elsewhere["meta"]
+        lines += _gpu(elsewhere["gpu"], f"From `{elsewhere['file']}`, a separate run of "
+                      f"`{meta_gpu['command'].strip()}` on {meta_gpu['machine'].get('gpu')} ({meta_gpu['started']}; "
+                      f"torch {meta_gpu['versions'].get('torch')}, transformers {meta_gpu['versions'].get('transformers')}, "
+                      f"peft {meta_gpu['versions'].get('peft')}, lorafit commit {meta_gpu['versions'].get('lorafit_commit')}).")
+    else:
+        lines += _gpu(cases.get("gpu"))
     lines += _notes()
     return "\n".join(lines) + "\n"
 
@@ -196,26 +204,32 @@ def _gflops(g: dict) -> list[str]:
     return lines + _table(["run", "GFLOP/s", "of peak"], rows)
 
 
-def _gpu(case: dict | None) -> list[str]:
+def _gpu(case: dict | None, source: str = "") -> list[str]:
     if not case:
         return []
     if "skipped" in case:
         return ["## GPU", "", f"Skipped: {case['skipped']}.", ""]
-    lines = ["## GPU suite", "", case.get("note", f"device {case.get('device')}, {case.get('dtype')}"), ""]
+    lines = ["## GPU suite", ""] + ([source, ""] if source else [])
+    lines += [case.get("note", f"Device {case.get('device')}, {case.get('dtype')}, CUDA-event timing; "
+                               "roberta-base and a Llama-3.2-1B shape with random weights from configs."), ""]
     if "error" in case:
         return lines + [f"**error** {case['error']}", ""]
-    rows = [["classifier samples/s", *(case["classifier"]["samples_per_second"][s] for s in ("lorafit", "peft"))],
-            ["LLM tokens/s", *(case["llm"]["tokens_per_second"][s] for s in ("lorafit", "peft"))],
-            ["classifier peak MiB", *(case["classifier"]["peak_memory_mb"][s] for s in ("lorafit", "peft"))],
-            ["LLM peak MiB", *(case["llm"]["peak_memory_mb"][s] for s in ("lorafit", "peft"))]]
-    lines += _table(["figure", "lorafit", "PEFT"], rows)
-    lines += _table(["ratio", "value"],
-                    [["unmerged / base", _x(_get(case, "inference", "lorafit_unmerged", "ratio"))],
-                     ["merged / base", _x(_get(case, "inference", "lorafit_merged", "ratio"))],
-                     ["mixed 4 / single", _x(_get(case, "mixed", "lorafit", "mixed_4", "ratio"))],
-                     ["mixed 16 / single", _x(_get(case, "mixed", "lorafit", "mixed_16", "ratio"))],
-                     ["set_adapter ms", _fmt(_get(case, "switching", "lorafit_set_adapter_ms"), 3)]])
-    return lines
+    peak = case.get("matmul_peak", {})
+    lines += [f"Matmul peak measured there: {peak.get('best_gflops')} GFLOP/s ({case.get('dtype')}).", ""]
+    rows = []
+    for key, label, unit in (("classifier", "roberta-base training, batch 16", "samples_per_second"),
+                             ("llm", "Llama 1B shape training, batch 4 x 256 (q/v)", "tokens_per_second")):
+        part = case[key]
+        speed, step, memory = part[unit], part["step"], part["peak_memory_mb"]
+        rows.append([f"{label}: {unit.replace('_', ' ')}", speed["lorafit"], speed["peft"],
+                     _x(speed["lorafit"] / speed["peft"])])
+        rows.append([f"{label}: step ms", step["lorafit"]["median_ms"], step["peft"]["median_ms"],
+                     _x(step["lorafit"].get("ratio"))])
+        if memory.get("lorafit"):
+            rows.append([f"{label}: peak MiB", memory["lorafit"], memory["peft"], _x(memory["lorafit"] / memory["peft"])])
+    lines += _table(["figure", "lorafit", "PEFT", "lorafit / PEFT"], rows)
+    demoted = _inference(case) + _scaling(case.get("scaling"))
+    return lines + [("#" + line if line.startswith("## ") else line) for line in demoted]
 
 
 def _notes() -> list[str]:

@@ -3,6 +3,8 @@
     python bench/run.py                      # full CPU suite (about 30 min), writes bench/results.{md,json}
     python bench/run.py --smoke --out /tmp/b # tiny models built from configs, seconds; what CI runs
     python bench/run.py --cases classifier,inference --repeats 5
+    python bench/run.py --cases gpu --out /tmp/gpu  # on a CUDA machine; keep its results.json as
+                                                    # bench/results_gpu.json and results.md shows it
 
 Training runs each get a fresh process and alternate lorafit / PEFT / PEFT-grouped, ``--repeats``
 times, so that machine drift hits both sides; medians are reported.
@@ -39,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--llm-repeats", type=int, help="LLM runs per side (default 2; smoke 1)")
     parser.add_argument("--llm-examples", type=int, help="instruction examples in the LLM epoch (default 100)")
     parser.add_argument("--out", default=str(BENCH), help="folder for results.md and results.json (default bench/)")
+    parser.add_argument("--gpu-results", default=str(BENCH / "results_gpu.json"),
+                        help="results.json of a GPU run on another machine, shown in results.md when this run "
+                             "measures no GPU itself (default bench/results_gpu.json, used when present)")
     parser.add_argument("--workdir", help="scratch folder for runs and logs (default OUT/.work)")
     parser.add_argument("--threads", type=int, help="torch threads in every measurement (default: torch's own "
                         "choice, all cores; smoke: 1, as tiny ops on busy shared cores stall on thread hand-offs)")
@@ -118,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_suite(args: argparse.Namespace, out_dir: Path, workdir: Path, sizes: Sizes, argv: list[str] | None) -> None:
-    setup = prepare(args.smoke, workdir, sizes)
+    gpu_only = args.cases == ["gpu"]
+    setup = prepare(args.smoke, workdir, sizes, cpu_models=not gpu_only)
     run = Runner(setup, args.isolate, workdir / "logs")
     results = {"meta": {**environment(), "smoke": args.smoke, "isolated_processes": args.isolate,
                         "repeats": args.repeats, "threads": args.threads, "llm_repeats": args.llm_repeats, "cases": args.cases,
@@ -134,7 +140,8 @@ def run_suite(args: argparse.Namespace, out_dir: Path, workdir: Path, sizes: Siz
         report.write(results, out_dir)
 
     cases["matmul"] = run("matmul")
-    cases["params"] = model_params(setup)
+    if not gpu_only:
+        cases["params"] = model_params(setup)
     if "classifier" in args.cases:
         cases["classifier"] = {"tokens": run("classifier/tokens"), **alternate(run, CLASSIFIER_VARIANTS, args.repeats)}
         save()
@@ -150,6 +157,8 @@ def run_suite(args: argparse.Namespace, out_dir: Path, workdir: Path, sizes: Siz
         save()
     if "gpu" in args.cases:
         cases["gpu"] = gpu_case(run, args.smoke)
+    if not args.smoke and _get_device(cases.get("gpu")) != "cuda":
+        attach_gpu_results(results, Path(args.gpu_results))
     # the peak again at the end: a peak measured while the machine was busy would flatter every ratio to it
     cases["matmul_end"] = run("matmul")
     save()
@@ -159,6 +168,20 @@ def model_params(setup: Setup) -> dict:
     from bench.cpu_cases import matmul_params
 
     return {"classifier": matmul_params(setup.cls_model, "cls"), "llm": matmul_params(setup.llm_model, "causal")}
+
+
+def _get_device(case: dict | None) -> str | None:
+    return case.get("device") if isinstance(case, dict) else None
+
+
+def attach_gpu_results(results: dict, path: Path) -> None:
+    """Show the GPU figures of a run on a CUDA machine (this one has none) beside this run's own."""
+    if not path.is_file():
+        return
+    other = json.loads(path.read_text(encoding="utf-8"))
+    gpu = other.get("cases", {}).get("gpu")
+    if _get_device(gpu) == "cuda":
+        results["gpu_elsewhere"] = {"file": path.name, "meta": other["meta"], "gpu": gpu}
 
 
 def gpu_case(run: Runner, smoke: bool) -> dict:

@@ -223,25 +223,28 @@ class LoraLinear(LoraLayer):
         """A^T (in x r) and scaled B^T (r x out) of every adapter, zero-padded to one rank, plus a zero
         slot for the base model; reused across forwards until a factor changes (in place or by
         replacement), rebuilt every time a graph is recorded so gradients reach the factors."""
-        weights = [(self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in names]
-        recording = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b, _ in weights)
-        key = tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in weights)
-        if not recording and self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
-        rank = max(self.r[n] for n in names)
-        first = weights[0][0]
-        stacked_A = first.new_zeros(len(names) + 1, self.in_features, rank)
-        stacked_B = first.new_zeros(len(names) + 1, rank, self.out_features)
-        if recording:
-            stacked_A = torch.stack([F.pad(a.T, (0, rank - a.shape[0])) for a, _, _ in weights] + [stacked_A[-1]])
-            stacked_B = torch.stack([F.pad(b.T * s, (0, 0, 0, rank - b.shape[1])) for _, b, s in weights]
-                                    + [stacked_B[-1]])
-            return stacked_A, stacked_B
+        # plain dict access: this runs per layer per forward, and Module.__getattr__ dominated it
+        modules_A, modules_B = self.lora_A._modules, self.lora_B._modules
+        factors = [(modules_A[n]._parameters["weight"], modules_B[n]._parameters["weight"]) for n in names]
+        if torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in factors):
+            return self._stack(names, factors)
+        versions = [(a._version, b._version, self.scaling[n]) for (a, b), n in zip(factors, names)]
+        cached = self._stack_cache
+        if (cached is not None and cached[1] == versions and len(cached[0]) == len(factors)
+                and all(a is ca and b is cb for (a, b), (ca, cb) in zip(factors, cached[0]))):
+            return cached[2]
         with torch.no_grad():
-            for i, (a, b, s) in enumerate(weights):
-                stacked_A[i, :, : a.shape[0]] = a.T
-                stacked_B[i, : b.shape[1]] = b.T * s
-        self._stack_cache = (key, (stacked_A, stacked_B))
+            stacks = self._stack(names, factors)
+        self._stack_cache = (factors, versions, stacks)
+        return stacks
+
+    def _stack(self, names: list[str], factors: list[tuple[torch.Tensor, torch.Tensor]]):
+        rank = max(self.r[n] for n in names)
+        zeros_A = factors[0][0].new_zeros(self.in_features, rank)
+        zeros_B = factors[0][0].new_zeros(rank, self.out_features)
+        stacked_A = torch.stack([F.pad(a.T, (0, rank - a.shape[0])) for a, _ in factors] + [zeros_A])
+        stacked_B = torch.stack([F.pad(b.T * self.scaling[n], (0, 0, 0, rank - b.shape[1]))
+                                 for (_, b), n in zip(factors, names)] + [zeros_B])
         return stacked_A, stacked_B
 
 
