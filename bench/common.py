@@ -140,11 +140,12 @@ def _version(package: str) -> str:
 
 
 def _git_commit() -> str:
+    """HEAD's short hash; BENCH_COMMIT names it where the tree was copied without its .git (a remote GPU)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
+        return out.stdout.strip() or os.environ.get("BENCH_COMMIT", "unknown")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("BENCH_COMMIT", "unknown")
 
 
 def environment() -> dict:
