@@ -23,7 +23,8 @@ def roberta_config(tiny: bool):
     if tiny:
         return RobertaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                              intermediate_size=64, max_position_embeddings=300, num_labels=2)
-    return RobertaConfig(num_labels=2)  # the defaults are roberta-base's shape
+    # roberta-base's config.json: position ids start after the padding index, hence 514 positions for 512 tokens
+    return RobertaConfig(num_labels=2, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5)
 
 
 def llama_config(tiny: bool):
