@@ -140,12 +140,14 @@ def _version(package: str) -> str:
 
 
 def _git_commit() -> str:
-    """HEAD's short hash; BENCH_COMMIT names it where the tree was copied without its .git (a remote GPU)."""
+    """HEAD's short hash, or BENCH_COMMIT where the tree was copied to another machine whose .git may differ."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or os.environ.get("BENCH_COMMIT", "unknown")
+        return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("BENCH_COMMIT", "unknown")
+        return "unknown"
 
 
 def environment() -> dict:

@@ -150,6 +150,8 @@ def _inference(cases: dict) -> list[str]:
                         [[n, mixed["lorafit"][n]["median_ms"], _x(mixed["lorafit"][n].get("ratio", 1.0)),
                           _get(mixed, "peft", n, "median_ms"), _x(_get(mixed, "peft", n, "ratio") or 1.0)]
                          for n in names])
+        if "error" in mixed.get("peft", {}):
+            lines += [f"PEFT refused these mixed batches: {mixed['peft']['error']}", ""]
     elif mixed:
         lines += ["## Mixed-adapter batches", "", f"**error** {mixed.get('error')}", ""]
     switch = cases.get("switching")
