@@ -117,6 +117,52 @@ def test_causal_loss_and_gradients_match_transformers_loss(arch):
         torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def shared_prefix_batch(prefix: int = 10, seed: int = 3, vocab: int = 100) -> dict:
+    """Three rows that open with the same ``prefix`` tokens (a system prompt), then differ; right-padded."""
+    batch = random_batch(seed=seed, vocab=vocab)
+    batch["input_ids"][:, :prefix] = batch["input_ids"][0, :prefix]
+    batch["labels"][:, :prefix + 1] = -100
+    batch["attention_mask"][1, 9:] = 1  # keep the prefix unpadded in every row
+    batch["attention_mask"][2, 6:] = 1
+    batch["attention_mask"][2, 11:] = 0
+    batch["input_ids"][2, 11:] = 0
+    batch["labels"][2, 11:] = -100
+    return batch
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prompt_prefix_runs_once_with_the_same_loss_and_gradients(arch):
+    model = lora_wrapped(arch)
+    batch = shared_prefix_batch()
+    keep = batch["labels"][:, 1:] != -100
+    assert causal.shared_prefix_length(batch, keep) == 10  # the shared path is the one under test
+    expected = model(**batch).loss
+    expected.backward()
+    expected_grads = lora_grads(model)
+    ours = causal.causal_loss(model, batch)
+    ours.backward()
+    grads = lora_grads(model)
+    assert abs(ours.item() - expected.item()) < 1e-5
+    assert expected_grads.keys() == grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_prefix_stops_at_padding_scored_tokens_and_short_prefixes():
+    batch = shared_prefix_batch(prefix=10)
+    keep = batch["labels"][:, 1:] != -100
+    assert causal.shared_prefix_length(batch, keep) == 10
+    scored_early = batch["labels"].clone()
+    scored_early[:, 9] = batch["input_ids"][:, 9]  # hidden 8 predicts token 9, which is now trained
+    assert causal.shared_prefix_length(batch, scored_early[:, 1:] != -100) == 8
+    padded = {**batch, "attention_mask": batch["attention_mask"].clone()}
+    padded["attention_mask"][1, 9:] = 0
+    assert causal.shared_prefix_length(padded, keep) == 9
+    assert causal.shared_prefix_length(shared_prefix_batch(prefix=5), keep) == 0  # below MIN_SHARED_PREFIX
+    one_row = {k: v[:1] for k, v in batch.items()}
+    assert causal.shared_prefix_length(one_row, keep[:1]) == 0
+
+
 def test_gradient_checkpointing_through_the_body_gives_the_same_gradients():
     model = lora_wrapped("llama").train()
     batch = random_batch(seed=2)
