@@ -72,7 +72,7 @@ def test_smoke_suite_produces_every_figure(bench, tmp_path):
     assert gpu["device"] in ("cpu", "cuda")
     for figure in (gpu["classifier"]["samples_per_second"], gpu["llm"]["tokens_per_second"]):
         assert _positive(figure["lorafit"]) and _positive(figure["peft"])
-    assert _positive(gpu["inference"]["lorafit_merged"]["ratio"])
+    assert _positive(gpu["inference"]["variants"]["lorafit_merged"]["ratio"])
 
     assert len(results["targets"]) == 11
     assert all(t["measured"] is not None and t["pass"] in (True, False) for t in results["targets"])

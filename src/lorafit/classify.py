@@ -85,20 +85,31 @@ def classification_loss(model, batch: dict) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict_logits(model, examples, collate, batch_size: int) -> tuple[torch.Tensor, float | None]:
-    """Logits for every example (and the mean loss when labels are present), in input order."""
+    """Logits for every example (and the mean loss when labels are present), in input order.
+
+    Batches are formed longest first, so each pads to nearly its own length (an evaluation set in
+    file order pads short texts to their neighbours' length); the logits go back to input order.
+    """
     was_training = model.training
     model.eval()
-    logits, loss_sum, count = [], 0.0, 0
+    chunks, loss_sum, count = [], 0.0, 0
     device = next(model.parameters()).device
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in range(start, min(start + batch_size, len(examples)))]).items()}
+    ids = examples["input_ids"] if hasattr(examples, "column_names") else [e["input_ids"] for e in examples]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}
         out = model(**batch)
-        logits.append(out.logits.float().cpu())
+        chunks.append(out.logits.float().cpu())
         if "labels" in batch:
             loss_sum += out.loss.item() * len(batch["labels"])
             count += len(batch["labels"])
     model.train(was_training)
-    return torch.cat(logits), (loss_sum / count if count else None)
+    if not chunks:
+        return torch.empty(0), None
+    logits = torch.empty_like(torch.cat(chunks))
+    logits[torch.tensor(order)] = torch.cat(chunks)
+    return logits, (loss_sum / count if count else None)
 
 
 def evaluate_classifier(model, examples, collate, batch_size: int, names: list[str]) -> dict:
