@@ -82,7 +82,8 @@ def summarize(times: dict[str, list[float]], baseline: str | None = None) -> dic
     """Median milliseconds per variant and, against ``baseline``, the median of per-round ratios.
 
     Per-round ratios pair measurements taken seconds apart, so slow drift in the machine's load
-    cancels out of them better than out of a ratio of two medians.
+    cancels out of them better than out of a ratio of two medians. ``ratio_ci95`` is a bootstrap
+    interval of that median: how far the figure could move on a rerun on this (noisy) machine.
     """
     out = {}
     for name, values in times.items():
@@ -91,8 +92,18 @@ def summarize(times: dict[str, list[float]], baseline: str | None = None) -> dic
         if baseline is not None and name != baseline:
             ratios = [v / b for v, b in zip(values, times[baseline])]
             entry["ratio"] = round(median(ratios), 4)
+            entry["ratio_ci95"] = bootstrap_median_ci(ratios)
         out[name] = entry
     return out
+
+
+def bootstrap_median_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> list[float]:
+    """A 95% percentile-bootstrap interval for the median of ``values``."""
+    import random
+
+    rng = random.Random(seed)
+    medians = sorted(median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return [round(medians[int(0.025 * resamples)], 4), round(medians[int(0.975 * resamples) - 1], 4)]
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu", dtype=None) -> dict:

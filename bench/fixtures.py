@@ -30,8 +30,8 @@ class Sizes:
     seed: int = 42
     infer_batch: int = 64
     infer_tokens: int = 64
-    infer_rounds: int = 15
-    mixed_rounds: int = 10
+    infer_rounds: int = 40
+    mixed_rounds: int = 20
     switch_repeats: int = 200
     reload_repeats: int = 5
     llm_max_length: int = 256

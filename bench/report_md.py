@@ -135,8 +135,8 @@ def _inference(cases: dict) -> list[str]:
     if infer and "variants" in infer:
         lines += ["## Inference", "", f"Batch {infer['batch']} x {infer['tokens']} tokens, forward under "
                   "`torch.inference_mode()`; ratio = median of per-round ratios to the base model.", ""]
-        lines += _table(["model", "median ms", "vs base"],
-                        [[name, v["median_ms"], _x(v.get("ratio")) if "ratio" in v else "1.000x"]
+        lines += _table(["model", "median ms", "vs base", "95% interval"],
+                        [[name, v["median_ms"], _x(v.get("ratio")) if "ratio" in v else "1.000x", _ci(v)]
                          for name, v in infer["variants"].items()])
     elif infer:
         lines += ["## Inference", "", f"**error** {infer.get('error')}", ""]
@@ -146,9 +146,10 @@ def _inference(cases: dict) -> list[str]:
                   "loaded; `single`: the active adapter alone, `same_adapter_names`: adapter_names naming one "
                   "adapter for every row, `mixed_N`: rows spread over N adapters.", ""]
         names = list(mixed["lorafit"])
-        lines += _table(["batch", "lorafit ms", "lorafit vs single", "PEFT ms", "PEFT vs single"],
+        lines += _table(["batch", "lorafit ms", "lorafit vs single", "95% interval", "PEFT ms", "PEFT vs single"],
                         [[n, mixed["lorafit"][n]["median_ms"], _x(mixed["lorafit"][n].get("ratio", 1.0)),
-                          _get(mixed, "peft", n, "median_ms"), _x(_get(mixed, "peft", n, "ratio") or 1.0)]
+                          _ci(mixed["lorafit"][n]), _get(mixed, "peft", n, "median_ms"),
+                          _x(_get(mixed, "peft", n, "ratio") or 1.0)]
                          for n in names])
         if "error" in mixed.get("peft", {}):
             lines += [f"PEFT refused these mixed batches: {mixed['peft']['error']}", ""]
@@ -160,6 +161,11 @@ def _inference(cases: dict) -> list[str]:
         lines += _table(["operation", "median ms"], [[k, v] for k, v in switch.items()
                                                      if k.endswith("_ms") or k == "reload_over_switch" or k == "error"])
     return lines
+
+
+def _ci(entry: dict) -> str:
+    low_high = entry.get("ratio_ci95")
+    return f"{low_high[0]:.3f}-{low_high[1]:.3f}" if low_high else "-"
 
 
 def _llm(case: dict | None) -> list[str]:
@@ -247,7 +253,9 @@ def _notes() -> list[str]:
             "- LLM tokens/s = real (non-pad) tokens of the epoch / wall time of the training call; both sides "
             "train on the examples `lorafit.lm_data.tokenize_lm` builds (responses scored only).",
             "- Inference, mixed batches and scaling time every variant once per round, rotating the order; "
-            "ratios are medians of per-round ratios. Switching: median of `set_adapter` calls vs reloading the "
+            "ratios are medians of per-round ratios, with a 95% bootstrap interval (this virtual machine's "
+            "timings scatter by about 5% from call to call even when idle). Switching: median of `set_adapter` "
+            "calls vs reloading the "
             "base model from disk.",
             "- GFLOP/s: 4 x P_matmul x real tokens / seconds (frozen base: forward 2PT + backward input "
             "gradients 2PT; attention score matmuls and LoRA FLOPs left out; the LLM's head counted at scored "
