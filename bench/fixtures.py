@@ -30,7 +30,7 @@ class Sizes:
     seed: int = 42
     infer_batch: int = 64
     infer_tokens: int = 64
-    infer_rounds: int = 40
+    infer_rounds: int = 60
     mixed_rounds: int = 20
     switch_repeats: int = 200
     reload_repeats: int = 5

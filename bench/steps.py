@@ -83,8 +83,12 @@ def forward(model, batch: dict, **kwargs):
 
 def inference(base, task: str, targets: list[str], batch: dict, rounds: int, warmup: int, clock: Clock,
               r: int = 8) -> dict:
-    """Base model vs lorafit unmerged vs lorafit merged (vs PEFT unmerged, for reference)."""
-    base = base.eval()
+    """Base model vs lorafit unmerged vs lorafit merged (vs PEFT unmerged, for reference).
+
+    Every variant, the base included, is a fresh deep copy: a model loaded from disk can keep its
+    weights in file-backed pages, and the comparison should be of the computations alone.
+    """
+    base = copy.deepcopy(base).eval()
     unmerged = lorafit_model(base, task, r, targets)
     merged = lorafit_model(base, task, r, targets).merge_and_unload().eval()
     peft = peft_model(base, task, r, targets)
