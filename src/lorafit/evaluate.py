@@ -14,6 +14,7 @@ from pathlib import Path
 from lorafit import data
 from lorafit.classify import evaluate_classifier
 from lorafit.errors import LorafitError
+from lorafit.first_token import first_token_last_layer
 from lorafit.loading import add_adapter_arguments, load_adapter_for_inference
 from lorafit.metrics import format_report
 
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
         metrics = evaluate_causal_file(loaded, table, args)
     else:
+        first_token_last_layer(loaded.model)
         metrics = _evaluate_classifier(loaded, table, args)
     print(json.dumps(metrics, indent=2) if args.json else metrics.pop("_text"))
     return 0

@@ -17,6 +17,7 @@ from lorafit import data
 from lorafit.classify import (ClassificationData, classification_loss, evaluate_classifier,
                               load_classification_data, print_predictions)
 from lorafit.config import ALL_LINEAR, LoraConfig
+from lorafit.first_token import first_token_last_layer
 from lorafit.model import get_lora_model
 from lorafit.models import load_classifier, load_tokenizer, model_reference, resolve_model
 from lorafit.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info, write_text
@@ -59,6 +60,7 @@ def train_classifier(config: TrainConfig) -> dict:
     # the head and the adapter start from the same random state whatever ran before
     torch.manual_seed(config.seed)
     model = get_lora_model(base, lora_config)
+    first_token_last_layer(model)  # the head reads [CLS] alone: the last layer computes only that row
     # only now that the data, model and adapter settings have all been checked is anything written
     prepare_run_dir(run_dir, config.resume)
     write_text(run_dir / "config.yaml", dump_config(config))

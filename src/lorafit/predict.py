@@ -14,6 +14,7 @@ from pathlib import Path
 from lorafit import data
 from lorafit.classify import predict_texts
 from lorafit.errors import LorafitError
+from lorafit.first_token import first_token_last_layer
 from lorafit.loading import add_adapter_arguments, load_adapter_for_inference
 from lorafit.serialization import atomic_path
 
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_adapter_for_inference(args.adapter, args.model)
     if loaded.task != "classification":
         raise LorafitError(f"'{args.adapter}' is a {loaded.task} adapter; use `lorafit generate` for it")
+    first_token_last_layer(loaded.model)
     pair_column = getattr(args, "text_pair_column", None) or loaded.info.get("text_pair_column")
     texts, pairs = read_texts(args, loaded.info.get("text_column") or "text", pair_column)
     id2label = loaded.model.config.id2label
