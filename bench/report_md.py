@@ -248,6 +248,11 @@ def _notes() -> list[str]:
             "`trainer.train()`, which includes its per-epoch evaluation, checkpoint save and best-model reload; "
             "lorafit's loop likewise evaluates and saves once per epoch (its own reported samples/s). Evaluation "
             "batch 16 on both sides.",
+            "- lorafit runs with its defaults, which is where its lead comes from: batches of similar length "
+            "(classifier), the last encoder layer computing only the [CLS] position the head reads, the LM head "
+            "only at scored positions and a prompt prefix shared by a whole batch computed once (LLM). The last "
+            "three are exact (tests check logits and gradients against the plain computation); length grouping "
+            "changes which examples share a batch, as Trainer's group_by_length does.",
             "- Peak memory = the process's peak resident set (`ru_maxrss`), libraries and data included.",
             "- Accuracy: the final (best) adapter on the validation set, evaluated after training.",
             "- LLM tokens/s = real (non-pad) tokens of the epoch / wall time of the training call; both sides "
