@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--repeats", type=int, help="classifier runs per variant (default 3; smoke 1)")
     parser.add_argument("--llm-repeats", type=int, help="LLM runs per side (default 2; smoke 1)")
-    parser.add_argument("--llm-examples", type=int, help="instruction examples in the LLM epoch (default 100)")
+    parser.add_argument("--llm-examples", type=int, help="instruction examples in the LLM epoch (default 400)")
     parser.add_argument("--out", default=str(BENCH), help="folder for results.md and results.json (default bench/)")
     parser.add_argument("--gpu-results", default=str(BENCH / "results_gpu.json"),
                         help="results.json of a GPU run on another machine, shown in results.md when this run "

@@ -59,3 +59,17 @@ def test_other_heads_are_left_alone():
     llama = LlamaForSequenceClassification(tiny_llama().config)
     assert not first_token_last_layer(llama)
     assert "forward" not in vars(llama.model.layers[-1])
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_both_attention_implementations(implementation):
+    torch.manual_seed(0)
+    base = tiny_bert_cls(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation=implementation)
+    model = get_lora_model(base, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"],
+                                            init_lora_weights=False))
+    batch = make_batch(batch=3)
+    batch["attention_mask"][0, 3:] = 0
+    with torch.no_grad():
+        full = model(**batch).logits
+        assert first_token_last_layer(model)
+        torch.testing.assert_close(model(**batch).logits, full, rtol=1e-5, atol=1e-6)
