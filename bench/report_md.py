@@ -44,12 +44,18 @@ def render(results: dict) -> str:
               f"alternated, each in {'its own process' if meta['isolated_processes'] else 'one shared process'}; "
               "medians shown.", ""]
     busiest = _max_load(results)
-    if busiest is not None and busiest > 1.5:
+    # the suite's own threads keep the 1-minute load near their count; more than that is other work
+    own = meta["machine"].get("torch_threads") or 1
+    if busiest is not None and busiest > own + 0.5:
         lines += [f"**Noisy run**: other work shared these {meta['machine'].get('logical_cores')} cores (1-minute load "
-                  f"average up to {busiest:.1f} during the measurements; see each run's load below). Figures taken at "
-                  "different loads are not comparable, so ratios between separate training runs can be far off; the "
-                  "in-process cases (inference, mixed, scaling) pair variants round by round and suffer less. Re-run "
-                  "on a quiet machine (load below ~1.5) for figures to judge the targets by.", ""]
+                  f"average up to {busiest:.1f} during the measurements, where the suite's own {own} threads account "
+                  f"for about {own}; see each run's load below). Figures taken at different loads are not comparable, "
+                  "so ratios between separate training runs can be far off; the in-process cases (inference, mixed, "
+                  "scaling) pair variants round by round and suffer less. Re-run on a quiet machine for figures to "
+                  "judge the targets by.", ""]
+    elif busiest is not None:
+        lines += [f"Quiet run: the 1-minute load average stayed at or below {busiest:.1f}, the suite's own {own} "
+                  "threads.", ""]
     lines += ["## Machine and versions", ""]
     lines += _table(["", ""], [[k, str(v)] for k, v in {**meta["machine"], **meta["versions"]}.items()])
     lines += ["## Targets", ""]
@@ -163,6 +169,10 @@ def _inference(cases: dict) -> list[str]:
     return lines
 
 
+def _int(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _ci(entry: dict) -> str:
     low_high = entry.get("ratio_ci95")
     return f"{low_high[0]:.3f}-{low_high[1]:.3f}" if low_high else "-"
@@ -174,8 +184,8 @@ def _llm(case: dict | None) -> list[str]:
     m = {s: case.get(s, {}).get("median", {}) for s in ("lorafit", "peft")}
     peft = m["peft"] or m["lorafit"]
     lines = ["## LLM instruction tuning", "",
-             f"{peft.get('examples')} examples (lorafit's built-in instruction set), {peft.get('real_tokens')} real "
-             f"tokens of which {peft.get('scored_tokens')} are scored, one epoch, batch 4, max length 256; "
+             f"{_int(peft.get('examples'))} examples (lorafit's built-in instruction set), {_int(peft.get('real_tokens'))} "
+             f"real tokens of which {_int(peft.get('scored_tokens'))} are scored, one epoch, batch 4, max length 256; "
              "tokens/s counts real tokens only.", ""]
     rows = []
     for key, label in (("tokens_per_second", "tokens/s"), ("train_seconds", "training time (s)"),
