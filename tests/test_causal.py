@@ -103,8 +103,11 @@ def lora_grads(model: LoraModel) -> dict[str, torch.Tensor]:
 # --- loss -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_causal_loss_and_gradients_match_transformers_loss(arch):
-    model = lora_wrapped(arch)
-    batch = random_batch()
+    assert_matches_transformers_loss(lora_wrapped(arch), random_batch())
+
+
+def assert_matches_transformers_loss(model, batch: dict) -> None:
+    """causal_loss and its LoRA gradients equal transformers' own ``labels=`` loss and its gradients."""
     expected = model(**batch).loss
     expected.backward()
     expected_grads = lora_grads(model)
@@ -136,16 +139,7 @@ def test_shared_prompt_prefix_runs_once_with_the_same_loss_and_gradients(arch):
     batch = shared_prefix_batch()
     keep = batch["labels"][:, 1:] != -100
     assert causal.shared_prefix_length(batch, keep) == 10  # the shared path is the one under test
-    expected = model(**batch).loss
-    expected.backward()
-    expected_grads = lora_grads(model)
-    ours = causal.causal_loss(model, batch)
-    ours.backward()
-    grads = lora_grads(model)
-    assert abs(ours.item() - expected.item()) < 1e-5
-    assert expected_grads.keys() == grads.keys() and len(grads) > 0
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert_matches_transformers_loss(model, batch)
 
 
 def test_shared_prefix_stops_at_padding_scored_tokens_and_short_prefixes():
