@@ -7,6 +7,7 @@ helpers here are shared with `lorafit generate`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import sys
@@ -171,6 +172,12 @@ def shared_prefix_length(batch: dict, keep: torch.Tensor) -> int:
     return length if length >= MIN_SHARED_PREFIX else 0
 
 
+@functools.cache
+def _cache_argument(body_class: type) -> str:
+    """transformers 5.24 renamed past_key_values to cache; earlier releases know only the old name."""
+    return "cache" if "cache" in inspect.signature(body_class.forward).parameters else "past_key_values"
+
+
 def _body_hidden(base, batch: dict, keep: torch.Tensor) -> torch.Tensor:
     """Final hidden states of the positions ``keep`` marks; a shared prefix runs once, for the first row only.
 
@@ -188,8 +195,7 @@ def _body_hidden(base, batch: dict, keep: torch.Tensor) -> torch.Tensor:
     from transformers import DynamicCache
 
     cache = DynamicCache(config=base.config)
-    # transformers 5.24 renamed past_key_values to cache; earlier releases know only the old name
-    cache_arg = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+    cache_arg = _cache_argument(type(body))
     body(input_ids=batch["input_ids"][:1, :prefix], use_cache=True, **{cache_arg: cache})
     cache.batch_repeat_interleave(batch["input_ids"].shape[0])
     inputs = {"input_ids": batch["input_ids"][:, prefix:], cache_arg: cache, "use_cache": True}

@@ -107,8 +107,9 @@ def predict_logits(model, examples, collate, batch_size: int) -> tuple[torch.Ten
     model.train(was_training)
     if not chunks:
         return torch.empty(0), None
-    logits = torch.empty_like(torch.cat(chunks))
-    logits[torch.tensor(order)] = torch.cat(chunks)
+    in_batch_order = torch.cat(chunks)
+    logits = torch.empty_like(in_batch_order)
+    logits[torch.tensor(order)] = in_batch_order
     return logits, (loss_sum / count if count else None)
 
 
