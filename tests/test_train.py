@@ -353,3 +353,16 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, capsys, tiny_bert_dir):
         return [line for line in card.splitlines() if line.startswith("| validation_")]
 
     assert final_metrics(run) == final_metrics(reference) and len(final_metrics(run)) == 3
+
+
+def test_training_steps_run_without_onednn_and_leave_it_as_they_found_it(tmp_path):
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(torch.backends.mkldnn.enabled)
+        return classification_loss(model, batch)
+
+    before = torch.backends.mkldnn.enabled
+    _train(tmp_path, _steps_config(max_steps=2), loss_fn=loss_fn)
+    assert seen == [False, False]
+    assert torch.backends.mkldnn.enabled == before

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from lorafit import data
+from lorafit.cpu_kernels import shape_free_kernels
 from lorafit.errors import LorafitError
 from lorafit.metrics import classification_report
 from lorafit.model import LoraModel
@@ -96,14 +97,15 @@ def predict_logits(model, examples, collate, batch_size: int) -> tuple[torch.Ten
     device = next(model.parameters()).device
     ids = examples["input_ids"] if hasattr(examples, "column_names") else [e["input_ids"] for e in examples]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}
-        out = model(**batch)
-        chunks.append(out.logits.float().cpu())
-        if "labels" in batch:
-            loss_sum += out.loss.item() * len(batch["labels"])
-            count += len(batch["labels"])
+    with shape_free_kernels(model):
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}
+            out = model(**batch)
+            chunks.append(out.logits.float().cpu())
+            if "labels" in batch:
+                loss_sum += out.loss.item() * len(batch["labels"])
+                count += len(batch["labels"])
     model.train(was_training)
     if not chunks:
         return torch.empty(0), None

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lorafit.cpu_kernels import shape_free_kernels
 from lorafit.checkpoint import TrainState, list_checkpoints, load_checkpoint, remove_temporaries, save_checkpoint
 from lorafit.data import length_grouped_order
 from lorafit.model import LoraModel
@@ -120,41 +121,42 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
         torch.cuda.reset_peak_memory_stats()
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
-    while state.step < total_steps:
-        batches = epoch_batches(lengths, config, state.epoch)[state.batch_in_epoch:]
-        # its own generator: a DataLoader otherwise draws its base seed from the global RNG, one draw
-        # per epoch that a resumed run would make again after restoring the checkpoint's RNG state
-        loader = accelerator.prepare_data_loader(
-            DataLoader(examples, batch_sampler=batches, collate_fn=collate, generator=torch.Generator()),
-            device_placement=True)
-        for batch in loader:
-            loss = loss_fn(model, batch)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.batch_in_epoch += 1
-            samples += len(batch["input_ids"])
-            state.window_loss += loss.item()
-            state.window_steps += 1
-            elapsed = time.perf_counter() - start
-            progress.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{samples / elapsed:.1f}")
-            progress.update(1)
-            epoch_end = state.batch_in_epoch == steps_per_epoch
-            done = state.step >= total_steps
-            at_eval = _due(config.eval_strategy, config.eval_steps, state.step, epoch_end, done)
-            at_save = _due(config.save_strategy, config.save_steps, state.step, epoch_end, done)
-            if epoch_end:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            if at_eval or (done and config.eval_strategy == "no"):
-                mean_loss = state.window_loss / max(1, state.window_steps)
-                state.window_loss, state.window_steps = 0.0, 0
-                evaluate_and_record(state.step / steps_per_epoch, round(mean_loss, 6))
-            if at_save and accelerator.is_main_process:
-                save_checkpoint(run_dir, lora_model, optimizer, scheduler, state, config.keep_checkpoints)
-            if done:
-                break
+    with shape_free_kernels(lora_model):
+        while state.step < total_steps:
+            batches = epoch_batches(lengths, config, state.epoch)[state.batch_in_epoch:]
+            # its own generator: a DataLoader otherwise draws its base seed from the global RNG, one draw
+            # per epoch that a resumed run would make again after restoring the checkpoint's RNG state
+            loader = accelerator.prepare_data_loader(
+                DataLoader(examples, batch_sampler=batches, collate_fn=collate, generator=torch.Generator()),
+                device_placement=True)
+            for batch in loader:
+                loss = loss_fn(model, batch)
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.batch_in_epoch += 1
+                samples += len(batch["input_ids"])
+                state.window_loss += loss.item()
+                state.window_steps += 1
+                elapsed = time.perf_counter() - start
+                progress.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{samples / elapsed:.1f}")
+                progress.update(1)
+                epoch_end = state.batch_in_epoch == steps_per_epoch
+                done = state.step >= total_steps
+                at_eval = _due(config.eval_strategy, config.eval_steps, state.step, epoch_end, done)
+                at_save = _due(config.save_strategy, config.save_steps, state.step, epoch_end, done)
+                if epoch_end:
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                if at_eval or (done and config.eval_strategy == "no"):
+                    mean_loss = state.window_loss / max(1, state.window_steps)
+                    state.window_loss, state.window_steps = 0.0, 0
+                    evaluate_and_record(state.step / steps_per_epoch, round(mean_loss, 6))
+                if at_save and accelerator.is_main_process:
+                    save_checkpoint(run_dir, lora_model, optimizer, scheduler, state, config.keep_checkpoints)
+                if done:
+                    break
     progress.close()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
