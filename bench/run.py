@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny models and data: checks the harness in seconds")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--repeats", type=int, help="classifier runs per variant (default 3; smoke 1)")
-    parser.add_argument("--llm-repeats", type=int, help="LLM runs per side (default 2; smoke 1)")
+    parser.add_argument("--llm-repeats", type=int, help="LLM runs per side (default 3; smoke 1)")
     parser.add_argument("--llm-examples", type=int, help="instruction examples in the LLM epoch (default 400)")
     parser.add_argument("--out", default=str(BENCH), help="folder for results.md and results.json (default bench/)")
     parser.add_argument("--gpu-results", default=str(BENCH / "results_gpu.json"),
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     args.repeats = args.repeats or (1 if args.smoke else 3)
-    args.llm_repeats = args.llm_repeats or (1 if args.smoke else 2)
+    args.llm_repeats = args.llm_repeats or (1 if args.smoke else 3)
     args.isolate = (not args.smoke) if args.isolate is None else args.isolate
     args.threads = args.threads or (1 if args.smoke else None)
     return args

@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import make_batch, tiny_bert_cls, tiny_llama
 from lorafit import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear, get_lora_model
-from lorafit.dropout import LoraDropout
+from lorafit.dropout import FastDropout
 
 
 
@@ -207,7 +207,7 @@ def test_dropout_only_on_lora_branch():
     torch.manual_seed(7)
     out = layer(x)
     torch.manual_seed(7)
-    dropped = LoraDropout(0.5).train()(x)
+    dropped = FastDropout(0.5).train()(x)
     torch.testing.assert_close(out, base_out + dropped @ A.T @ B.T, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out, base_out + x @ A.T @ B.T, atol=1e-3)  # dropout did act on the LoRA branch
 

@@ -355,14 +355,18 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, capsys, tiny_bert_dir):
     assert final_metrics(run) == final_metrics(reference) and len(final_metrics(run)) == 3
 
 
-def test_training_steps_run_without_onednn_and_leave_it_as_they_found_it(tmp_path):
+def test_training_steps_run_without_onednn_and_with_fast_dropouts_and_leave_the_model_as_they_found_it(tmp_path):
     seen = []
 
     def loss_fn(model, batch):
-        seen.append(torch.backends.mkldnn.enabled)
+        plain = [m for m in model.modules() if type(m) is torch.nn.Dropout and m.p > 0]
+        seen.append((torch.backends.mkldnn.enabled, len(plain)))
         return classification_loss(model, batch)
 
     before = torch.backends.mkldnn.enabled
-    _train(tmp_path, _steps_config(max_steps=2), loss_fn=loss_fn)
-    assert seen == [False, False]
-    assert torch.backends.mkldnn.enabled == before
+    model = _model()
+    modules = list(model.modules())
+    assert any(type(m) is torch.nn.Dropout and m.p > 0 for m in modules)
+    _train(tmp_path, _steps_config(max_steps=2), loss_fn=loss_fn, model=model)
+    assert seen == [(False, 0), (False, 0)]
+    assert torch.backends.mkldnn.enabled == before and list(model.modules()) == modules

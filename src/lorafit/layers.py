@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorafit.dropout import LoraDropout
+from lorafit.dropout import FastDropout
 
 BASE_ADAPTER = "__base__"
 """In a mixed batch, the name for rows that use no adapter at all."""
@@ -175,7 +175,7 @@ class LoraLinear(LoraLayer):
         kwargs = {"bias": False, "device": self.base_layer.weight.device, "dtype": self.weight_dtype()}
         self.lora_A[name] = nn.Linear(self.in_features, r, **kwargs)
         self.lora_B[name] = nn.Linear(r, self.out_features, **kwargs)
-        self.lora_dropout[name] = LoraDropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = FastDropout(dropout) if dropout > 0 else nn.Identity()
         self.register_scaling(name, r, alpha, use_rslora)
         if init is True:
             nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
@@ -269,7 +269,7 @@ class LoraEmbedding(LoraLayer):
         kwargs = {"device": self.base_layer.weight.device, "dtype": self.weight_dtype()}
         self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, num_embeddings, **kwargs))
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r, **kwargs))
-        self.lora_dropout[name] = LoraDropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = FastDropout(dropout) if dropout > 0 else nn.Identity()
         self.register_scaling(name, r, alpha, use_rslora)
         if init is not False:
             nn.init.zeros_(self.lora_embedding_A[name])

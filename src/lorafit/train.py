@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from lorafit.cpu_kernels import shape_free_kernels
 from lorafit.checkpoint import TrainState, list_checkpoints, load_checkpoint, remove_temporaries, save_checkpoint
 from lorafit.data import length_grouped_order
+from lorafit.dropout import fast_dropouts
 from lorafit.model import LoraModel
 from lorafit.run_dir import append_metrics, replace_dir_atomically, rewrite_metrics
 from lorafit.train_config import TrainConfig
@@ -121,7 +122,7 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
         torch.cuda.reset_peak_memory_stats()
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
-    with shape_free_kernels(lora_model):
+    with shape_free_kernels(lora_model), fast_dropouts(lora_model):
         while state.step < total_steps:
             batches = epoch_batches(lengths, config, state.epoch)[state.batch_in_epoch:]
             # its own generator: a DataLoader otherwise draws its base seed from the global RNG, one draw
