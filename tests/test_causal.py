@@ -133,30 +133,6 @@ def shared_prefix_batch(prefix: int = 10, seed: int = 3, vocab: int = 100) -> di
     return batch
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_shared_prompt_prefix_runs_once_with_the_same_loss_and_gradients(arch):
-    model = lora_wrapped(arch)
-    batch = shared_prefix_batch()
-    keep = batch["labels"][:, 1:] != -100
-    assert causal.shared_prefix_length(batch, keep) == 10  # the shared path is the one under test
-    assert_matches_transformers_loss(model, batch)
-
-
-def test_shared_prefix_stops_at_padding_scored_tokens_and_short_prefixes():
-    batch = shared_prefix_batch(prefix=10)
-    keep = batch["labels"][:, 1:] != -100
-    assert causal.shared_prefix_length(batch, keep) == 10
-    scored_early = batch["labels"].clone()
-    scored_early[:, 9] = batch["input_ids"][:, 9]  # hidden 8 predicts token 9, which is now trained
-    assert causal.shared_prefix_length(batch, scored_early[:, 1:] != -100) == 8
-    padded = {**batch, "attention_mask": batch["attention_mask"].clone()}
-    padded["attention_mask"][1, 9:] = 0
-    assert causal.shared_prefix_length(padded, keep) == 9
-    assert causal.shared_prefix_length(shared_prefix_batch(prefix=5), keep) == 0  # below MIN_SHARED_PREFIX
-    one_row = {k: v[:1] for k, v in batch.items()}
-    assert causal.shared_prefix_length(one_row, keep[:1]) == 0
-
-
 def test_gradient_checkpointing_through_the_body_gives_the_same_gradients():
     model = lora_wrapped("llama").train()
     batch = random_batch(seed=2)

@@ -1,14 +1,12 @@
 """`lorafit train --task causal-lm`: instruction-tune an LLM with LoRA, evaluate it, generate with it.
 
 The loss applies the LM head only at positions whose next token is trained (the response), so
-prompt tokens cost the transformer body but not the vocabulary-sized output layer. Generation
-helpers here are shared with `lorafit generate`.
+prompt tokens cost the transformer body but not the vocabulary-sized output layer; a prompt prefix
+every row shares runs once (prefix_sharing.py). Generation helpers here are shared with `lorafit generate`.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import sys
 import time
@@ -25,6 +23,7 @@ from lorafit.errors import LorafitError
 from lorafit.finetune import _num, _print_summary, default_output_dir, peak_rss_mb
 from lorafit.model import get_lora_model
 from lorafit.models import load_causal_lm, load_tokenizer, model_reference, resolve_model
+from lorafit.prefix_sharing import body_hidden
 from lorafit.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info, write_text
 from lorafit.train import restore_best, run_training
 from lorafit.train_config import TrainConfig, dump_config
@@ -148,63 +147,6 @@ def _causal_lm_of(model):
     return base
 
 
-MIN_SHARED_PREFIX = 8
-"""Shorter common prefixes are not worth a second call through the body."""
-
-
-def shared_prefix_length(batch: dict, keep: torch.Tensor) -> int:
-    """How many leading tokens every row of the batch shares and no row scores (0: nothing to share).
-
-    Chat templates open every example with the same system prompt and role markers; those tokens'
-    hidden states are identical in every row (attention is causal), so they need computing once.
-    """
-    ids, mask = batch["input_ids"], batch.get("attention_mask")
-    if ids.shape[0] < 2 or "position_ids" in batch:
-        return 0
-    same = (ids == ids[:1]).all(dim=0)
-    if mask is not None:
-        same &= mask.bool().all(dim=0)
-    length = int(same.long().cumprod(dim=0).sum())
-    scored = keep.any(dim=0).nonzero()
-    if len(scored):  # a position whose hidden state is scored stays with its row (keep[:, t] scores hidden t)
-        length = min(length, int(scored[0]))
-    length = min(length, ids.shape[1] - 1)
-    return length if length >= MIN_SHARED_PREFIX else 0
-
-
-@functools.cache
-def _cache_argument(body_class: type) -> str:
-    """transformers 5.24 renamed past_key_values to cache; earlier releases know only the old name."""
-    return "cache" if "cache" in inspect.signature(body_class.forward).parameters else "past_key_values"
-
-
-def _body_hidden(base, batch: dict, keep: torch.Tensor) -> torch.Tensor:
-    """Final hidden states of the positions ``keep`` marks; a shared prefix runs once, for the first row only.
-
-    The prefix's keys and values are computed on one row and repeated for the others, so gradients
-    from every row flow back through that one computation: the same loss and gradients as running
-    each row in full, less the repeated prefix work. LoRA dropout then draws one mask for the shared
-    prefix instead of one per row.
-    """
-    body = getattr(base, base.base_model_prefix)
-    # checkpointed layers recompute without a cache, so they can't take the prefix's keys and values
-    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
-    prefix = 0 if checkpointing else shared_prefix_length(batch, keep)
-    if not prefix:
-        return body(**model_inputs(batch)).last_hidden_state[:, :-1][keep]
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=base.config)
-    cache_arg = _cache_argument(type(body))
-    body(input_ids=batch["input_ids"][:1, :prefix], use_cache=True, **{cache_arg: cache})
-    cache.batch_repeat_interleave(batch["input_ids"].shape[0])
-    inputs = {"input_ids": batch["input_ids"][:, prefix:], cache_arg: cache, "use_cache": True}
-    if "attention_mask" in batch:
-        inputs["attention_mask"] = batch["attention_mask"]
-    hidden = body(**inputs).last_hidden_state  # positions prefix .. T-1
-    return hidden[:, :-1][keep[:, prefix:]]
-
-
 def response_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss over trained positions (label != -100) and their count, the LM head run only there."""
     targets = batch["labels"][:, 1:]
@@ -214,7 +156,7 @@ def response_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(**model_inputs(batch)).logits[:, :-1][keep]
     else:
         # The LoRA layers live inside the transformers model, so calling its body directly still applies them.
-        logits = base.get_output_embeddings()(_body_hidden(base, batch, keep))
+        logits = base.get_output_embeddings()(body_hidden(base, batch, keep, model_inputs(batch)))
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
 
 
