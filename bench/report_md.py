@@ -260,9 +260,11 @@ def _notes() -> list[str]:
             "batch 16 on both sides.",
             "- lorafit runs with its defaults, which is where its lead comes from: batches of similar length "
             "(classifier), the last encoder layer computing only the [CLS] position the head reads, the LM head "
-            "only at scored positions and a prompt prefix shared by a whole batch computed once (LLM). The last "
-            "three are exact (tests check logits and gradients against the plain computation); length grouping "
-            "changes which examples share a batch, as Trainer's group_by_length does.",
+            "only at scored positions and a prompt prefix shared by a whole batch computed once, in one packed "
+            "sequence with the rows' own tokens (LLM). Those three are exact (tests check logits and gradients "
+            "against the plain computation). Length grouping changes which examples share a batch, as Trainer's "
+            "group_by_length does. Dropout masks come from a quarter of the random numbers (same rates to "
+            "1/65536), and fp32 CPU loops run without oneDNN, whose per-shape GELU kernel cache held ~120 MiB.",
             "- Peak memory = the process's peak resident set (`ru_maxrss`), libraries and data included.",
             "- Accuracy: the final (best) adapter on the validation set, evaluated after training.",
             "- LLM tokens/s = real (non-pad) tokens of the epoch / wall time of the training call; both sides "
