@@ -5,7 +5,7 @@ compiles a kernel for every input shape it meets and caches up to 1,024 of them.
 their own longest text, as length-grouped batches are, bring dozens of shapes per epoch. In the
 benchmark's MiniLM epoch (3,000 texts, lengths 8-64) those cached kernels raised peak resident memory
 from about 950 to 1,075 MiB. ATen's own vectorised GELU keeps nothing between calls and trained as
-fast or faster (74-77 against 71-75 samples/s).
+fast or faster (76-77 against 72-75 samples/s in alternated runs).
 """
 
 from __future__ import annotations
