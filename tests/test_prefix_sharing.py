@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafit import causal, prefix_sharing
-from test_causal import assert_matches_transformers_loss, lora_grads, lora_wrapped, shared_prefix_batch
+from lorafit import prefix_sharing
+from test_causal import (assert_checkpointing_keeps_gradients, assert_matches_transformers_loss, lora_wrapped,
+                         shared_prefix_batch)
 
 
 @pytest.fixture
@@ -107,14 +108,7 @@ def test_no_tree_for_left_padding_unknown_models_or_scored_padding(tree_for_tiny
 
 
 def test_tree_layout_under_gradient_checkpointing(tree_for_tiny_models):
-    model = lora_wrapped("llama").train()
-    batch = prompt_and_replies()
-    causal.causal_loss(model, batch).backward()
-    plain = lora_grads(model)
-    model.gradient_checkpointing_enable({"use_reentrant": False})
-    causal.causal_loss(model, batch).backward()
-    for name, grad in lora_grads(model).items():
-        torch.testing.assert_close(grad, plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert_checkpointing_keeps_gradients(prompt_and_replies())
 
 
 def test_shared_prefix_stops_at_padding_scored_tokens_and_short_prefixes():
