@@ -83,19 +83,20 @@ def tree_layout(base, batch: dict, keep: torch.Tensor, prefix: int):
     lengths = mask.sum(dim=1) if mask is not None else torch.full((rows,), width, device=ids.device)
     if mask is not None and not torch.equal(mask.bool(), torch.arange(width, device=ids.device) < lengths[:, None]):
         return None  # left padding or holes: the rows' tokens are not a prefix of each row
-    packed_length = prefix + int((lengths - prefix).sum())
+    rests = lengths - prefix  # each row's tokens after the prefix
+    packed_length = prefix + int(rests.sum())
     if packed_length > TREE_MAX_LENGTH_PER_HIDDEN * config.hidden_size:
         return None  # attention over the packed length would start to cost more than the prefix saves
     score_rows, score_positions = keep.nonzero(as_tuple=True)
     if len(score_rows) and not bool(((score_positions >= prefix) & (score_positions + 1 < lengths[score_rows])).all()):
         return None  # a scored position inside the prefix, or one whose target is padding, has no single place
-    rests = lengths - prefix
     starts = prefix + torch.cumsum(rests, dim=0) - rests  # where each row's rest begins in the packed sequence
-    packed = torch.cat([ids[0, :prefix]] + [ids[r, prefix:int(lengths[r])] for r in range(rows)])
+    ends = lengths.tolist()
+    packed = torch.cat([ids[0, :prefix]] + [ids[r, prefix:end] for r, end in enumerate(ends)])
     positions = torch.cat([torch.arange(prefix, device=ids.device)]
-                          + [torch.arange(prefix, int(lengths[r]), device=ids.device) for r in range(rows)])
+                          + [torch.arange(prefix, end, device=ids.device) for end in ends])
     segment = torch.cat([torch.full((prefix,), -1, device=ids.device)]
-                        + [torch.full((int(rests[r]),), r, device=ids.device) for r in range(rows)])
+                        + [torch.full((end - prefix,), r, device=ids.device) for r, end in enumerate(ends)])
     order = torch.arange(packed_length, device=ids.device)
     visible = (order[None, :] <= order[:, None]) & ((segment[None, :] == -1) | (segment[None, :] == segment[:, None]))
     dtype = base.get_input_embeddings().weight.dtype
