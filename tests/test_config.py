@@ -197,4 +197,4 @@ def test_sets_and_scalars_are_normalised():
     config = LoraConfig(target_modules={"value", "query"}, layers_to_transform=1, layers_pattern="layer")
     assert config.target_modules == ["query", "value"]
     assert config.layers_to_transform == [1]
-    assert config.layers_pattern == ["layer"]
+    assert config.layers_pattern == "layer"  # PEFT keeps (and writes) it as given

@@ -20,6 +20,15 @@ _PEFT_ONLY_FIELDS_WE_IGNORE = {
     "runtime_config", "ensure_weight_tying", "use_bdlora", "arrow_config", "kasa_config",
     "velora_config", "monteclora_config", "alora_invocation_tokens",
 }
+# What PEFT 0.21 writes for the fields we leave at its defaults, so our adapter_config.json has its fields.
+_PEFT_DEFAULTS = {
+    "alora_invocation_tokens": None, "arrow_config": None, "auto_mapping": None, "corda_config": None,
+    "ensure_weight_tying": False, "eva_config": None, "kasa_config": None, "layer_replication": None,
+    "loftq_config": {}, "lora_bias": False, "lora_ga_config": None, "megatron_config": None,
+    "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16, "revision": None,
+    "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+    "use_qalora": False, "velora_config": None,
+}
 # Fields that change the method itself: an adapter that sets them is not plain LoRA.
 _UNSUPPORTED_FEATURES = {
     "use_dora": "DoRA", "lora_bias": "LoRA bias vectors", "use_qalora": "QALoRA",
@@ -67,7 +76,8 @@ class LoraConfig:
     layers_to_transform: list[int] | int | None = None
     """Only adapt modules inside these layer indices (e.g. [0, 1] for the first two blocks)."""
     layers_pattern: list[str] | str | None = None
-    """The name of the layer list that layers_to_transform indexes (layers, h, block, ...)."""
+    """The name of the layer list that layers_to_transform indexes (layers, h, block, ...); a string or a list of
+    names, kept as given (PEFT writes it as given)."""
     fan_in_fan_out: bool = False
     """True when the base weight is stored (in, out), as in GPT-2's Conv1D; set automatically for Conv1D."""
     base_model_name_or_path: str | None = None
@@ -93,8 +103,6 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
-        if isinstance(self.layers_pattern, str):
-            self.layers_pattern = [self.layers_pattern]
         for pattern, rank in self.rank_pattern.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"LoraConfig.rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}")
@@ -115,9 +123,23 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_peft_dict(self) -> dict[str, Any]:
-        """The adapter_config.json that PEFT reads (PEFT adds its own defaults for fields left out)."""
-        return {"peft_type": "LORA", **self.to_dict(), "use_dora": False, "lora_bias": False}
+    @property
+    def peft_type(self) -> str:
+        """PEFT's name for the method; read by PEFT's helpers."""
+        return "LORA"
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """Always False: LoRA is not a prompt-learning method (PEFT's helpers ask)."""
+        return False
+
+    def to_peft_dict(self, auto_mapping: dict[str, str] | None = None) -> dict[str, Any]:
+        """The adapter_config.json that PEFT writes for this config: every field PEFT 0.21 writes.
+
+        ``auto_mapping`` (the base model's class and module) is what PEFT's ``AutoPeftModel`` needs to
+        rebuild a base model of an adapter without a task_type; PEFT writes it only then.
+        """
+        return {**_PEFT_DEFAULTS, "peft_type": "LORA", **self.to_dict(), "auto_mapping": auto_mapping}
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any]) -> "LoraConfig":

@@ -13,14 +13,22 @@ from lorafit.layers import BatchRouting, LoraLayer, wrap_layer
 from lorafit.saved_modules import ModulesToSave
 
 CLASSIFIER_HEAD_NAMES = ("classifier", "score")
+_QV = ["q_proj", "v_proj"]
 # Used when target_modules is None: the attention projections LoRA's paper adapts (query and value).
+# PEFT 0.21's table for every model type it knows, plus distilbert, which PEFT lacks.
 DEFAULT_TARGETS = {
-    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"], "distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"],
-    "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"], "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"], "bloom": ["query_key_value"], "t5": ["q", "v"], "bart": ["q_proj", "v_proj"],
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": _QV, "gpt2": ["c_attn"], "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"], "opt": _QV, "gptj": _QV, "gpt_neox": ["query_key_value"],
+    "gpt_neo": _QV, "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"], "llama": _QV, "llama4": _QV, "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"], "mpt": ["Wqkv"], "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"], "falcon": ["query_key_value"], "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"], "mistral": _QV, "mixtral": _QV, "stablelm": _QV, "phi": [*_QV, "fc1", "fc2"],
+    "gemma": _QV, "gemma2": _QV, "gemma3_text": _QV, "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": _QV, "qwen3": _QV, "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"], "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+    "distilbert": ["q_lin", "v_lin"],
 }
 _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
@@ -37,7 +45,8 @@ def in_transformed_layer(name: str, config: LoraConfig) -> bool:
     if not config.layers_to_transform:
         return True
     if config.layers_pattern:
-        match = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in config.layers_pattern)), None)
+        patterns = [config.layers_pattern] if isinstance(config.layers_pattern, str) else config.layers_pattern
+        match = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in patterns)), None)
     else:
         match = _LAYER_INDEX.match(name)
     return match is not None and int(match["idx"]) in config.layers_to_transform
@@ -50,15 +59,30 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | 
         if model_type not in DEFAULT_TARGETS:
             raise LorafitError(f"no default LoRA targets for model type {model_type!r}; pass target_modules "
                                f"(modules here include: {sample_module_names(model)})")
-        return DEFAULT_TARGETS[model_type]
+        targets = DEFAULT_TARGETS[model_type]
+        return targets if isinstance(targets, str) else list(targets)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        # a layer already wrapped by an earlier adapter (or before load_weights) is still a linear target
-        return [name for name, module in model.named_modules()
-                if isinstance(module.base_layer if isinstance(module, LoraLayer) else module,
-                              (nn.Linear, Conv1D)) and module is not output_head
-                and name.split(".")[-1] not in CLASSIFIER_HEAD_NAMES]
+        saved = modules_to_save_for(model, config)
+        # a layer already wrapped by an earlier adapter (or before load_weights) is still a linear target; as in
+        # PEFT the names of layers inside a head (classifier.dense) stay listed (find_targets skips them), but a
+        # linear layer that is itself a saved module (DistilBERT's pre_classifier) is left out
+        return sorted(name for name, module in model.named_modules()
+                      if isinstance(module.base_layer if isinstance(module, LoraLayer) else module, (nn.Linear, Conv1D))
+                      and module is not output_head and not _inside_wrapper(model, name)
+                      and name.split(".")[-1] not in CLASSIFIER_HEAD_NAMES and not is_saved_module(name, saved))
     return config.target_modules
+
+
+def is_saved_module(name: str, saved: list[str]) -> bool:
+    """PEFT's rule for modules_to_save: a plain suffix match, so "classifier" also takes DistilBERT's
+    "pre_classifier" (PEFT trains and saves it for SEQ_CLS; files only load if we do the same)."""
+    return bool(name) and any(name.endswith(s) for s in saved)
+
+
+def _in_saved_module(name: str, saved: list[str]) -> bool:
+    parts = name.split(".")
+    return any(is_saved_module(".".join(parts[:depth]), saved) for depth in range(1, len(parts) + 1))
 
 
 def modules_to_save_for(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -82,7 +106,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if config.exclude_modules and name_matches(name, config.exclude_modules):
             continue
-        if any(name == s or name.endswith(f".{s}") or f".{s}." in f".{name}" for s in saved):
+        if _in_saved_module(name, saved):
             continue
         if not isinstance(module, LoraLayer) and wrap_layer(module, BatchRouting(), False) is None:
             raise LorafitError(f"target module '{name}' is a {type(module).__name__}; lorafit adapts Linear, "
@@ -117,6 +141,10 @@ def sample_module_names(model: nn.Module, limit: int = 12) -> str:
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, routing: BatchRouting) -> list[str]:
     """Add adapter ``adapter_name`` to every targeted module, wrapping modules on first use."""
     names = find_targets(model, config)
+    if config.target_modules is None or (isinstance(config.target_modules, str)
+                                         and config.target_modules.lower() == ALL_LINEAR):
+        # PEFT writes the concrete names into adapter_config.json, and so do we
+        config.target_modules = resolve_target_modules(model, config)
     for name in names:
         layer = model.get_submodule(name)
         if not isinstance(layer, LoraLayer):
@@ -137,12 +165,12 @@ def _saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
     wanted = modules_to_save_for(model, config)
     names = []
     for name, module in model.named_modules():
-        if name and any(name == w or name.endswith(f".{w}") for w in wanted) and not _inside_wrapper(model, name):
+        if is_saved_module(name, wanted) and not _inside_wrapper(model, name):
             names.append(name)
     # classification configs (ours and PEFT's) list both head names, classifier and score; a model has one
     optional = CLASSIFIER_HEAD_NAMES if config.task_type in ("SEQ_CLS", "TOKEN_CLS") else ()
     missing = [w for w in config.modules_to_save or []
-               if w not in optional and not any(n == w or n.endswith(f".{w}") for n in names)]
+               if w not in optional and not any(n.endswith(w) for n in names)]
     if missing:
         raise LorafitError(f"modules_to_save '{', '.join(missing)}' matched nothing; modules here include: "
                            f"{sample_module_names(model)}")
