@@ -261,3 +261,13 @@ def test_causal_lm_has_no_saved_head():
     lora = get_lora_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=2))
     assert not any(isinstance(m, ModulesToSave) for m in lora.modules())
     assert all(".lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
+
+
+def test_default_targets_include_every_model_type_peft_knows():
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+    from lorafit.inject import DEFAULT_TARGETS
+
+    for model_type, targets in peft_defaults.items():
+        ours = DEFAULT_TARGETS.get(model_type)
+        assert ours is not None, model_type
+        assert (ours == targets) if isinstance(targets, str) else sorted(ours) == sorted(targets), model_type

@@ -254,3 +254,20 @@ def test_half_precision_embedding_and_model(dtype):
     batch = make_batch(batch=2)
     logits = lora(**batch).logits
     assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
+def test_scaled_embedding_scales_the_update_too():
+    """Gemma's embedding multiplies its lookup by embed_scale: h = s * (W0 + (alpha / r) * (B A)^T)[ids], so
+    the unmerged layer equals the merged one."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    torch.manual_seed(0)
+    base = Gemma3TextScaledWordEmbedding(20, 6, padding_idx=0, embed_scale=6 ** 0.5)
+    lora, layer = _wrapped(base, r=2, lora_alpha=4, init_lora_weights=False)
+    ids = torch.tensor([[1, 5, 19, 0]])
+    A, B = layer.lora_embedding_A["default"].detach(), layer.lora_embedding_B["default"].detach()
+    expected = 6 ** 0.5 * (base.weight.detach() + 2 * (B @ A).T)[ids]
+    with torch.no_grad():
+        torch.testing.assert_close(layer(ids), expected)
+        lora.merge_adapter()
+        torch.testing.assert_close(layer(ids), expected)

@@ -20,6 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorafit.dropout import FastDropout
+from lorafit.errors import LorafitError
 
 BASE_ADAPTER = "__base__"
 """In a mixed batch, the name for rows that use no adapter at all."""
@@ -37,14 +38,29 @@ class BatchRouting:
         key = (tuple(names), batch_size, device)
         if key not in self._index_cache:
             rows = self.adapter_names
-            if batch_size != len(rows):
-                # generate() with num_return_sequences or beams repeats each prompt's row in place
-                repeat = batch_size // len(rows)
-                rows = [name for name in rows for _ in range(repeat)]
             # a row whose adapter does not adapt this layer passes through it unchanged
             slot = {name: i for i, name in enumerate(names)}
+            if batch_size != len(rows):
+                rows = self._rows_for(rows, batch_size, slot, len(names))
             self._index_cache[key] = torch.tensor([slot.get(name, len(names)) for name in rows], device=device)
         return self._index_cache[key]
+
+    @staticmethod
+    def _rows_for(rows: list[str], batch_size: int, slot: dict[str, int], base: int) -> list[str]:
+        """Row names for an input whose first dimension is not the batch's rows."""
+        if batch_size % len(rows) == 0:
+            # generate() with num_return_sequences or beams repeats each prompt's row in place
+            return [name for name in rows for _ in range(batch_size // len(rows))]
+        if batch_size == 1 and len({slot.get(name, base) for name in rows}) == 1:
+            return rows[:1]  # an input every row shares, and every row treats this layer alike
+        if batch_size != 1:
+            raise LorafitError(f"adapter_names has {len(rows)} entries but a layer here got an input of {batch_size} "
+                               "rows; give one name per row of the batch")
+        raise LorafitError(
+            f"adapter_names: a layer here runs on an input shared by all {len(rows)} rows (as DeBERTa's "
+            "relative-position embeddings go through query_proj/key_proj with share_att_key, or pos_query_proj/"
+            "pos_key_proj), so rows cannot use different adapters on it; run each adapter's rows as their own batch "
+            "or leave those projections out of target_modules")
 
     def set(self, adapter_names: list[str] | None) -> None:
         self.adapter_names = adapter_names
@@ -284,7 +300,15 @@ class LoraEmbedding(LoraLayer):
 
     def embedding_update(self, ids: torch.Tensor, name: str) -> torch.Tensor:
         rows = self._lookup(ids, self.lora_embedding_A[name].T)  # (..., r)
-        return (rows * self.scaling[name]) @ self.lora_embedding_B[name].T
+        return (rows * (self.scaling[name] * self.embed_scale())) @ self.lora_embedding_B[name].T
+
+    def embed_scale(self) -> float | torch.Tensor:
+        """The factor a scaled embedding (Gemma's ``embed_scale``) multiplies its lookup by; the update gets it
+        too, so an unmerged adapter equals the merged one (and PEFT, which scales it the same way)."""
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            return scale.to(self.weight_dtype())
+        return float(scale) if isinstance(scale, (int, float)) else 1.0
 
     def add_update(self, ids: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         return result + self.embedding_update(ids, name).to(result.dtype)
