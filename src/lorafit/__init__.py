@@ -8,6 +8,7 @@ from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
 from lorafit.layers import BASE_ADAPTER, LoraEmbedding, LoraLayer, LoraLinear
 from lorafit.model import LoraModel, get_lora_model
+from lorafit.serialization import get_peft_model_state_dict, set_peft_model_state_dict
 
 __all__ = [
     "BASE_ADAPTER",
@@ -18,5 +19,7 @@ __all__ = [
     "LoraModel",
     "LorafitError",
     "get_lora_model",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
 ]
 __version__ = "0.1.0"

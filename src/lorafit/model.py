@@ -38,6 +38,8 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self.routing = BatchRouting()
         self._active_adapter: str | None = None
+        self._base_biases: list[tuple[nn.Parameter, torch.Tensor]] = []  # see _remember_base_biases
+        self._disabled: tuple | None = None  # what disable_adapter_layers undoes
         model.requires_grad_(False)
         if config is not None:
             self.add_adapter(adapter_name, config)
@@ -60,6 +62,7 @@ class LoraModel(nn.Module):
             raise LorafitError(f"{BASE_ADAPTER!r} is reserved for 'no adapter' in mixed batches; pick another name")
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        self._remember_base_biases(config)
         inject_adapter(self.model, config, adapter_name, self.routing)
         self.peft_config[adapter_name] = config
         if self._active_adapter is None:
@@ -129,20 +132,74 @@ class LoraModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the plain base model inside the block (merged weights are unmerged for it, then re-merged)."""
+        """Run exactly the base model inside the block: LoRA updates and trained head copies are off, merged
+        weights are unmerged for it, and biases trained with bias="all"/"lora_only" hold their base values
+        (PEFT leaves those trained biases in place and only warns)."""
+        if self._disabled is not None:  # already off (disable_adapter_layers): nothing to undo here
+            yield
+            return
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.enable_adapter_layers()
+
+    def disable_adapter_layers(self) -> None:
+        """Switch every adapter off in place until ``enable_adapter_layers()`` (PEFT's names); the model is then
+        exactly the base model, as inside ``disable_adapter()``."""
+        if self._disabled is not None:
+            return
         layers, wrappers = lora_layers(self.model), saved_module_wrappers(self.model)
         merged = {layer: list(layer.merged_adapters) for layer in layers if layer.merged}
         for layer in merged:
             layer.unmerge()
         for module in [*layers, *wrappers]:
             module.disabled = True
-        try:
-            yield
-        finally:
-            for module in [*layers, *wrappers]:
-                module.disabled = False
-            for layer, names in merged.items():
-                layer.merge(names)
+        with torch.no_grad():
+            trained = [(param, param.detach().clone()) for param, _ in self._base_biases]
+            for param, base in self._base_biases:
+                param.copy_(base)
+        self._disabled = (merged, trained)
+
+    def enable_adapter_layers(self) -> None:
+        """Undo ``disable_adapter_layers()``: trained biases and merged weights come back as they were."""
+        if self._disabled is None:
+            return
+        merged, trained = self._disabled
+        self._disabled = None
+        with torch.no_grad():
+            for param, value in trained:
+                param.copy_(value)
+        for module in [*lora_layers(self.model), *saved_module_wrappers(self.model)]:
+            module.disabled = False
+        for layer, names in merged.items():
+            layer.merge(names)
+
+    def _remember_base_biases(self, config: LoraConfig) -> None:
+        """Keep the base values of the biases a bias mode trains (they live in the base model itself), so that a
+        disabled adapter is exactly the base model; taken before the first such adapter is injected or loaded."""
+        if config.bias == "none":
+            return
+        known = {id(param) for param, _ in self._base_biases}
+        self._base_biases += [(param, param.detach().clone()) for name, param in self.model.named_parameters()
+                              if name.endswith(".bias") and not _is_adapter_parameter(name)
+                              and ".original_module." not in name and id(param) not in known]
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters' LoRA factors and trained module copies on or off (PEFT's
+        ``set_requires_grad``); other adapters and the base model are left as they are."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._require(name)
+        for param_name, param in self.model.named_parameters():
+            if _adapter_of(param_name) in names:
+                param.requires_grad_(requires_grad)
+
+    @property
+    def base_model(self) -> "LoraModel":
+        """PEFT's ``PeftModel.base_model`` is the LoRA tuner, whose ``.model`` is the transformers model; here
+        both are this object, so ``model.base_model.model`` works as in PEFT."""
+        return self
 
     # --- merging -------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -334,3 +391,4 @@ def _batch_size(kwargs: dict) -> int | None:
         if kwargs.get(key) is not None:
             return kwargs[key].shape[0]
     return None
+

@@ -205,3 +205,24 @@ def check_adapter_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, 
     if missing:
         raise LorafitError(f"adapter '{source}' is incomplete: no tensor '{missing[0]}' "
                            f"({len(missing)} missing); the file is damaged or was written for another model")
+
+
+def get_peft_model_state_dict(model, state_dict: dict | None = None,
+                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """One adapter's tensors with the keys PEFT's ``get_peft_model_state_dict`` gives (and PEFT's files hold):
+    ``base_model.model.<module>.lora_A.weight`` and so on, without the adapter name. ``state_dict`` is
+    accepted for PEFT's signature and must be None: the tensors are read from the model."""
+    if state_dict is not None:
+        raise LorafitError("get_peft_model_state_dict reads the tensors from the model; call it without state_dict")
+    model._require(adapter_name)  # a LoraModel
+    return adapter_state_dict(model.model, adapter_name, model.peft_config[adapter_name])
+
+
+def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tensor],
+                              adapter_name: str = "default") -> None:
+    """Copy tensors keyed as ``get_peft_model_state_dict`` (or a PEFT file) keys them into an existing adapter;
+    a state dict that does not fit the adapter raises one error and changes nothing."""
+    model._require(adapter_name)
+    tensors = {key.removeprefix(KEY_PREFIX): value for key, value in peft_model_state_dict.items()}
+    check_adapter_fits(model.model, model.peft_config[adapter_name], tensors, "state dict")
+    model._load_tensors(adapter_name, tensors)
