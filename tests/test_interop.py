@@ -357,3 +357,39 @@ def test_state_dict_helpers_match_peft(case):
     bad = {**expected, next(k for k in expected if ".lora_A" in k): torch.zeros(1, 1)}
     with pytest.raises(LorafitError, match="does not fit"):
         set_peft_model_state_dict(ours, bad)
+
+
+# --- adapter_config.json field for field --------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [
+    dict(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+         layers_pattern="layers"),
+    dict(r=4, target_modules="all-linear"),  # no task_type: auto_mapping; all-linear written as the module names
+    dict(task_type="CAUSAL_LM", r=4, target_modules=["embed_tokens", "q_proj"], bias="all"),
+], ids=["layers-pattern", "all-linear-no-task", "embedding-bias-all"])
+def test_adapter_config_json_matches_peft_field_for_field(kwargs, tmp_path):
+    get_lora_model(tiny_llama(0), LoraConfig(**kwargs)).save_pretrained(tmp_path / "ours")
+    with _quiet():
+        peft.get_peft_model(tiny_llama(0), peft.LoraConfig(**kwargs)).save_pretrained(str(tmp_path / "peft"))
+    ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    del theirs["peft_version"]  # PEFT's own version number; lorafit claims none
+    assert sorted(ours.pop("target_modules")) == sorted(theirs.pop("target_modules"))  # PEFT writes a set
+    assert ours == theirs
+    assert sorted(saved_tensors(tmp_path / "ours")) == sorted(saved_tensors(tmp_path / "peft"))
+
+
+def test_auto_peft_model_loads_a_lorafit_adapter_without_task_type(tmp_path):
+    base = tiny_llama(0)
+    base.save_pretrained(tmp_path / "base")
+    base.config._name_or_path = str(tmp_path / "base")
+    ours = get_lora_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomise_(ours)
+    ours.save_pretrained(tmp_path / "adapter")
+    data = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert data["auto_mapping"] == {"base_model_class": "LlamaForCausalLM",
+                                    "parent_library": "transformers.models.llama.modeling_llama"}
+    batch = batch_for(base)
+    with _quiet():
+        theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))
+    assert_close(logits(theirs, batch), logits(ours, batch))
