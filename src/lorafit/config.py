@@ -47,7 +47,8 @@ class LoraConfig:
 
     task_type: str | None = None
     """SEQ_CLS, CAUSAL_LM, TOKEN_CLS, FEATURE_EXTRACTION or None. SEQ_CLS and TOKEN_CLS make the
-    classification head (`classifier` / `score`) trainable and saved with the adapter."""
+    classification head trainable and saved with the adapter: as in PEFT, every module whose name ends in
+    `classifier` or `score` (DistilBERT's `pre_classifier` too)."""
     r: int = 8
     """Rank of the update: A is (r x in_features), B is (out_features x r)."""
     lora_alpha: float = 8
@@ -57,13 +58,15 @@ class LoraConfig:
     target_modules: list[str] | str | None = None
     """Modules to adapt. A list: each entry matches a module's full name or its last dotted
     component(s). A string: a regex that must fullmatch the full name. "all-linear": every linear
-    layer except the output head. None: the attention projections usual for the architecture."""
+    layer except the output head. None: the attention projections usual for the architecture. The
+    last two become the module names they resolve to once the adapter is injected (as in PEFT)."""
     exclude_modules: list[str] | str | None = None
     """Modules never to adapt, matched like target_modules."""
     bias: str = "none"
     """Which biases train and are saved: none, all, or lora_only (those of adapted layers)."""
     modules_to_save: list[str] | None = None
-    """Further modules trained in full and saved with the adapter (e.g. a new head)."""
+    """Further modules trained in full and saved with the adapter (e.g. a new head); an entry matches every
+    module whose name ends in it, as in PEFT."""
     init_lora_weights: bool | str = True
     """True: A kaiming-uniform, B zero. "gaussian": A normal with std 1/r, B zero. False: both
     random, so the adapter is not a no-op (for tests)."""
