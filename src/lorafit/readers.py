@@ -163,12 +163,16 @@ def _infer_type(values: list[str]) -> list:
     Whole numbers must be written plainly, so codes such as "007" or "+1" keep their spelling as text.
     """
     filled = [v.strip() for v in values if v.strip()]
-    plain = [bool(INT_PATTERN.fullmatch(v)) and str(int(v)) == v for v in filled]
-    if filled and all(plain):
+    if filled and all(_plain_int(v) for v in filled):
         return [int(v) if v.strip() else None for v in values]
-    if filled and all(_FLOAT.fullmatch(v) and (ok or not INT_PATTERN.fullmatch(v)) for v, ok in zip(filled, plain)):
+    if filled and all(_FLOAT.fullmatch(v) and (not INT_PATTERN.fullmatch(v) or _plain_int(v)) for v in filled):
         return [float(v) if v.strip() else None for v in values]
     return values
+
+
+def _plain_int(value: str) -> bool:
+    """A whole number written as Python and pandas write one (not "007" or "+1")."""
+    return bool(INT_PATTERN.fullmatch(value)) and str(int(value)) == value
 
 
 def _parse_json(path: Path, text: str, *, lines: bool) -> dict[str, list]:
