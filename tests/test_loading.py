@@ -54,7 +54,7 @@ def test_damaged_adapter_files_are_one_line_and_change_nothing(tmp_path, capsys,
     damage(adapter)
     before = snapshot(adapter)
     out = tmp_path / "out"
-    args = ["--output", out] if command == "merge" else ["--text", "a great film"]
+    args = ["--output", out] if command == "merge" else ["a great film"]
     code, _, err = run_cli(capsys, command, "--adapter", adapter, *args)
     assert_one_line_error(code, err, str(adapter), fragment)
     assert snapshot(adapter) == before
