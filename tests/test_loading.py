@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +104,24 @@ def test_pickled_base_model_on_the_command_line(tmp_path, capsys, small_run, pic
                            "--output", tmp_path / "out")
     assert_one_line_error(code, err, str(pickled_base), "pytorch_model.bin", "save_pretrained")
     assert snapshot(pickled_base) == before and not (tmp_path / "out").exists()
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: if the file appears, some loader ran a user's pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickled_base_with_a_payload_never_runs(tmp_path, capsys, small_run, tiny_bert_dir):
+    base = tmp_path / "hostile-base"
+    shutil.copytree(tiny_bert_dir, base)
+    (base / "model.safetensors").unlink()
+    marker = tmp_path / "payload-ran"
+    (base / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    code, _, err = run_cli(capsys, "merge", "--adapter", small_run.best, "--model", base, "--output", tmp_path / "out")
+    assert_one_line_error(code, err, "pytorch_model.bin")
+    assert not marker.exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import pickle
 
 import peft
 import pytest
@@ -488,3 +490,27 @@ def test_damaged_adapter_config_is_one_clear_error(tmp_path, edit, fragment):
         LoraModel.from_pretrained(base, tmp_path)
     assert "adapter_config.json" in str(excinfo.value) and fragment in str(excinfo.value)
     _assert_unchanged(base, snapshot)
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: if the file appears, the loader ran the adapter's pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_a_pickled_adapter_with_a_payload_never_runs(tmp_path, with_config):
+    adapter = tmp_path / "hostile"
+    _trained("bert-seq-cls").save_pretrained(adapter)
+    (adapter / "adapter_model.safetensors").unlink()
+    if not with_config:
+        (adapter / "adapter_config.json").unlink()
+    marker = tmp_path / "payload-ran"
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(LorafitError, match="adapter_model"):
+        LoraModel.from_pretrained(tiny_bert_cls(), adapter)
+    assert not marker.exists()

@@ -264,7 +264,7 @@ def refuse_pickled_weights(name_or_path: str) -> None:
     folder = Path(resolve_model(name_or_path))
     if not folder.is_dir() or any(folder.glob("*.safetensors")):
         return
-    pickled = sorted(p.name for p in folder.glob("pytorch_model*.bin"))
+    pickled = sorted(p.name for p in folder.glob("*.bin"))  # pytorch_model*.bin, or a PEFT adapter_model.bin
     if pickled:
         raise LorafitError(
             f"model directory '{folder}' holds pickled weights ({pickled[0]}), which lorafit never loads: convert "
