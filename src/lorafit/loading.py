@@ -50,8 +50,8 @@ def load_adapter_for_inference(adapter: str | Path, model: str | None = None, pa
     """Base model (``model`` or the one the adapter names), its tokenizer, and the adapter on top."""
     adapter_dir = check_adapter_dir(adapter)
     info = load_adapter_info(adapter_dir)
-    # a damaged config is reported before the base model is loaded
-    base_name = model or info.get("base_model") or read_adapter_config(adapter_dir).base_model_name_or_path
+    config = read_adapter_config(adapter_dir)  # a damaged config fails before the base model is loaded
+    base_name = model or info.get("base_model") or config.base_model_name_or_path
     if not base_name:
         raise LorafitError(f"adapter '{adapter_dir}' does not say which base model it was trained on; pass --model")
     base_path = resolve_model(base_name)

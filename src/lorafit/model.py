@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import warnings
 from pathlib import Path
@@ -17,7 +16,8 @@ from lorafit.errors import LorafitError
 from lorafit.inject import inject_adapter, lora_layers, saved_module_wrappers, unwrap_all
 from lorafit.layers import BASE_ADAPTER, BatchRouting, LoraLayer
 from lorafit.saved_modules import ModulesToSave
-from lorafit.serialization import adapter_tensor_targets, check_adapter_fits, read_adapter, save_adapter
+from lorafit.serialization import (adapter_tensor_targets, check_adapter_fits, copy_all_or_nothing, read_adapter,
+                                   save_adapter)
 
 DEFAULT_ADAPTER = "default"
 
@@ -114,7 +114,7 @@ class LoraModel(nn.Module):
         check_adapter_fits(self.model, config, tensors, str(adapter_dir))
         with self._undone_on_failure(adapter_name):
             self.add_adapter(adapter_name, config)
-            self._copy_all(adapter_tensor_targets(self.model, adapter_name, tensors, str(adapter_dir)))
+            copy_all_or_nothing(adapter_tensor_targets(self.model, adapter_name, config, tensors, str(adapter_dir)))
         # add_adapter already set requires_grad: the loaded adapter trains only if it is the active one
         # and is_trainable; an adapter loaded beside the active one leaves that one's training as it was
 
@@ -123,14 +123,7 @@ class LoraModel(nn.Module):
         self._require(adapter_name)
         config, tensors = read_adapter(adapter_dir)
         check_adapter_fits(self.model, config, tensors, str(adapter_dir))
-        pairs = adapter_tensor_targets(self.model, adapter_name, tensors, str(adapter_dir))
-        for path, layer in self.model.named_modules():
-            if isinstance(layer, LoraLayer) and adapter_name in layer.r \
-                    and not math.isclose(layer.scaling[adapter_name], config.scaling_for(path)):
-                raise LorafitError(f"adapter '{adapter_dir}' was saved with another lora_alpha / r than adapter "
-                                   f"{adapter_name!r} (scaling {config.scaling_for(path):g} at '{path}', here "
-                                   f"{layer.scaling[adapter_name]:g}); load it with load_adapter under a new name")
-        self._copy_all(pairs)
+        copy_all_or_nothing(adapter_tensor_targets(self.model, adapter_name, config, tensors, str(adapter_dir)))
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, adapter_dir: str | os.PathLike,
@@ -278,24 +271,11 @@ class LoraModel(nn.Module):
                 if getattr(layer.base_layer, "bias", None) is not None:
                     layer.base_layer.bias.requires_grad_(trainable)
 
-    @staticmethod
-    def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Copy checked (parameter, tensor) pairs; all or nothing."""
-        backup = [(param, param.detach().clone()) for param, _ in pairs]
-        with torch.no_grad():
-            try:
-                for param, tensor in pairs:
-                    param.copy_(tensor.to(param.dtype))
-            except BaseException:
-                for param, old in backup:
-                    param.copy_(old)
-                raise
-
     @contextlib.contextmanager
     def _undone_on_failure(self, adapter_name: str) -> Iterator[None]:
         """Put the module tree, requires_grad flags and active adapters back if adding ``adapter_name`` fails.
 
-        Tensor values need no undo here: ``_copy_all`` restores what it overwrote.
+        Tensor values need no undo here: ``copy_all_or_nothing`` restores what it overwrote.
         """
         children = [(parent, name, child) for parent in self.model.modules() for name, child in parent.named_children()]
         requires_grad = [(param, param.requires_grad) for param in self.model.parameters()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -163,7 +164,8 @@ _FIELDS = {
     "layers_pattern": (_NAMES, (str,), "a name, a list of names or null"),
     "rank_pattern": ((dict,), (int,), "an object of integer ranks"),
     "alpha_pattern": ((dict,), (int, float), "an object of numbers"),
-    "init_lora_weights": ((bool, str), (), "true, false or a method name"), "use_rslora": ((bool,), (), "true or false"),
+    "init_lora_weights": ((bool, str), (), "true, false or a method name"),
+    "use_rslora": ((bool,), (), "true or false"),
     "fan_in_fan_out": ((bool,), (), "true or false"), "inference_mode": ((bool,), (), "true or false"),
     "base_model_name_or_path": ((str, type(None)), (), "a string or null"),
     "task_type": ((str, type(None)), (), "a task name or null"),
@@ -228,12 +230,13 @@ def check_adapter_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, 
                            f"({len(missing)} missing); the file is damaged or was written for another model")
 
 
-def adapter_tensor_targets(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor],
+def adapter_tensor_targets(model: nn.Module, adapter_name: str, config: LoraConfig, tensors: dict[str, torch.Tensor],
                            source: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(parameter, saved tensor) pairs for loading into adapter ``adapter_name``, all checked, none copied yet.
 
-    The adapter's own factors and saved-module copies must all be in the file; other keys go to the base
-    parameter of that name (PEFT's ``original_module`` keys always to the frozen original).
+    The adapter's own factors and saved-module copies must all be in the file, saved with the same
+    scaling; other keys go to the base parameter of that name (PEFT's ``original_module`` keys always to
+    the frozen original).
     """
     own = _adapter_parameters(model, adapter_name)
     base = {plain_name(name): param for name, param in model.named_parameters(remove_duplicate=False)
@@ -252,7 +255,28 @@ def adapter_tensor_targets(model: nn.Module, adapter_name: str, tensors: dict[st
     if missing:
         raise LorafitError(f"adapter '{source}' is incomplete for adapter {adapter_name!r}: no tensor '{missing[0]}' "
                            f"({len(missing)} missing); load it with load_adapter under a new name instead")
+    for path, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer) or adapter_name not in layer.r:
+            continue
+        saved, here = config.scaling_for(path), layer.scaling[adapter_name]
+        if not math.isclose(saved, here):
+            raise LorafitError(f"adapter '{source}' was saved with another lora_alpha / r than adapter "
+                               f"{adapter_name!r} (scaling {saved:g} at '{path}', here {here:g}); load it with "
+                               "load_adapter under a new name")
     return pairs
+
+
+def copy_all_or_nothing(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy checked (parameter, tensor) pairs; if any copy fails, every parameter gets its old value back."""
+    backup = [(param, param.detach().clone()) for param, _ in pairs]
+    with torch.no_grad():
+        try:
+            for param, tensor in pairs:
+                param.copy_(tensor.to(param.dtype))
+        except BaseException:
+            for param, old in backup:
+                param.copy_(old)
+            raise
 
 
 def _adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
