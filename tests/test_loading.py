@@ -42,6 +42,7 @@ DAMAGE = {
     "info-not-an-object": (_damage_json("lorafit.json", "[]"), "lorafit.json"),
     "info-id2label-list": (_edit_json("lorafit.json", id2label=["neg", "pos"]), "id2label"),
     "info-id2label-keys": (_edit_json("lorafit.json", id2label={"neg": "neg"}), "id2label"),
+    "info-id2label-gap": (_edit_json("lorafit.json", id2label={"0": "neg", "2": "pos"}), "id2label"),
     "info-task-unknown": (_edit_json("lorafit.json", task=5), "task"),
     "info-max-length": (_edit_json("lorafit.json", max_length="long"), "max_length"),
 }

@@ -84,8 +84,8 @@ def load_adapter_info(adapter_dir: Path) -> dict:
         if info.get("task", "classification") not in ("classification", "causal-lm"):
             raise ValueError(f"'task' is {info['task']!r}, not classification or causal-lm")
         if "id2label" in info:
-            if not all(k.isdigit() for k in info["id2label"]):
-                raise ValueError(f"'id2label' has keys {list(info['id2label'])!r}, not class numbers")
+            if sorted(info["id2label"], key=lambda k: (len(k), k)) != [str(i) for i in range(len(info["id2label"]))]:
+                raise ValueError(f"'id2label' has keys {list(info['id2label'])!r}, not the class numbers 0, 1, ...")
             info["id2label"] = {int(k): v for k, v in info["id2label"].items()}
     except (OSError, UnicodeDecodeError, ValueError) as err:  # json's errors and int() are ValueErrors
         raise LorafitError(f"'{path}' is damaged ({err}): copy it again from the run that trained the adapter, or "
