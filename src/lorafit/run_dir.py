@@ -87,14 +87,15 @@ def load_adapter_info(adapter_dir: Path) -> dict:
             if sorted(info["id2label"], key=lambda k: (len(k), k)) != [str(i) for i in range(len(info["id2label"]))]:
                 raise ValueError(f"'id2label' has keys {list(info['id2label'])!r}, not the class numbers 0, 1, ...")
             info["id2label"] = {int(k): v for k, v in info["id2label"].items()}
-    except (OSError, UnicodeDecodeError, ValueError) as err:  # json's errors and int() are ValueErrors
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # json's decode errors are ValueErrors
         raise LorafitError(f"'{path}' is damaged ({err}): copy it again from the run that trained the adapter, or "
                            "delete it (then pass --model, and labels show as LABEL_0, LABEL_1, ...)") from None
     return info
 
 
 # what lorafit writes into lorafit.json, by type
-_INFO_TYPES = {"task": str, "base_model": str, "id2label": dict, "max_length": int, "truncation_side": str,
+_INFO_TYPES = {"task": str, "base_model": (str, type(None)), "id2label": dict, "max_length": (int, type(None)),
+               "truncation_side": str,
                "text_column": str, "text_pair_column": (str, type(None)), "label_column": str, "chat": bool,
                "train_on_prompt": bool}
 
