@@ -30,7 +30,7 @@ from lorafit.lm_data import encode_prompt, leading_special_ids, render_messages,
 from lorafit.loading import LoadedAdapter, adapter_task, check_adapter_dir, load_adapter_for_inference
 from lorafit.model import DEFAULT_ADAPTER, LoraModel
 from lorafit.run_dir import load_adapter_info
-from lorafit.serialization import CONFIG_NAME, atomic_path
+from lorafit.serialization import atomic_path, read_adapter_config
 
 NAME = "generate"
 HELP = "generate text with causal-LM adapters"
@@ -97,8 +97,7 @@ def check_adapters(specs: dict[str, Path], model: str | None) -> None:
         task = adapter_task(directory, info)
         if task != "causal-lm":
             raise LorafitError(f"'{directory}' is a {task} adapter; use `lorafit predict` for it")
-        peft_config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
-        base = info.get("base_model") or peft_config.get("base_model_name_or_path")
+        base = info.get("base_model") or read_adapter_config(directory).base_model_name_or_path
         if base:
             bases[name] = _same_base_key(base)
     if model is None and len(set(bases.values())) > 1:

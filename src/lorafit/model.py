@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -14,8 +15,9 @@ from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_adapter, lora_layers, saved_module_wrappers, unwrap_all
 from lorafit.layers import BASE_ADAPTER, BatchRouting, LoraLayer
-from lorafit.saved_modules import ModulesToSave
-from lorafit.serialization import check_adapter_fits, read_adapter, save_adapter
+from lorafit.saved_modules import BaseBiases, ModulesToSave
+from lorafit.serialization import (adapter_tensor_targets, check_adapter_fits, copy_all_or_nothing, read_adapter,
+                                   save_adapter)
 
 DEFAULT_ADAPTER = "default"
 
@@ -34,16 +36,18 @@ class LoraModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: LoraConfig | None = None, adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
+        _refuse_wrapped(model)
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.routing = BatchRouting()
         self._active_adapter: str | None = None
-        self._base_biases: list[tuple[nn.Parameter, torch.Tensor]] = []  # see _remember_base_biases
+        self._base_biases = BaseBiases()
         self._disabled: tuple | None = None  # what disable_adapter_layers undoes
-        model.requires_grad_(False)
-        if config is not None:
-            self.add_adapter(adapter_name, config)
-            self.set_adapter(adapter_name)
+        with self._undone_on_failure(adapter_name):
+            model.requires_grad_(False)
+            if config is not None:
+                self.add_adapter(adapter_name, config)
+                self.set_adapter(adapter_name)
 
     # --- adapters ------------------------------------------------------------------------------
     @property
@@ -62,7 +66,7 @@ class LoraModel(nn.Module):
             raise LorafitError(f"{BASE_ADAPTER!r} is reserved for 'no adapter' in mixed batches; pick another name")
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
-        self._remember_base_biases(config)
+        self._base_biases.remember(self.model, config.bias)
         inject_adapter(self.model, config, adapter_name, self.routing)
         self.peft_config[adapter_name] = config
         if self._active_adapter is None:
@@ -72,8 +76,22 @@ class LoraModel(nn.Module):
             self._set_trainable(active, trainable=not self.peft_config[active].inference_mode)
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the one applied and the one trained; the others stay frozen."""
+        """Make ``adapter_name`` the one applied and the one trained; the others stay frozen.
+
+        Merged adapters are unmerged first, with a warning, as PEFT does: otherwise their weights would
+        silently stay in the base model under the new adapter.
+        """
         self._require(adapter_name)
+        merged = [layer for layer in lora_layers(self.model) if layer.merged]
+        if merged:
+            names = sorted({name for layer in merged for name in layer.merged_adapters})
+            warnings.warn(f"adapter(s) {', '.join(names)} are merged into the base weights; unmerging them "
+                          f"before switching to {adapter_name!r}", UserWarning, stacklevel=2)
+            for layer in merged:
+                layer.unmerge()
+        self._activate(adapter_name)
+
+    def _activate(self, adapter_name: str) -> None:
         for module in [*lora_layers(self.model), *saved_module_wrappers(self.model)]:
             module.active_adapter = adapter_name
         self._active_adapter = adapter_name
@@ -86,8 +104,8 @@ class LoraModel(nn.Module):
         del self.peft_config[adapter_name]
         if self._active_adapter == adapter_name:
             self._active_adapter = None
-            if self.peft_config:
-                self.set_adapter(next(iter(self.peft_config)))
+            if self.peft_config:  # adapters still merged stay merged, as in PEFT
+                self._activate(next(iter(self.peft_config)))
 
     def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
                      is_trainable: bool = False) -> None:
@@ -97,8 +115,9 @@ class LoraModel(nn.Module):
         config, tensors = read_adapter(adapter_dir)
         config.inference_mode = not is_trainable
         check_adapter_fits(self.model, config, tensors, str(adapter_dir))
-        self.add_adapter(adapter_name, config)
-        self._load_tensors(adapter_name, tensors)
+        with self._undone_on_failure(adapter_name):
+            self.add_adapter(adapter_name, config)
+            copy_all_or_nothing(adapter_tensor_targets(self.model, adapter_name, config, tensors, str(adapter_dir)))
         # add_adapter already set requires_grad: the loaded adapter trains only if it is the active one
         # and is_trainable; an adapter loaded beside the active one leaves that one's training as it was
 
@@ -107,7 +126,7 @@ class LoraModel(nn.Module):
         self._require(adapter_name)
         config, tensors = read_adapter(adapter_dir)
         check_adapter_fits(self.model, config, tensors, str(adapter_dir))
-        self._load_tensors(adapter_name, tensors)
+        copy_all_or_nothing(adapter_tensor_targets(self.model, adapter_name, config, tensors, str(adapter_dir)))
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, adapter_dir: str | os.PathLike,
@@ -135,18 +154,16 @@ class LoraModel(nn.Module):
         """Run exactly the base model inside the block: LoRA updates and trained head copies are off, merged
         weights are unmerged for it, and biases trained with bias="all"/"lora_only" hold their base values
         (PEFT leaves those trained biases in place and only warns)."""
-        if self._disabled is not None:  # already off (disable_adapter_layers): nothing to undo here
-            yield
-            return
+        already_off = self._disabled is not None  # by disable_adapter_layers(), which stays in force
         self.disable_adapter_layers()
         try:
             yield
         finally:
-            self.enable_adapter_layers()
+            if not already_off:
+                self.enable_adapter_layers()
 
     def disable_adapter_layers(self) -> None:
-        """Switch every adapter off in place until ``enable_adapter_layers()`` (PEFT's names); the model is then
-        exactly the base model, as inside ``disable_adapter()``."""
+        """Every adapter off until ``enable_adapter_layers()``: exactly the base model, as in ``disable_adapter()``."""
         if self._disabled is not None:
             return
         layers, wrappers = lora_layers(self.model), saved_module_wrappers(self.model)
@@ -155,11 +172,7 @@ class LoraModel(nn.Module):
             layer.unmerge()
         for module in [*layers, *wrappers]:
             module.disabled = True
-        with torch.no_grad():
-            trained = [(param, param.detach().clone()) for param, _ in self._base_biases]
-            for param, base in self._base_biases:
-                param.copy_(base)
-        self._disabled = (merged, trained)
+        self._disabled = (merged, self._base_biases.put())
 
     def enable_adapter_layers(self) -> None:
         """Undo ``disable_adapter_layers()``: trained biases and merged weights come back as they were."""
@@ -167,27 +180,14 @@ class LoraModel(nn.Module):
             return
         merged, trained = self._disabled
         self._disabled = None
-        with torch.no_grad():
-            for param, value in trained:
-                param.copy_(value)
+        self._base_biases.put(trained)
         for module in [*lora_layers(self.model), *saved_module_wrappers(self.model)]:
             module.disabled = False
         for layer, names in merged.items():
             layer.merge(names)
 
-    def _remember_base_biases(self, config: LoraConfig) -> None:
-        """Keep the base values of the biases a bias mode trains (they live in the base model itself), so that a
-        disabled adapter is exactly the base model; taken before the first such adapter is injected or loaded."""
-        if config.bias == "none":
-            return
-        known = {id(param) for param, _ in self._base_biases}
-        self._base_biases += [(param, param.detach().clone()) for name, param in self.model.named_parameters()
-                              if name.endswith(".bias") and not _is_adapter_parameter(name)
-                              and ".original_module." not in name and id(param) not in known]
-
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
-        """Turn gradients of the named adapters' LoRA factors and trained module copies on or off (PEFT's
-        ``set_requires_grad``); other adapters and the base model are left as they are."""
+        """Gradients on or off for the named adapters' LoRA factors and trained module copies, as in PEFT."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             self._require(name)
@@ -197,8 +197,7 @@ class LoraModel(nn.Module):
 
     @property
     def base_model(self) -> "LoraModel":
-        """PEFT's ``PeftModel.base_model`` is the LoRA tuner, whose ``.model`` is the transformers model; here
-        both are this object, so ``model.base_model.model`` works as in PEFT."""
+        """As in PEFT, ``model.base_model.model`` is the transformers model (the tuner is this object here)."""
         return self
 
     # --- merging -------------------------------------------------------------------------------
@@ -216,7 +215,9 @@ class LoraModel(nn.Module):
                     if name in layer.r and name not in layer.merged_adapters:
                         weight += layer.delta_weight(name).to(weight.dtype)
                 if not torch.isfinite(weight).all():
-                    raise ValueError("merging would put NaN or inf into the base weights; the model is unchanged")
+                    raise LorafitError(f"merging {', '.join(map(repr, names))} would put NaN or inf into the base "
+                                       "weights; the model is unchanged: the adapter's weights are not finite or "
+                                       "too large (did training diverge?)")
         for layer in layers:
             layer.merge(names)
 
@@ -307,23 +308,32 @@ class LoraModel(nn.Module):
                 if getattr(layer.base_layer, "bias", None) is not None:
                     layer.base_layer.bias.requires_grad_(trainable)
 
-    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
-        own = {}
-        for path, module in self.model.named_modules():
-            if isinstance(module, LoraLayer) and adapter_name in module.r:
-                for attr in module.adapter_attribute_names[:2]:
-                    entry = getattr(module, attr)[adapter_name]
-                    suffix = "" if isinstance(entry, nn.Parameter) else ".weight"
-                    own[f"{path}.{attr}{suffix}"] = entry if suffix == "" else entry.weight
-            elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
-                for key, param in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
-                    own[f"{path}.{key}"] = param
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for key, tensor in tensors.items():
-                target = own.get(key) if key in own else params.get(key)
-                if target is not None:
-                    target.copy_(tensor.to(target.dtype))
+    @contextlib.contextmanager
+    def _undone_on_failure(self, adapter_name: str) -> Iterator[None]:
+        """Put the module tree, requires_grad flags and active adapters back if adding ``adapter_name`` fails.
+
+        Tensor values need no undo here: ``copy_all_or_nothing`` restores what it overwrote.
+        """
+        children = [(parent, name, child) for parent in self.model.modules() for name, child in parent.named_children()]
+        requires_grad = [(param, param.requires_grad) for param in self.model.parameters()]
+        wrappers = [*lora_layers(self.model), *saved_module_wrappers(self.model)]
+        active = [(module, module.active_adapter) for module in wrappers]
+        model_active, had_adapter = self._active_adapter, adapter_name in self.peft_config
+        try:
+            yield
+        except BaseException:
+            if not had_adapter:
+                for module in [*lora_layers(self.model), *saved_module_wrappers(self.model)]:
+                    module.delete_adapter(adapter_name)
+                self.peft_config.pop(adapter_name, None)
+            for parent, name, child in children:
+                setattr(parent, name, child)
+            for param, flag in requires_grad:
+                param.requires_grad_(flag)
+            for module, name in active:
+                module.active_adapter = name
+            self._active_adapter = model_active
+            raise
 
     def _require(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -384,6 +394,14 @@ def _adapter_of(name: str) -> str | None:
 
 def _is_adapter_parameter(name: str) -> bool:
     return _adapter_of(name) is not None
+
+
+def _refuse_wrapped(model: nn.Module) -> None:
+    """A second LoraModel over the same modules would re-initialise (or share) the first one's adapters."""
+    if isinstance(model, LoraModel) or any(isinstance(m, (LoraLayer, ModulesToSave)) for m in model.modules()):
+        raise LorafitError("this model already holds lorafit adapters (from an earlier get_lora_model or "
+                           "from_pretrained); wrapping it again would re-initialise them: use that LoraModel's "
+                           "add_adapter(name, config) or load_adapter(dir, name), or wrap its unload() result")
 
 
 def _batch_size(kwargs: dict) -> int | None:

@@ -57,3 +57,28 @@ class ModulesToSave(nn.Module):
                 outputs = out.new_empty((x.shape[0], *out.shape[1:]))
             outputs[rows] = out
         return outputs
+
+
+class BaseBiases:
+    """The base values of the biases ``bias="all"``/``"lora_only"`` trains: those live in the base model
+    itself, so a disabled adapter needs them back to be exactly the base model."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+
+    def remember(self, model: nn.Module, bias_mode: str) -> None:
+        """Take the values before the first adapter that trains biases is injected (or loaded)."""
+        if bias_mode == "none":
+            return
+        known = {id(param) for param, _ in self.saved}
+        self.saved += [(param, param.detach().clone()) for name, param in model.named_parameters()
+                       if name.endswith(".bias") and id(param) not in known
+                       and not any(part in name for part in (".lora_", ".modules_to_save.", ".original_module."))]
+
+    @torch.no_grad()
+    def put(self, values: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Copy ``values`` (default: the base values) into the biases; returns what they held before."""
+        held = [param.detach().clone() for param, _ in self.saved]
+        for (param, _), value in zip(self.saved, values if values is not None else [b for _, b in self.saved]):
+            param.copy_(value)
+        return held
