@@ -11,7 +11,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -21,17 +20,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorafit.adapter_state import KEY_PREFIX, adapter_state_dict
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
 from lorafit.inject import _saved_module_names as saved_module_names
 from lorafit.inject import find_targets, is_saved_module, modules_to_save_for
-from lorafit.layers import LoraEmbedding, LoraLayer, LoraLinear, linear_features
+from lorafit.layers import LoraLayer, linear_features
 from lorafit.saved_modules import ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
-_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 @contextlib.contextmanager
@@ -52,79 +50,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_json(path: str | os.PathLike, data) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def adapter_state_dict(model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
-    """One adapter's tensors under PEFT's key names, the same set PEFT saves (``model`` is the wrapped
-    transformers model)."""
-    state: dict[str, torch.Tensor] = {}
-    for path, module in model.named_modules():
-        if isinstance(module, LoraLinear) and adapter_name in module.r:
-            state[f"{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
-            state[f"{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
-        elif isinstance(module, LoraEmbedding) and adapter_name in module.r:
-            state[f"{path}.lora_embedding_A"] = module.lora_embedding_A[adapter_name]
-            state[f"{path}.lora_embedding_B"] = module.lora_embedding_B[adapter_name]
-        elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
-            for key, tensor in module.modules_to_save[adapter_name].state_dict().items():
-                state[f"{path}.{key}"] = tensor
-    state.update(_trainable_biases(model, adapter_name, config))
-    state.update(_targeted_embedding_layers(model, config))
-    out, seen = {}, set()
-    for key, tensor in state.items():
-        tensor = tensor.detach().contiguous()
-        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
-        # safetensors refuses aliases (a head's bias under two keys, tied embeddings): store copies
-        out[KEY_PREFIX + key] = tensor.clone() if storage in seen and tensor.numel() else tensor
-        seen.add(storage)
-    return out
-
-
-def _trainable_biases(model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
-    if config.bias == "none":
-        return {}
-    if config.bias == "lora_only":
-        return {f"{path}.base_layer.bias": m.base_layer.bias for path, m in model.named_modules()
-                if isinstance(m, LoraLayer) and getattr(m.base_layer, "bias", None) is not None}
-    # PEFT takes every state-dict key ending in "bias" and drops the adapter name, so a saved head also gives
-    # 'classifier.modules_to_save.bias' and 'classifier.original_module.bias'; its loader expects that set
-    others = [name for name in _adapter_names(model) if name != adapter_name]
-    biases = {}
-    for key, tensor in model.state_dict().items():
-        if not key.endswith(".bias") or any(f".{o}." in key for o in others):
-            continue
-        biases[key.replace(f".modules_to_save.{adapter_name}.", ".modules_to_save.")] = tensor
-    return biases
-
-
-def _adapter_names(model: nn.Module) -> set[str]:
-    names: set[str] = set()
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            names.update(module.r)
-        elif isinstance(module, ModulesToSave):
-            names.update(module.modules_to_save)
-    return names
-
-
-def _targeted_embedding_layers(model: nn.Module, config: LoraConfig) -> dict[str, torch.Tensor]:
-    """The full base weights of adapted input/output embeddings, which PEFT saves too when the targets name
-    embed_tokens or lm_head (its save_embedding_layers="auto"), so that a resized vocabulary travels along."""
-    targets = config.target_modules
-    if isinstance(targets, str):
-        targeted = any(re.fullmatch(targets, name) for name, _ in model.named_modules()
-                       if re.match(r"(.*\.)?(embed_tokens|lm_head)$", name))
-    else:
-        targeted = any(name in (targets or []) for name in _EMBEDDING_LAYER_NAMES)
-    if not targeted or not hasattr(model, "get_input_embeddings"):
-        return {}
-    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
-    state = {}
-    for path, module in model.named_modules():
-        if isinstance(module, LoraLayer) and isinstance(module.base_layer, (nn.Linear, nn.Embedding)) and any(
-                module is layer for layer in layers):
-            state.update({f"{path}.base_layer.{key}": value for key, value in module.base_layer.state_dict().items()})
-    return state
 
 
 def save_adapter(model: nn.Module, adapter_name: str, config: LoraConfig, directory: str | os.PathLike) -> Path:
