@@ -198,3 +198,9 @@ def test_sets_and_scalars_are_normalised():
     assert config.target_modules == ["query", "value"]
     assert config.layers_to_transform == [1]
     assert config.layers_pattern == "layer"  # PEFT keeps (and writes) it as given
+
+
+def test_exposes_what_peft_helpers_read():
+    ours, theirs = LoraConfig(), peft.LoraConfig()
+    assert ours.peft_type == theirs.peft_type == "LORA"
+    assert ours.is_prompt_learning is theirs.is_prompt_learning is False
