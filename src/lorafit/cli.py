@@ -145,9 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LorafitError as err:
         print(f"lorafit {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lorafit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # a training run says at which step, and how to resume (train.RunInterrupted)
+        print(f"lorafit {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        return getattr(err, "exit_code", 130)
 
 
 if __name__ == "__main__":
