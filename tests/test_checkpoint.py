@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -147,9 +149,9 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
 
 def test_list_checkpoints_numeric_order_and_only_complete_ones(tmp_path):
     for name in ("checkpoint-9", "checkpoint-10", "checkpoint-100", "checkpoint-2"):
-        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter").mkdir(parents=True)
         (tmp_path / name / STATE_NAME).write_text("{}")
-    (tmp_path / "checkpoint-50").mkdir()  # no trainer_state.json: not a checkpoint
+    (tmp_path / "checkpoint-50" / "adapter").mkdir(parents=True)  # no trainer_state.json: not complete
     (tmp_path / ".checkpoint-200.abc").mkdir()  # an interrupted save
     (tmp_path / ".checkpoint-200.abc" / STATE_NAME).write_text("{}")
     (tmp_path / "checkpoint-last").mkdir()
@@ -157,10 +159,79 @@ def test_list_checkpoints_numeric_order_and_only_complete_ones(tmp_path):
                                                             "checkpoint-100"]
 
 
-def test_remove_temporaries_removes_only_interrupted_saves(tmp_path):
-    (tmp_path / ".checkpoint-4.x1" / "adapter").mkdir(parents=True)
+def test_pruning_leaves_checkpoint_folders_lorafit_did_not_write(tmp_path):
+    """A transformers Trainer's checkpoint-1/ also holds a trainer_state.json; it is not lorafit's to delete."""
+    trainer = tmp_path / "checkpoint-1"
+    trainer.mkdir()
+    for name in (STATE_NAME, "optimizer.pt", "adapter_model.safetensors"):
+        (trainer / name).write_text("theirs")
+    model, optimizer, scheduler = _setup()
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, model, optimizer, scheduler, _state(step), keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-6"]
+    assert {p.name: p.read_text() for p in trainer.iterdir()} == {
+        STATE_NAME: "theirs", "optimizer.pt": "theirs", "adapter_model.safetensors": "theirs"}
+
+
+def test_replacing_a_checkpoint_always_leaves_a_complete_one_in_place(tmp_path, monkeypatch):
+    """At every rename and delete while checkpoint-3/ is written again, it or the previous one set aside
+    (.checkpoint-3.old, which remove_temporaries puts back) is complete."""
+    model, optimizer, scheduler = _setup()
+    save_checkpoint(tmp_path, model, optimizer, scheduler, _state(3), keep=2)
+    final, aside = tmp_path / "checkpoint-3", tmp_path / ".checkpoint-3.old"
+    seen = []
+
+    def watched(function):
+        def run(*args, **kwargs):
+            result = function(*args, **kwargs)
+            seen.append((final / STATE_NAME).is_file() or (aside / STATE_NAME).is_file())
+            return result
+        return run
+
+    monkeypatch.setattr(os, "rename", watched(os.rename))
+    monkeypatch.setattr(shutil, "rmtree", watched(shutil.rmtree))
+    save_checkpoint(tmp_path, model, optimizer, scheduler, _state(3), keep=2)
+    monkeypatch.undo()
+    assert seen and all(seen), seen
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
+
+
+def test_remove_temporaries_clears_every_leftover_and_puts_back_set_aside_folders(tmp_path):
+    (tmp_path / ".checkpoint-4.x1" / "adapter").mkdir(parents=True)  # checkpoints being built
     (tmp_path / ".checkpoint-6.x2").mkdir()
+    (tmp_path / ".best.k2j3").mkdir()  # best/ being built
+    (tmp_path / ".checkpoint-8.old").mkdir()  # set aside, its replacement never arrived: put back
+    (tmp_path / ".checkpoint-8.old" / STATE_NAME).write_text("8")
+    (tmp_path / ".best.old").mkdir()  # set aside, but best/ was replaced: dropped
+    for name in ("curves.png", "README.md", "config.yaml", "metrics.jsonl"):  # files being written (atomic_path)
+        (tmp_path / f".{name}.a1b2c3.tmp").write_text("half")
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "best").mkdir()
+    for name in (".gitignore", ".lorafit.lock", ".notes.old", "notes.tmp"):  # not lorafit's temporaries
+        (tmp_path / name).write_text("keep")
     remove_temporaries(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "checkpoint-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".gitignore", ".lorafit.lock", ".notes.old", "best",
+                                                          "checkpoint-2", "checkpoint-8", "notes.tmp"]
+    assert (tmp_path / "checkpoint-8" / STATE_NAME).read_text() == "8"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+@pytest.mark.parametrize("file", ["optimizer.safetensors", "rng.safetensors", "adapter/adapter_model.safetensors",
+                                  STATE_NAME])
+def test_a_damaged_file_is_named_and_nothing_is_restored(tmp_path, file, damage):
+    model, optimizer, scheduler = _setup()
+    _train_steps(model, optimizer, scheduler, 2)
+    path = save_checkpoint(tmp_path, model, optimizer, scheduler, _state(2), keep=2)
+    target = path / file
+    if damage == "truncated":
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    elif damage == "garbage":
+        target.write_bytes(b"\x00garbage" * 40)
+    else:
+        target.unlink()
+    fresh, fresh_optimizer, fresh_scheduler = _setup(seed=1)
+    weights, rng = _trainable(fresh), torch.get_rng_state()
+    with pytest.raises(checkpoint.CheckpointDamaged, match=f"^checkpoint-2/{file.split('/')[0]} is damaged \\(.+\\)$"):
+        load_checkpoint(path, fresh, fresh_optimizer, fresh_scheduler)
+    assert all(torch.equal(weights[n], p) for n, p in _trainable(fresh).items())
+    assert torch.equal(torch.get_rng_state(), rng) and not fresh_optimizer.state
