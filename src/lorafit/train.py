@@ -125,7 +125,8 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
         torch.cuda.reset_peak_memory_stats()
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
-    with shape_free_kernels(lora_model), fast_dropouts(lora_model), _interrupt_names_step(state, run_dir):
+    # the bar is closed first, so that an interruption's message starts a line of its own
+    with shape_free_kernels(lora_model), fast_dropouts(lora_model), _interrupt_names_step(state, run_dir), progress:
         while state.step < total_steps:
             batches = epoch_batches(lengths, config, state.epoch)[state.batch_in_epoch:]
             # its own generator: a DataLoader otherwise draws its base seed from the global RNG, one draw
@@ -161,7 +162,6 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
                     save_checkpoint(run_dir, lora_model, optimizer, scheduler, state, config.keep_checkpoints)
                 if done:
                     break
-    progress.close()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return LoopResult(state, seconds, samples / seconds if seconds else 0.0, peak)
