@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +18,13 @@ from lorafit import checkpoint
 from lorafit.checkpoint import (STATE_NAME, TrainState, list_checkpoints, load_checkpoint, remove_temporaries,
                                 save_checkpoint)
 from lorafit.config import LoraConfig
+from lorafit.errors import LorafitError
 from lorafit.model import get_lora_model
+from lorafit.run_dir import read_metrics
 from lorafit.train import make_optimizer, make_scheduler
 from lorafit.train_config import TrainConfig
-from test_cli import single_thread
+from test_cli import assert_same_tensors, single_thread
+from test_train import Killed, _crash_at, _final_weights, _steps_config, _train
 
 FILES = {"adapter", "optimizer.safetensors", "rng.safetensors", STATE_NAME}
 
@@ -222,16 +226,52 @@ def test_a_damaged_file_is_named_and_nothing_is_restored(tmp_path, file, damage)
     model, optimizer, scheduler = _setup()
     _train_steps(model, optimizer, scheduler, 2)
     path = save_checkpoint(tmp_path, model, optimizer, scheduler, _state(2), keep=2)
-    target = path / file
-    if damage == "truncated":
-        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
-    elif damage == "garbage":
-        target.write_bytes(b"\x00garbage" * 40)
-    else:
-        target.unlink()
+    _damage(path / file, damage)
     fresh, fresh_optimizer, fresh_scheduler = _setup(seed=1)
     weights, rng = _trainable(fresh), torch.get_rng_state()
     with pytest.raises(checkpoint.CheckpointDamaged, match=f"^checkpoint-2/{file.split('/')[0]} is damaged \\(.+\\)$"):
         load_checkpoint(path, fresh, fresh_optimizer, fresh_scheduler)
     assert all(torch.equal(weights[n], p) for n, p in _trainable(fresh).items())
     assert torch.equal(torch.get_rng_state(), rng) and not fresh_optimizer.state
+
+
+# --- resuming past a damaged checkpoint, in the training loop ---------------------------------------
+
+def _damage(path: Path, how: str) -> None:
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "garbage":
+        path.write_bytes(b"\x00garbage" * 40)
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("file, how", [("optimizer.safetensors", "truncated"), ("adapter/adapter_model.safetensors",
+                                       "garbage"), ("rng.safetensors", "missing"), (STATE_NAME, "garbage")])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, file, how):
+    config = _steps_config()
+    reference, _ = _train(tmp_path / "reference", config)
+    with pytest.raises(Killed):
+        _train(tmp_path / "run", config, loss_fn=_crash_at(7))  # checkpoints 2, 4, 6
+    _damage(tmp_path / "run" / "checkpoint-6" / file, how)
+    capsys.readouterr()
+    resumed, result = _train(tmp_path / "run", _steps_config(resume=True))
+    out, err = capsys.readouterr()
+    (line,) = [line for line in err.splitlines() if line.startswith("lorafit")]  # the rest is the progress bar
+    assert line.startswith(f"lorafit: checkpoint-6/{file.split('/')[0]} is damaged (")
+    assert line.endswith("; resuming from checkpoint-4 instead")
+    assert "Resuming from checkpoint-4 (step 4 of 12)" in out
+    assert read_metrics(tmp_path / "run") == read_metrics(tmp_path / "reference")
+    assert_same_tensors(_final_weights(resumed), _final_weights(reference), atol=1e-6)
+
+
+def test_with_no_usable_checkpoint_resume_names_the_damaged_file_and_changes_nothing(tmp_path):
+    config = _steps_config(keep_checkpoints=1)
+    with pytest.raises(Killed):
+        _train(tmp_path, config, loss_fn=_crash_at(5))  # checkpoint-4 only
+    _damage(tmp_path / "checkpoint-4" / "optimizer.safetensors", "truncated")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(LorafitError, match=r"cannot resume '.+': checkpoint-4/optimizer.safetensors is damaged "
+                                           r"\(.+\), and no earlier checkpoint reads back; start the run again"):
+        _train(tmp_path, _steps_config(keep_checkpoints=1, resume=True))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

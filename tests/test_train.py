@@ -22,7 +22,6 @@ from lorafit import data
 from lorafit.checkpoint import STATE_NAME, list_checkpoints
 from lorafit.classify import classification_loss, evaluate_classifier
 from lorafit.config import LoraConfig
-from lorafit.errors import LorafitError
 from lorafit.model import get_lora_model
 from lorafit.run_dir import read_metrics
 from lorafit.train import (_due, _is_better, epoch_batches, make_optimizer, make_scheduler, run_training,
@@ -374,47 +373,7 @@ def test_training_steps_run_without_onednn_and_with_fast_dropouts_and_leave_the_
     assert torch.backends.mkldnn.enabled == before and list(model.modules()) == modules
 
 
-# --- damaged checkpoints and interruptions ---------------------------------------------------------
-
-def _damage(path: Path, how: str) -> None:
-    if how == "truncated":
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    elif how == "garbage":
-        path.write_bytes(b"\x00garbage" * 40)
-    else:
-        path.unlink()
-
-
-@pytest.mark.parametrize("file, how", [("optimizer.safetensors", "truncated"), ("adapter/adapter_model.safetensors",
-                                       "garbage"), ("rng.safetensors", "missing"), (STATE_NAME, "garbage")])
-def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, file, how):
-    config = _steps_config()
-    reference, _ = _train(tmp_path / "reference", config)
-    with pytest.raises(Killed):
-        _train(tmp_path / "run", config, loss_fn=_crash_at(7))  # checkpoints 2, 4, 6
-    _damage(tmp_path / "run" / "checkpoint-6" / file, how)
-    capsys.readouterr()
-    resumed, result = _train(tmp_path / "run", _steps_config(resume=True))
-    out, err = capsys.readouterr()
-    (line,) = [line for line in err.splitlines() if line.startswith("lorafit")]  # the rest is the progress bar
-    assert line.startswith(f"lorafit: checkpoint-6/{file.split('/')[0]} is damaged (")
-    assert line.endswith("; resuming from checkpoint-4 instead")
-    assert "Resuming from checkpoint-4 (step 4 of 12)" in out
-    assert read_metrics(tmp_path / "run") == read_metrics(tmp_path / "reference")
-    assert_same_tensors(_final_weights(resumed), _final_weights(reference), atol=1e-6)
-
-
-def test_with_no_usable_checkpoint_resume_names_the_damaged_file_and_changes_nothing(tmp_path):
-    config = _steps_config(keep_checkpoints=1)
-    with pytest.raises(Killed):
-        _train(tmp_path, config, loss_fn=_crash_at(5))  # checkpoint-4 only
-    _damage(tmp_path / "checkpoint-4" / "optimizer.safetensors", "truncated")
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(LorafitError, match=r"cannot resume '.+': checkpoint-4/optimizer.safetensors is damaged "
-                                           r"\(.+\), and no earlier checkpoint reads back; start the run again"):
-        _train(tmp_path, _steps_config(keep_checkpoints=1, resume=True))
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
-
+# --- interruptions ---------------------------------------------------------
 
 def _interrupt_at(step: int):
     calls = {"n": 0}
