@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from lorafit.errors import LorafitError
-from lorafit.run_dir import (append_metrics, load_adapter_info, model_card, plot_curves, prepare_run_dir,
-                             read_metrics, release_run_dirs, replace_dir_atomically, rewrite_metrics,
-                             save_adapter_info, write_text)
+from lorafit.run_dir import (append_metrics, load_adapter_info, lock_run_dir, model_card, plot_curves,
+                             prepare_run_dir, read_metrics, release_run_dirs, replace_dir_atomically,
+                             rewrite_metrics, save_adapter_info, write_text)
 from lorafit.train_config import TrainConfig
 from test_cli import (FAST, FIELDS, adapter_tensors, assert_one_line_error, make_rows, read_jsonl,  # noqa: F401
                       run_cli, small_run, snapshot, tensors_equal, tiny_bert_dir, trained_run, tiny_bert3_dir,
@@ -219,6 +219,18 @@ def test_folders_lorafit_did_not_make_are_refused(tmp_path, files):
         with pytest.raises(LorafitError, match="is not empty and was not made by lorafit; pass a new or empty"):
             prepare_run_dir(tmp_path, TrainConfig(output_dir=str(tmp_path), resume=resume).resolved())
     assert snapshot(tmp_path) == before
+
+
+def test_under_accelerate_launch_only_the_main_process_prepares_and_locks(tmp_path, monkeypatch):
+    run = _prepared(tmp_path / "run")
+    lock_run_dir(run)  # the main process, running
+    monkeypatch.setenv("RANK", "1")
+    before = snapshot(run)
+    try:
+        prepare_run_dir(run, TrainConfig(output_dir=str(run)).resolved())  # neither "already holds a run" nor "in use"
+    finally:
+        release_run_dirs()
+    assert snapshot(run) == before
 
 
 def test_output_dir_that_is_a_file(tmp_path):

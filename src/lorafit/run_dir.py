@@ -38,8 +38,11 @@ _LOCKS: dict[Path, int] = {}  # run folders this process holds, with the lock fi
 def prepare_run_dir(path: Path, config: TrainConfig) -> None:
     """Check that ``path`` can take this run, lock it, and write config.yaml for a new run.
 
-    Called once the data and model have been checked: any refusal leaves the folder as it was.
+    Called once the data and model have been checked: any refusal leaves the folder as it was. Under
+    `accelerate launch` only the main process does this; the others find the folder it prepared.
     """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if path.exists() and not path.is_dir():
         raise LorafitError(f"--output-dir '{path}' is a file; pass a folder")
     ours = (path / LOCK_NAME).is_file() or saved_config(path) is not None
