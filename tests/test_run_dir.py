@@ -266,6 +266,8 @@ def test_resume_of_a_complete_run_or_one_without_a_checkpoint_is_refused(tmp_pat
         _resume(run)
     _checkpoint(run, 4)
     (run / "best" / "lorafit.json").write_text("{}")  # written once training has ended
+    _resume(run)  # stopped before the model card: resuming from the last checkpoint writes the rest
+    (run / "README.md").write_text("card")  # the last file a run writes
     before = snapshot(run)
     with pytest.raises(LorafitError, match="is complete .*; to train again, pass another --output-dir"):
         _resume(run)

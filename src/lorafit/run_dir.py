@@ -86,7 +86,7 @@ def check_resumable(path: Path, config: TrainConfig) -> None:
         raise LorafitError(f"--resume: {diffs} differ from the run's config.yaml and would change its result; "
                            "drop them to continue the run as it was set up, or start a new run with another "
                            "--output-dir")
-    if (path / "best" / INFO_NAME).is_file():
+    if (path / "README.md").is_file() and (path / "best" / INFO_NAME).is_file():  # the last files a run writes
         raise LorafitError(f"--resume: the run in '{path}' is complete (its adapter is in '{path / 'best'}'); "
                            "to train again, pass another --output-dir")
     if not checkpoint_dirs(path) and any((path / name).exists() for name in ("best", ".best.old")):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from lorafit.cpu_kernels import shape_free_kernels
 from lorafit.checkpoint import TrainState, load_newest_checkpoint, remove_temporaries, save_checkpoint
 from lorafit.data import length_grouped_order
 from lorafit.dropout import fast_dropouts
+from lorafit.errors import Interrupted
 from lorafit.model import LoraModel
 from lorafit.run_dir import append_metrics, replace_dir_atomically, rewrite_metrics
 from lorafit.train_config import TrainConfig
@@ -167,30 +166,15 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
     return LoopResult(state, seconds, samples / seconds if seconds else 0.0, peak)
 
 
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during training: the line to show, and the shell's exit code (128 + signal)."""
-
-    def __init__(self, message: str = "", exit_code: int = 128 + signal.SIGINT) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 @contextlib.contextmanager
 def _interrupt_names_step(state: TrainState, run_dir: Path) -> Iterator[None]:
-    """Turn Ctrl-C and SIGTERM into a one-line message that says how to resume."""
-    def on_sigterm(signum, frame):
-        raise RunInterrupted(exit_code=128 + signum)
-
-    in_main = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
+    """Ctrl-C, or SIGTERM (raised as Interrupted by the command line), says where training stopped and how to
+    resume."""
     try:
         yield
     except KeyboardInterrupt as err:
-        raise RunInterrupted(f"interrupted at step {state.step}; resume with: lorafit train --resume --output-dir "
-                             f"{run_dir}", getattr(err, "exit_code", 128 + signal.SIGINT)) from None
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        raise Interrupted(f"interrupted at step {state.step}; resume with: lorafit train --resume --output-dir "
+                          f"{run_dir}", getattr(err, "exit_code", 130)) from None
 
 
 def _due(strategy: str, every: int, step: int, epoch_end: bool, done: bool) -> bool:
