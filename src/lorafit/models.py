@@ -21,6 +21,7 @@ import torch
 from huggingface_hub.errors import EntryNotFoundError
 
 from lorafit.errors import LorafitError
+from lorafit.serialization import usual_mode
 
 BUILTIN_MODELS: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2, a 22M-parameter BERT encoder for classification "
@@ -90,6 +91,7 @@ def build_cached_dir(target: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         build(tmp)
+        os.chmod(tmp, usual_mode(directory=True))  # mkdtemp makes it 0700
         try:
             os.rename(tmp, target)
         except OSError:
