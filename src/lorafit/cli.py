@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -140,16 +142,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # SIGTERM ends a command as Ctrl-C does
     try:
-        _quiet_libraries()
-        return args.run(args)
+        with _sigterm_as_interrupt():
+            _quiet_libraries()
+            return args.run(args)
     except LorafitError as err:
         print(f"lorafit {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # training says at which step, and how to resume
         print(f"lorafit {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return getattr(err, "exit_code", 130)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM ends a command as Ctrl-C does. Python lets only the main thread set handlers, so
+    ``main`` called from another thread (an embedding application, a test guard) keeps the default."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield
     finally:
         signal.signal(signal.SIGTERM, previous)
 
