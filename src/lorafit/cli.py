@@ -103,6 +103,7 @@ offline in a few minutes. Examples:
 
 def _run_train(args: argparse.Namespace) -> int:
     from lorafit.finetune import run_train
+    from lorafit.output_paths import check_output_dir
     from lorafit.train_config import build_config, load_yaml_config
 
     settings = load_yaml_config(args.config) if args.config else {}
@@ -111,7 +112,10 @@ def _run_train(args: argparse.Namespace) -> int:
     if settings.get("resume") and settings.get("output_dir") and saved.is_file():
         # `--output-dir DIR --resume` continues the run as it was set up; settings given now override
         settings = {**load_yaml_config(saved), **settings}
-    run_train(build_config(settings))
+    config = build_config(settings)
+    if config.output_dir:
+        check_output_dir(config.output_dir, "--output-dir")
+    run_train(config)
     return 0
 
 
@@ -144,6 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except LorafitError as err:
         print(f"lorafit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only folder: the environment, not a bug to trace
+        from lorafit.output_paths import describe_os_error
+
+        print(f"lorafit {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lorafit {args.command}: interrupted", file=sys.stderr)

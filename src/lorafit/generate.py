@@ -30,7 +30,9 @@ from lorafit.lm_data import encode_prompt, leading_special_ids, render_messages,
 from lorafit.loading import LoadedAdapter, adapter_task, check_adapter_dir, load_adapter_for_inference
 from lorafit.model import DEFAULT_ADAPTER, LoraModel
 from lorafit.run_dir import load_adapter_info
+from lorafit.output_paths import check_output_file
 from lorafit.serialization import CONFIG_NAME, atomic_path
+from lorafit.train_config import check_number, check_positive_int, check_seed
 
 NAME = "generate"
 HELP = "generate text with causal-LM adapters"
@@ -152,20 +154,20 @@ def build_generation_config(args: argparse.Namespace, model, tokenizer):
 
 def check_settings(args: argparse.Namespace) -> None:
     """Refuse numbers generation cannot use, naming the flag."""
-    checks = [(args.batch_size >= 1, f"--batch-size must be a positive integer, got {args.batch_size}"),
-              (args.max_new_tokens >= 1, f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}"),
-              (args.temperature >= 0, f"--temperature must be 0 (greedy) or more, got {args.temperature}"),
-              (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-              (args.top_k >= 0, f"--top-k must be 0 (off) or a positive integer, got {args.top_k}")]
-    for ok, message in checks:
-        if not ok:
-            raise LorafitError(message)
+    check_positive_int("batch_size", args.batch_size)
+    check_positive_int("max_new_tokens", args.max_new_tokens)
+    check_number("temperature", args.temperature, ">= 0")
+    check_number("top_p", args.top_p, "in (0, 1]")
+    if args.top_k < 0:
+        raise LorafitError(f"--top-k must be 0 (off) or a positive integer, got {args.top_k}")
+    if args.seed is not None:
+        check_seed("seed", args.seed)
     if args.prompts and args.input:
         raise LorafitError("pass prompts as arguments or --input FILE, not both")
     if not args.prompts and not args.input:
         raise LorafitError("nothing to generate: pass prompts as arguments or --input FILE")
-    if args.output and Path(args.output).is_dir():
-        raise LorafitError(f"--output '{args.output}' is a directory; pass a file name such as responses.jsonl")
+    if args.output:
+        check_output_file(args.output, "--output", "responses.jsonl")
 
 
 def read_requests(args: argparse.Namespace, adapters: list[str]) -> list[Request]:

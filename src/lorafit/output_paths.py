@@ -1,0 +1,43 @@
+"""Where a command will write, checked before any slow work, and file-system failures told in one line."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+from lorafit.errors import LorafitError
+
+
+def check_output_dir(path: str | Path, flag: str) -> None:
+    """``path`` can become a folder: it is one already or does not exist, and no parent is a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LorafitError(f"{flag} '{path}' is a file; pass a folder path (new or empty)")
+    _check_parents(path, flag)
+
+
+def check_output_file(path: str | Path, flag: str, example: str) -> None:
+    """``path`` can become a file: it is not a folder, and no parent is a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise LorafitError(f"{flag} '{path}' is a directory; pass a file name such as {example}")
+    _check_parents(path, flag)
+
+
+def _check_parents(path: Path, flag: str) -> None:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LorafitError(f"{flag} '{path}': '{parent}' is a file, not a folder; pass another path")
+            return
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for a failed read or write: what went wrong, on which path, and what to do."""
+    where = f" ('{err.filename}')" if err.filename else ""
+    reason = err.strerror or (str(err).splitlines() or [type(err).__name__])[0]
+    if err.errno == errno.ENOSPC or err.errno == errno.EDQUOT:
+        return f"{reason}{where}; free some space or write elsewhere, then run again (saved files are unchanged)"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{reason}{where}; pick a location you may write to, or fix its permissions"
+    return f"{reason}{where}; check the path and run again"
