@@ -215,6 +215,8 @@ def _other_base_adapter(setup, tmp_path) -> Path:
     ("top-p-nan", "--top-p must be in (0, 1], got nan"),
     ("seed-huge", "--seed must be an integer from 0 to 4294967295"),
     ("seed-negative", "--seed must be an integer from 0 to 4294967295, got -1"),
+    # past the model's context GPT-2 fails with an IndexError and others run on and on
+    ("past-context", "exceeds the model's context of 128 tokens; pass --max-new-tokens"),
 ])
 def test_bad_input_is_one_line_error(setup, tmp_path, capsys, case, expected):
     a, b = str(setup["a"]), str(setup["b"])
@@ -236,6 +238,7 @@ def test_bad_input_is_one_line_error(setup, tmp_path, capsys, case, expected):
         "top-p-nan": ["--adapter", a, "--temperature", "1", "--top-p", "nan", "hello"],
         "seed-huge": ["--adapter", a, "--temperature", "1", "--seed", "1" * 23, "hello"],
         "seed-negative": ["--adapter", a, "--temperature", "1", "--seed", "-1", "hello"],
+        "past-context": ["--adapter", a, "--max-new-tokens", "10000000000", "hello"],
     }[case]
     assert main(["generate", *argv]) == 2
     err = capsys.readouterr().err

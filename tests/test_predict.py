@@ -84,6 +84,7 @@ def test_run_folder_instead_of_best(capsys, trained_run):
 
 @pytest.mark.parametrize("args, fragments", [
     (["--adapter", "{tmp}/nowhere", "good"], ["adapter directory", "nowhere", "does not exist"]),
+    (["--adapter", "{tmp}/texts.jsonl", "good"], ["texts.jsonl", "is a file", "best/ folder"]),
     (["--adapter", "{best}"], ["nothing to predict"]),
     (["--adapter", "{best}", "--input", "{tmp}/texts.jsonl", "good"], ["not both"]),
     (["--adapter", "{best}", "--input", "{tmp}/missing.jsonl"], ["missing.jsonl", "does not exist"]),

@@ -88,6 +88,9 @@ def test_resolved_does_not_change_the_original():
     ({"text_column": ["text"]}, "--text-column must be text, got ['text']"),
     ({"output_dir": 5}, "--output-dir must be text, got 5"),
     ({"model": None, "train_file": 3.5}, "--train-file must be text, got 3.5"),
+    ({"train_file": ""}, "--train-file is empty"),  # would train on the built-in data instead
+    ({"output_dir": " "}, "--output-dir is empty"),
+    ({"text_column": ""}, "--text-column is empty"),
     ({"resume": "false"}, "--resume must be true or false, got 'false'"),
     ({"pack": 1}, "--pack must be true or false, got 1"),
     ({"task": ["classification"]}, "--task must be text, got ['classification']"),

@@ -170,6 +170,19 @@ def check_settings(args: argparse.Namespace) -> None:
         check_output_file(args.output, "--output", "responses.jsonl")
 
 
+def check_context(model_config, requests: list[Request], max_new_tokens: int) -> None:
+    """Refuse a prompt plus --max-new-tokens longer than the positions the model has."""
+    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if not context:
+        return
+    longest = max(len(r.input_ids) for r in requests)
+    if longest >= context:
+        raise LorafitError(f"a prompt of {longest} tokens fills the model's context of {context} tokens; shorten it")
+    if longest + max_new_tokens > context:
+        raise LorafitError(f"--max-new-tokens {max_new_tokens} plus the longest prompt ({longest} tokens) exceeds "
+                           f"the model's context of {context} tokens; pass --max-new-tokens {context - longest} or less")
+
+
 def read_requests(args: argparse.Namespace, adapters: list[str]) -> list[Request]:
     """The prompts from the arguments or --input, checked, each with the adapter it runs on."""
     if args.prompts:
@@ -315,6 +328,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_adapters(specs, args.model)
     for request in requests:
         request.input_ids = encode_request(loaded.tokenizer, request, args)
+    check_context(loaded.model.get_base_model().config, requests, args.max_new_tokens)
     config = build_generation_config(args, loaded.model.get_base_model(), loaded.tokenizer)
     if args.seed is not None:
         from transformers import set_seed

@@ -199,6 +199,8 @@ def _check_types(config) -> None:
         if kind is str and not isinstance(value, str):
             hint = f"; in a YAML file, quote it: '{value}'" if isinstance(value, (int, float)) else ""
             raise LorafitError(f"{_flag(f.name)} must be text, got {value!r}{hint}")
+        if kind is str and not value.strip():  # an empty path would quietly mean "the default"
+            raise LorafitError(f"{_flag(f.name)} is empty; give a value or leave the setting out")
         if kind is bool and not isinstance(value, bool):
             raise LorafitError(f"{_flag(f.name)} must be true or false, got {value!r}")
         if typing.get_origin(kind) is list and not (
