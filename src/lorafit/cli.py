@@ -149,14 +149,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LorafitError as err:
         print(f"lorafit {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # a full disk, a read-only folder: the environment, not a bug to trace
-        from lorafit.output_paths import describe_os_error
-
-        print(f"lorafit {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"lorafit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a full disk, a read-only folder: the environment, not a bug to trace
+        from lorafit.output_paths import as_os_error, describe_os_error
+
+        os_error = as_os_error(err)
+        if os_error is None:
+            raise
+        writing = getattr(args, "output", None) or getattr(args, "output_dir", None)
+        print(f"lorafit {args.command}: error: {describe_os_error(os_error, writing)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

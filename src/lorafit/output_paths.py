@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import re
 from pathlib import Path
 
 from lorafit.errors import LorafitError
@@ -32,12 +34,29 @@ def _check_parents(path: Path, flag: str) -> None:
             return
 
 
-def describe_os_error(err: OSError) -> str:
-    """One line for a failed read or write: what went wrong, on which path, and what to do."""
-    where = f" ('{err.filename}')" if err.filename else ""
+def as_os_error(err: BaseException) -> OSError | None:
+    """``err`` as an OSError: itself, or one rebuilt from the "(os error 28)" text that Rust-backed
+    libraries (safetensors, tokenizers) raise instead."""
+    if isinstance(err, OSError):
+        return err
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    if found is None:
+        return None
+    number = int(found[1])
+    return OSError(number, os.strerror(number))
+
+
+def describe_os_error(err: OSError, writing: str | Path | None = None) -> str:
+    """One line for a failed read or write: what went wrong, on which path, and what to do.
+
+    ``writing`` names the command's output for errors that do not carry a file name."""
+    path = err.filename or writing
+    if writing and err.filename and Path(err.filename).name.startswith(f".{Path(writing).name}."):
+        path = writing  # the temporary beside the output, which the user never named
+    where = f" ('{path}')" if path else ""
     reason = err.strerror or (str(err).splitlines() or [type(err).__name__])[0]
-    if err.errno == errno.ENOSPC or err.errno == errno.EDQUOT:
-        return f"{reason}{where}; free some space or write elsewhere, then run again (saved files are unchanged)"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{reason}{where}; free some space or write elsewhere, then run again"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{reason}{where}; pick a location you may write to, or fix its permissions"
     return f"{reason}{where}; check the path and run again"
