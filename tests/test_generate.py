@@ -211,7 +211,7 @@ def _other_base_adapter(setup, tmp_path) -> Path:
     ("bad-temperature", "--temperature"),
     ("output-is-dir", "is a directory"),
     ("output-under-file", "is a file"),
-    ("temperature-inf", "--temperature must be a finite number >= 0, got inf"),
+    ("temperature-inf", "--temperature must be a number >= 0 (not inf or nan), got inf"),
     ("top-p-nan", "--top-p must be in (0, 1], got nan"),
     ("seed-huge", "--seed must be an integer from 0 to 4294967295"),
     ("seed-negative", "--seed must be an integer from 0 to 4294967295, got -1"),

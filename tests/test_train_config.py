@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -55,26 +56,26 @@ def test_resolved_does_not_change_the_original():
     ({"max_steps": -1}, "--max-steps must be a positive integer"),
     ({"save_steps": 0}, "--save-steps must be a positive integer"),
     ({"max_train_samples": 0}, "--max-train-samples must be a positive integer"),
-    ({"lora_alpha": 0}, "--lora-alpha must be a finite number > 0"),
-    ({"epochs": -1}, "--epochs must be a finite number > 0"),
-    ({"lr": 0}, "--lr must be a finite number > 0"),
-    ({"lr": "fast"}, "--lr must be a finite number > 0, got 'fast'"),
+    ({"lora_alpha": 0}, "--lora-alpha must be a number > 0"),
+    ({"epochs": -1}, "--epochs must be a number > 0"),
+    ({"lr": 0}, "--lr must be a number > 0"),
+    ({"lr": "fast"}, "--lr must be a number > 0 (not inf or nan), got 'fast'"),
     ({"lora_dropout": 1.0}, "--lora-dropout must be in [0, 1), got 1.0"),
     ({"lora_dropout": -0.1}, "--lora-dropout must be in [0, 1)"),
     ({"warmup_ratio": 1.5}, "--warmup-ratio must be in [0, 1)"),
-    ({"weight_decay": -0.01}, "--weight-decay must be a finite number >= 0"),
+    ({"weight_decay": -0.01}, "--weight-decay must be a number >= 0 (not inf or nan)"),
     ({"dataset": "glue", "train_file": "t.csv"}, "pass either --dataset or --train-file, not both"),
     # non-finite numbers pass every `<= 0` test, then train to NaN or fail deep inside torch
-    ({"lr": float("inf")}, "--lr must be a finite number > 0, got inf"),
-    ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
-    ({"lora_alpha": float("inf")}, "--lora-alpha must be a finite number > 0, got inf"),
-    ({"lora_alpha": float("nan")}, "--lora-alpha must be a finite number > 0, got nan"),
-    ({"epochs": float("inf")}, "--epochs must be a finite number > 0, got inf"),
-    ({"weight_decay": float("nan")}, "--weight-decay must be a finite number >= 0, got nan"),
-    ({"weight_decay": float("inf")}, "--weight-decay must be a finite number >= 0, got inf"),
+    ({"lr": float("inf")}, "--lr must be a number > 0 (not inf or nan), got inf"),
+    ({"lr": float("nan")}, "--lr must be a number > 0 (not inf or nan), got nan"),
+    ({"lora_alpha": float("inf")}, "--lora-alpha must be a number > 0 (not inf or nan), got inf"),
+    ({"lora_alpha": float("nan")}, "--lora-alpha must be a number > 0 (not inf or nan), got nan"),
+    ({"epochs": float("inf")}, "--epochs must be a number > 0 (not inf or nan), got inf"),
+    ({"weight_decay": float("nan")}, "--weight-decay must be a number >= 0 (not inf or nan), got nan"),
+    ({"weight_decay": float("inf")}, "--weight-decay must be a number >= 0 (not inf or nan), got inf"),
     ({"warmup_ratio": float("nan")}, "--warmup-ratio must be in [0, 1), got nan"),
     ({"lora_dropout": float("nan")}, "--lora-dropout must be in [0, 1), got nan"),
-    ({"weight_decay": "lots"}, "--weight-decay must be a finite number >= 0, got 'lots'"),
+    ({"weight_decay": "lots"}, "--weight-decay must be a number >= 0 (not inf or nan), got 'lots'"),
     ({"seed": 10 ** 22}, "--seed must be an integer from 0 to 4294967295, got 10000000000000000000000"),
     ({"seed": -1}, "--seed must be an integer from 0 to 4294967295, got -1"),
     ({"seed": 2 ** 32}, "--seed must be an integer from 0 to 4294967295"),
@@ -145,7 +146,7 @@ def test_load_yaml_leaves_non_numbers_for_the_checks(tmp_path):
     path.write_text("lr: fast\nmodel: 1e-3\n")  # model is a string setting: kept as written
     settings = load_yaml_config(path)
     assert settings == {"lr": "fast", "model": "1e-3"}
-    with pytest.raises(LorafitError, match="--lr must be a finite number > 0, got 'fast'"):
+    with pytest.raises(LorafitError, match=re.escape("--lr must be a number > 0 (not inf or nan), got 'fast'")):
         build_config(settings)
 
 

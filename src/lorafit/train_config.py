@@ -181,8 +181,8 @@ def check_number(name: str, value: Any, bounds: str) -> None:
     """A finite int or float within ``bounds`` (one of "> 0", ">= 0", "in [0, 1)", "in (0, 1]")."""
     ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value) and _RANGES[bounds](value)
     if not ok:
-        what = f"be {bounds}" if bounds.startswith("in") else f"be a finite number {bounds}"
-        raise LorafitError(f"{_flag(name)} must {what}, got {value!r}")
+        what = bounds if bounds.startswith("in") else f"a number {bounds} (not inf or nan)"
+        raise LorafitError(f"{_flag(name)} must be {what}, got {value!r}")
 
 
 def check_seed(name: str, value: Any) -> None:
