@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample from the likeliest tokens holding this probability (default: 1.0)")
     parser.add_argument("--top-k", type=int, default=50,
                         help="sample among the k likeliest tokens, 0 for all (default: 50)")
-    parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    parser.add_argument("--seed", type=int, help="random seed (0 to 4294967295), for reproducible sampling")
     parser.add_argument("--system", help="system prompt put before every prompt")
     parser.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                         help="feed prompts as raw text, without the chat or instruction template")

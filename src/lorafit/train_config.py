@@ -65,7 +65,8 @@ class TrainConfig:
     """Dropout on the LoRA branch's input."""
     target_modules: list[str] | None = None
     """Modules to adapt, e.g. query value, or all-linear. Default: all-linear for causal-lm; for
-    classification the architecture's query and value projections (query/value, q_proj/v_proj, c_attn)."""
+    classification the architecture's query and value projections (query/value, q_proj/v_proj, c_attn).
+    Each name must match a module of the model."""
     lr: float | None = None
     """Peak learning rate (AdamW, linear decay). Default: 1e-3 (classification), 3e-3 (causal-lm)."""
     batch_size: int = 16
@@ -81,7 +82,7 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     """Fraction of steps over which the learning rate rises linearly from 0."""
     seed: int = 42
-    """Seed for initialisation, dropout and data order."""
+    """Seed for initialisation, dropout and data order (0 to 4294967295)."""
     group_by_length: bool = True
     """Batch texts of similar length together (less padding, faster); --no-group-by-length to turn off."""
     gradient_checkpointing: bool = False
