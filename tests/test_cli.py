@@ -415,6 +415,16 @@ def test_config_file_that_is_a_directory(tmp_path, capsys):
     assert_one_line_error(code, err, str(tmp_path), "is a directory")
 
 
+@pytest.mark.parametrize("content", ["output_dir: 5\n", "output_dir: [a]\nresume: true\n"])
+def test_yaml_output_dir_of_the_wrong_type(tmp_path, captured, capsys, monkeypatch, content):
+    monkeypatch.chdir(tmp_path)
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(content, encoding="utf-8")
+    code, _, err = run_cli(capsys, "train", "--config", run_yaml)
+    assert_one_line_error(code, err, "--output-dir must be text")
+    assert captured == []
+
+
 def test_quoted_false_in_yaml_is_false(tmp_path, captured, capsys):
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text('resume: "false"\ngroup_by_length: "No"\n', encoding="utf-8")

@@ -108,8 +108,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
     settings = load_yaml_config(args.config) if args.config else {}
     settings.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "run")})
-    saved = Path(settings.get("output_dir") or "") / "config.yaml"
-    if settings.get("resume") and settings.get("output_dir") and saved.is_file():
+    output_dir = settings.get("output_dir")
+    saved = Path(output_dir) / "config.yaml" if isinstance(output_dir, str) and output_dir.strip() else None
+    if settings.get("resume") is True and saved and saved.is_file():
         # `--output-dir DIR --resume` continues the run as it was set up; settings given now override
         settings = {**load_yaml_config(saved), **settings}
     config = build_config(settings)
