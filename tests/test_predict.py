@@ -128,6 +128,15 @@ def test_output_that_cannot_be_a_file(tmp_path, capsys, trained_run, where):
     assert snapshot(tmp_path) == before
 
 
+def test_output_that_is_the_input_is_refused(tmp_path, capsys, trained_run):
+    texts = write_rows(tmp_path / "texts.jsonl", [{"text": "good"}])
+    before = texts.read_bytes()
+    code, out, err = run_cli(capsys, "predict", "--adapter", trained_run.best, "--input", texts,
+                             "--output", tmp_path / "." / "texts.jsonl")
+    assert_one_line_error(code, err, "--output", "--input", "texts.jsonl")
+    assert texts.read_bytes() == before
+
+
 def test_full_disk_keeps_the_old_output(tmp_path, capsys, trained_run, monkeypatch):
     import errno
     import os

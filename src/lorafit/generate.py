@@ -167,7 +167,7 @@ def check_settings(args: argparse.Namespace) -> None:
     if not args.prompts and not args.input:
         raise LorafitError("nothing to generate: pass prompts as arguments or --input FILE")
     if args.output:
-        check_output_file(args.output, "--output", "responses.jsonl")
+        check_output_file(args.output, "--output", "responses.jsonl", args.input, "prompts")
 
 
 def check_context(model_config, requests: list[Request], max_new_tokens: int) -> None:

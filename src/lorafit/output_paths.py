@@ -18,12 +18,16 @@ def check_output_dir(path: str | Path, flag: str) -> None:
     _check_parents(path, flag)
 
 
-def check_output_file(path: str | Path, flag: str, example: str) -> None:
-    """``path`` can become a file: it is not a folder, and no parent is a file."""
+def check_output_file(path: str | Path, flag: str, example: str, input_file: str | Path | None = None,
+                      what: str = "input") -> None:
+    """``path`` can become a file: it is not a folder, no parent is a file, and it is not the input."""
     path = Path(path)
     if path.is_dir():
         raise LorafitError(f"{flag} '{path}' is a directory; pass a file name such as {example}")
     _check_parents(path, flag)
+    if input_file is not None and path.resolve() == Path(input_file).resolve():
+        raise LorafitError(f"{flag} '{path}' is the --input file; writing it would replace the {what}; "
+                           f"pass another file name such as {example}")
 
 
 def _check_parents(path: Path, flag: str) -> None:

@@ -59,7 +59,7 @@ def read_texts(args: argparse.Namespace, default_column: str,
 def run(args: argparse.Namespace) -> int:
     check_positive_int("batch_size", args.batch_size)
     if args.output:
-        check_output_file(args.output, "--output", "predictions.jsonl")
+        check_output_file(args.output, "--output", "predictions.jsonl", args.input, "texts")
     loaded = load_adapter_for_inference(args.adapter, args.model)
     if loaded.task != "classification":
         raise LorafitError(f"'{args.adapter}' is a {loaded.task} adapter; use `lorafit generate` for it")
