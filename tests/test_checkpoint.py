@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +18,13 @@ from lorafit import checkpoint
 from lorafit.checkpoint import (STATE_NAME, TrainState, list_checkpoints, load_checkpoint, remove_temporaries,
                                 save_checkpoint)
 from lorafit.config import LoraConfig
+from lorafit.errors import LorafitError
 from lorafit.model import get_lora_model
+from lorafit.run_dir import read_metrics
 from lorafit.train import make_optimizer, make_scheduler
 from lorafit.train_config import TrainConfig
-from test_cli import single_thread
+from test_cli import assert_same_tensors, single_thread
+from test_train import Killed, _crash_at, _final_weights, _steps_config, _train
 
 FILES = {"adapter", "optimizer.safetensors", "rng.safetensors", STATE_NAME}
 
@@ -147,9 +153,9 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
 
 def test_list_checkpoints_numeric_order_and_only_complete_ones(tmp_path):
     for name in ("checkpoint-9", "checkpoint-10", "checkpoint-100", "checkpoint-2"):
-        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter").mkdir(parents=True)
         (tmp_path / name / STATE_NAME).write_text("{}")
-    (tmp_path / "checkpoint-50").mkdir()  # no trainer_state.json: not a checkpoint
+    (tmp_path / "checkpoint-50" / "adapter").mkdir(parents=True)  # no trainer_state.json: not complete
     (tmp_path / ".checkpoint-200.abc").mkdir()  # an interrupted save
     (tmp_path / ".checkpoint-200.abc" / STATE_NAME).write_text("{}")
     (tmp_path / "checkpoint-last").mkdir()
@@ -157,10 +163,115 @@ def test_list_checkpoints_numeric_order_and_only_complete_ones(tmp_path):
                                                             "checkpoint-100"]
 
 
-def test_remove_temporaries_removes_only_interrupted_saves(tmp_path):
-    (tmp_path / ".checkpoint-4.x1" / "adapter").mkdir(parents=True)
+def test_pruning_leaves_checkpoint_folders_lorafit_did_not_write(tmp_path):
+    """A transformers Trainer's checkpoint-1/ also holds a trainer_state.json; it is not lorafit's to delete."""
+    trainer = tmp_path / "checkpoint-1"
+    trainer.mkdir()
+    for name in (STATE_NAME, "optimizer.pt", "adapter_model.safetensors"):
+        (trainer / name).write_text("theirs")
+    model, optimizer, scheduler = _setup()
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, model, optimizer, scheduler, _state(step), keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-6"]
+    assert {p.name: p.read_text() for p in trainer.iterdir()} == {
+        STATE_NAME: "theirs", "optimizer.pt": "theirs", "adapter_model.safetensors": "theirs"}
+
+
+def test_replacing_a_checkpoint_always_leaves_a_complete_one_in_place(tmp_path, monkeypatch):
+    """At every rename and delete while checkpoint-3/ is written again, it or the previous one set aside
+    (.checkpoint-3.old, which remove_temporaries puts back) is complete."""
+    model, optimizer, scheduler = _setup()
+    save_checkpoint(tmp_path, model, optimizer, scheduler, _state(3), keep=2)
+    final, aside = tmp_path / "checkpoint-3", tmp_path / ".checkpoint-3.old"
+    seen = []
+
+    def watched(function):
+        def run(*args, **kwargs):
+            result = function(*args, **kwargs)
+            seen.append((final / STATE_NAME).is_file() or (aside / STATE_NAME).is_file())
+            return result
+        return run
+
+    monkeypatch.setattr(os, "rename", watched(os.rename))
+    monkeypatch.setattr(shutil, "rmtree", watched(shutil.rmtree))
+    save_checkpoint(tmp_path, model, optimizer, scheduler, _state(3), keep=2)
+    monkeypatch.undo()
+    assert seen and all(seen), seen
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
+
+
+def test_remove_temporaries_clears_every_leftover_and_puts_back_set_aside_folders(tmp_path):
+    (tmp_path / ".checkpoint-4.x1" / "adapter").mkdir(parents=True)  # checkpoints being built
     (tmp_path / ".checkpoint-6.x2").mkdir()
+    (tmp_path / ".best.k2j3").mkdir()  # best/ being built
+    (tmp_path / ".checkpoint-8.old").mkdir()  # set aside, its replacement never arrived: put back
+    (tmp_path / ".checkpoint-8.old" / STATE_NAME).write_text("8")
+    (tmp_path / ".best.old").mkdir()  # set aside, but best/ was replaced: dropped
+    for name in ("curves.png", "README.md", "config.yaml", "metrics.jsonl"):  # files being written (atomic_path)
+        (tmp_path / f".{name}.a1b2c3.tmp").write_text("half")
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "best").mkdir()
+    for name in (".gitignore", ".lorafit.lock", ".notes.old", "notes.tmp"):  # not lorafit's temporaries
+        (tmp_path / name).write_text("keep")
     remove_temporaries(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "checkpoint-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".gitignore", ".lorafit.lock", ".notes.old", "best",
+                                                          "checkpoint-2", "checkpoint-8", "notes.tmp"]
+    assert (tmp_path / "checkpoint-8" / STATE_NAME).read_text() == "8"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+@pytest.mark.parametrize("file", ["optimizer.safetensors", "rng.safetensors", "adapter/adapter_model.safetensors",
+                                  STATE_NAME])
+def test_a_damaged_file_is_named_and_nothing_is_restored(tmp_path, file, damage):
+    model, optimizer, scheduler = _setup()
+    _train_steps(model, optimizer, scheduler, 2)
+    path = save_checkpoint(tmp_path, model, optimizer, scheduler, _state(2), keep=2)
+    _damage(path / file, damage)
+    fresh, fresh_optimizer, fresh_scheduler = _setup(seed=1)
+    weights, rng = _trainable(fresh), torch.get_rng_state()
+    with pytest.raises(checkpoint.CheckpointDamaged, match=f"^checkpoint-2/{file.split('/')[0]} is damaged \\(.+\\)$"):
+        load_checkpoint(path, fresh, fresh_optimizer, fresh_scheduler)
+    assert all(torch.equal(weights[n], p) for n, p in _trainable(fresh).items())
+    assert torch.equal(torch.get_rng_state(), rng) and not fresh_optimizer.state
+
+
+# --- resuming past a damaged checkpoint, in the training loop ---------------------------------------
+
+def _damage(path: Path, how: str) -> None:
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "garbage":
+        path.write_bytes(b"\x00garbage" * 40)
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("file, how", [("optimizer.safetensors", "truncated"), ("adapter/adapter_model.safetensors",
+                                       "garbage"), ("rng.safetensors", "missing"), (STATE_NAME, "garbage")])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, file, how):
+    config = _steps_config()
+    reference, _ = _train(tmp_path / "reference", config)
+    with pytest.raises(Killed):
+        _train(tmp_path / "run", config, loss_fn=_crash_at(7))  # checkpoints 2, 4, 6
+    _damage(tmp_path / "run" / "checkpoint-6" / file, how)
+    capsys.readouterr()
+    resumed, result = _train(tmp_path / "run", _steps_config(resume=True))
+    out, err = capsys.readouterr()
+    (line,) = [line for line in err.splitlines() if line.startswith("lorafit")]  # the rest is the progress bar
+    assert line.startswith(f"lorafit: checkpoint-6/{file.split('/')[0]} is damaged (")
+    assert line.endswith("; resuming from checkpoint-4 instead")
+    assert "Resuming from checkpoint-4 (step 4 of 12)" in out
+    assert read_metrics(tmp_path / "run") == read_metrics(tmp_path / "reference")
+    assert_same_tensors(_final_weights(resumed), _final_weights(reference), atol=1e-6)
+
+
+def test_with_no_usable_checkpoint_resume_names_the_damaged_file_and_changes_nothing(tmp_path):
+    config = _steps_config(keep_checkpoints=1)
+    with pytest.raises(Killed):
+        _train(tmp_path, config, loss_fn=_crash_at(5))  # checkpoint-4 only
+    _damage(tmp_path / "checkpoint-4" / "optimizer.safetensors", "truncated")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(LorafitError, match=r"cannot resume '.+': checkpoint-4/optimizer.safetensors is damaged "
+                                           r"\(.+\), and no earlier checkpoint reads back; start the run again"):
+        _train(tmp_path, _steps_config(keep_checkpoints=1, resume=True))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

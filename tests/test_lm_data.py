@@ -251,6 +251,25 @@ def test_tokenize_lm_accepts_a_dataset_with_missing_values(chat_tok):
     assert examples[1]["labels"] == examples[1]["input_ids"]
 
 
+def test_files_written_by_pandas_load_and_encode(tmp_path, chat_tok):
+    """Prompt/response CSV and TSV and chat JSONL as pandas writes them; the DataFrame is the reference."""
+    import pandas as pd
+
+    from lorafit.readers import read_table
+
+    pairs = pd.DataFrame({"prompt": ["Line one\rline two", 'Say "hi", then go', "tab\there"],
+                          "response": ["ok\r", "café 🙂", "two\r\nlines"]})
+    chats = pd.DataFrame({"messages": [[{"role": "user", "content": "a\rb"}, {"role": "assistant", "content": "c\n"}]]})
+    pairs.to_csv(tmp_path / "pairs.csv", index=False)
+    pairs.to_csv(tmp_path / "pairs.tsv", index=False, sep="\t")
+    chats.to_json(tmp_path / "chats.jsonl", orient="records", lines=True)
+    for name, written in (("pairs.csv", pairs), ("pairs.tsv", pairs), ("chats.jsonl", chats)):
+        records = read_table(tmp_path / name).to_list()
+        assert records == written.to_dict("records")
+        examples, truncated = tokenize_lm(records, chat_tok, max_length=256)
+        assert truncated == 0 and len(examples) == len(records)
+
+
 # packing
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -107,3 +109,20 @@ def test_missing_adapter(tmp_path, capsys):
     code, out, err = run_cli(capsys, "merge", "--adapter", tmp_path / "nothing", "--output", tmp_path / "out")
     assert_one_line_error(code, err, "nothing", "does not exist")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tensor", ["lora_B", "classifier.weight"])
+def test_adapter_holding_nan_is_one_line_naming_it_and_writes_nothing(tmp_path, capsys, trained_run, tensor):
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "diverged"
+    shutil.copytree(trained_run.best, adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = sorted(k for k in tensors if tensor in k)[-1]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    before = snapshot(adapter)
+    code, out, err = run_cli(capsys, "merge", "--adapter", adapter, "--output", tmp_path / "out")
+    assert_one_line_error(code, err, str(adapter), "NaN", "--lr")
+    assert not (tmp_path / "out").exists()
+    assert snapshot(adapter) == before

@@ -526,3 +526,48 @@ def test_gradients_through_a_mixed_batch_equal_row_by_row():
     assert set(mixed) == set(reference) and any(".b.weight" in n for n in mixed)
     for name in reference:
         torch.testing.assert_close(mixed[name], reference[name], rtol=1e-4, atol=1e-6)
+
+
+# --- wrapping a base twice; switching while merged ------------------------------------------------------------
+@pytest.mark.parametrize("second", ["get_lora_model", "from_pretrained"])
+def test_a_second_wrap_of_the_same_base_is_refused_and_keeps_the_first_adapter(second, tmp_path):
+    first = _lora("bert-linear")
+    _lora("bert-linear", seed=1).save_pretrained(tmp_path)
+    before, modules = _state(first), [(n, type(m).__name__) for n, m in first.named_modules()]
+    with pytest.raises(LorafitError, match="already holds lorafit adapters.*add_adapter"):
+        if second == "get_lora_model":
+            get_lora_model(first.model, LoraConfig(**MODELS["bert-linear"][1]))
+        else:
+            LoraModel.from_pretrained(first.model, tmp_path)
+    assert [(n, type(m).__name__) for n, m in first.named_modules()] == modules
+    after = _state(first)
+    assert list(after) == list(before)
+    for key in before:
+        assert torch.equal(after[key], before[key]), key
+
+
+def test_failed_get_lora_model_leaves_the_base_as_it_was():
+    base = tiny_bert_cls()
+    before, modules = _state(base), [(n, type(m).__name__) for n, m in base.named_modules()]
+    grads = {n: p.requires_grad for n, p in base.named_parameters()}
+    with pytest.raises(LorafitError, match="ranker"):
+        get_lora_model(base, LoraConfig(task_type="SEQ_CLS", target_modules=["query"], modules_to_save=["ranker"]))
+    assert [(n, type(m).__name__) for n, m in base.named_modules()] == modules
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == grads and all(grads.values())
+    after = _state(base)
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_set_adapter_while_another_is_merged_unmerges_it_first():
+    """PEFT's behaviour: a warning, then the merged weights are taken out and the new adapter applies."""
+    lora = _two_adapters()
+    batch = make_batch()
+    base_weights = {k: v.detach().clone() for k, v in _base_weights(lora).items()}
+    only_b = _only(lora, "b")
+    lora.merge_adapter(["a"])
+    with pytest.warns(UserWarning, match="unmerg"):
+        lora.set_adapter("b")
+    torch.testing.assert_close(_logits(lora, batch), _logits(only_b, batch), rtol=1e-5, atol=1e-5)
+    assert not any(layer.merged for layer in lora.modules() if isinstance(layer, LoraLayer))
+    for name, weight in _base_weights(lora).items():
+        torch.testing.assert_close(weight, base_weights[name], rtol=0, atol=1e-6, msg=name)

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from lorafit.errors import LorafitError
-from lorafit.run_dir import (append_metrics, load_adapter_info, model_card, plot_curves, prepare_run_dir,
-                             read_metrics, replace_dir_atomically, rewrite_metrics, save_adapter_info)
-from test_cli import (FIELDS, adapter_tensors, make_rows, read_jsonl, run_cli, tensors_equal,  # noqa: F401
-                      tiny_bert_dir, trained_run, tiny_bert3_dir, write_rows)
+from lorafit.run_dir import (append_metrics, load_adapter_info, lock_run_dir, model_card, plot_curves,
+                             prepare_run_dir, read_metrics, release_run_dirs, replace_dir_atomically,
+                             rewrite_metrics, save_adapter_info, write_text)
+from lorafit.train_config import TrainConfig
+from test_cli import (FAST, FIELDS, adapter_tensors, assert_one_line_error, make_rows, read_jsonl,  # noqa: F401
+                      run_cli, small_run, snapshot, tensors_equal, tiny_bert_dir, trained_run, tiny_bert3_dir,
+                      write_rows)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHECKPOINT_FILES = {"adapter", "optimizer.safetensors", "rng.safetensors", "trainer_state.json"}
@@ -48,7 +56,7 @@ def steps_run(tmp_path_factory, tiny_bert_dir):
 def test_run_folder_layout(steps_run):
     run, _, _ = steps_run
     assert sorted(p.name for p in run.iterdir()) == [
-        "README.md", "best", "checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8", "config.yaml",
+        ".lorafit.lock", "README.md", "best", "checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8", "config.yaml",
         "curves.png", "metrics.jsonl"]
     for step in (2, 4, 6, 8):
         checkpoint = run / f"checkpoint-{step}"
@@ -89,7 +97,8 @@ def test_run_without_evaluations(tmp_path, capsys, tiny_bert_dir):
                                 "--validation-file", train, "--output-dir", out, "--max-length", "32",
                                 "--batch-size", "8", "--epochs", "1", "--eval-strategy", "no")
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "best", "config.yaml", "curves.png", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".lorafit.lock", "README.md", "best", "config.yaml", "curves.png",
+                                                     "metrics.jsonl"]
     (record,) = read_jsonl(out / "metrics.jsonl")
     assert set(record) == {"step", "epoch", "train_loss"} and record["step"] == 2
     assert "validation_accuracy: " in stdout
@@ -150,25 +159,121 @@ def test_model_card(steps_run, tiny_bert_dir):
 
 # --- helpers ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("marker", ["config.yaml", "metrics.jsonl", "best"])
+def _prepared(path: Path, **settings) -> Path:
+    """A run folder as `lorafit train` leaves it once its checks passed (config.yaml and the lock file)."""
+    prepare_run_dir(path, TrainConfig(output_dir=str(path), **settings).resolved())
+    release_run_dirs()
+    return path
+
+
+def _resume(path: Path, **settings) -> None:
+    try:
+        prepare_run_dir(path, TrainConfig(output_dir=str(path), resume=True, **settings).resolved())
+    finally:
+        release_run_dirs()
+
+
+def _checkpoint(run: Path, step: int) -> None:
+    (run / f"checkpoint-{step}" / "adapter").mkdir(parents=True)
+    (run / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+
+
+@pytest.mark.parametrize("marker", ["metrics.jsonl", "best"])
 def test_prepare_refuses_to_mix_two_runs(tmp_path, marker):
-    (tmp_path / marker).mkdir() if marker == "best" else (tmp_path / marker).write_text("")
+    run = _prepared(tmp_path / "run")
+    (run / marker).mkdir() if marker == "best" else (run / marker).write_text("")
+    _checkpoint(run, 2)
+    before = snapshot(run)
     with pytest.raises(LorafitError, match="already holds a run; pass --resume"):
-        prepare_run_dir(tmp_path, resume=False)
-    prepare_run_dir(tmp_path, resume=True)  # continuing it is fine
+        prepare_run_dir(run, TrainConfig(output_dir=str(run)).resolved())
+    assert snapshot(run) == before
+    _resume(run)  # continuing it is fine
+    assert snapshot(run)["config.yaml"] == before["config.yaml"]
 
 
-def test_prepare_fresh_and_unrelated_folders(tmp_path):
+def test_prepare_fresh_and_empty_folders(tmp_path):
     target = tmp_path / "a" / "b"
     with pytest.raises(LorafitError, match="holds no run to resume"):
-        prepare_run_dir(target, resume=True)
+        _resume(target)
     assert not target.exists()
-    prepare_run_dir(target, resume=False)
-    assert target.is_dir()
-    (target / "notes.txt").write_text("mine")  # a folder with other files is not a run
-    prepare_run_dir(target, resume=False)
+    _prepared(target)
+    assert yaml.safe_load((target / "config.yaml").read_text())["output_dir"] == str(target)
+    empty = tmp_path / "empty"
+    empty.mkdir()
     with pytest.raises(LorafitError, match="holds no run to resume"):
-        prepare_run_dir(target, resume=True)
+        _resume(empty)
+    assert sorted(p.name for p in _prepared(empty).iterdir()) == [".lorafit.lock", "config.yaml"]
+
+
+@pytest.mark.parametrize("files", [
+    {"README.md": "my notes", "curves.png": "my plot"},
+    {"checkpoint-1/trainer_state.json": "{}", "checkpoint-1/optimizer.pt": "x"},  # a transformers Trainer's run
+    {"config.yaml": "learning_rate: 0.1\n"},  # someone else's config.yaml
+])
+def test_folders_lorafit_did_not_make_are_refused(tmp_path, files):
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(content)
+    before = snapshot(tmp_path)
+    for resume in (False, True):
+        with pytest.raises(LorafitError, match="is not empty and was not made by lorafit; pass a new or empty"):
+            prepare_run_dir(tmp_path, TrainConfig(output_dir=str(tmp_path), resume=resume).resolved())
+    assert snapshot(tmp_path) == before
+
+
+def test_under_accelerate_launch_only_the_main_process_prepares_and_locks(tmp_path, monkeypatch):
+    run = _prepared(tmp_path / "run")
+    lock_run_dir(run)  # the main process, running
+    monkeypatch.setenv("RANK", "1")
+    before = snapshot(run)
+    try:
+        prepare_run_dir(run, TrainConfig(output_dir=str(run)).resolved())  # neither "already holds a run" nor "in use"
+    finally:
+        release_run_dirs()
+    assert snapshot(run) == before
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(LorafitError, match="'.*out' is a file; pass a folder"):
+        _prepared(tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_resume_refuses_settings_that_change_the_result(tmp_path):
+    run = _prepared(tmp_path / "run", model="tiny", lr=0.01, seed=3)
+    _checkpoint(run, 2)
+    before = snapshot(run)
+    with pytest.raises(LorafitError) as raised:
+        _resume(run, model="other", lr=0.01, seed=4, r=16)
+    message = str(raised.value)
+    assert "model (saved 'tiny', now 'other')" in message and "seed (saved 3, now 4)" in message
+    assert "r (saved 8, now 16)" in message and "lr" not in message
+    assert "another --output-dir" in message
+    assert snapshot(run) == before
+    # where checkpoints go and how memory is spent may change
+    _resume(run, model="tiny", lr=0.01, seed=3, keep_checkpoints=9, save_strategy="steps", gradient_checkpointing=True)
+    assert snapshot(run)["config.yaml"] == before["config.yaml"]
+
+
+def test_resume_of_a_complete_run_or_one_without_a_checkpoint_is_refused(tmp_path):
+    run = _prepared(tmp_path / "run")
+    (run / "best").mkdir()
+    (run / "best" / "adapter_config.json").write_text("{}")
+    before = snapshot(run)
+    with pytest.raises(LorafitError, match="has no checkpoint to continue from, and starting over would replace "
+                                           "its best/; to start over, pass another --output-dir"):
+        _resume(run)
+    _checkpoint(run, 4)
+    (run / "best" / "lorafit.json").write_text("{}")  # written once training has ended
+    _resume(run)  # stopped before the model card: resuming from the last checkpoint writes the rest
+    (run / "README.md").write_text("card")  # the last file a run writes
+    before = snapshot(run)
+    with pytest.raises(LorafitError, match="is complete .*; to train again, pass another --output-dir"):
+        _resume(run)
+    assert snapshot(run) == before
+    fresh = _prepared(tmp_path / "fresh")  # no checkpoint and no best/: resuming starts from step 0
+    _resume(fresh)
 
 
 def test_metrics_append_read_rewrite(tmp_path):
@@ -226,3 +331,132 @@ def test_model_card_for_a_causal_lm(tmp_path):
     assert "| validation_loss | 1.2346 |" in card
     assert "| r | 8 |" in card and "| lr |" not in card  # unset settings are left out
     assert "per_class" not in card
+
+
+def test_replace_dir_atomically_stopped_between_its_renames_keeps_the_old_folder(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM arrive as exceptions: after best/ was set aside, before the new one was renamed in."""
+    target = tmp_path / "best"
+    replace_dir_atomically(target, lambda tmp: (tmp / "v").write_text("1"))
+    real_rename = os.rename
+
+    def interrupted_rename(src, dst):
+        if Path(dst) == target and not Path(src).name.endswith(".old"):  # the new folder, not the old put back
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", interrupted_rename)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir_atomically(target, lambda tmp: (tmp / "v").write_text("2"))
+    monkeypatch.undo()
+    assert (target / "v").read_text() == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_and_folders_get_the_users_permissions(tmp_path, umask):
+    """Temporary files are created 0600 and folders 0700; what they become must not keep those modes."""
+    from lorafit.models import build_cached_dir
+    from lorafit.serialization import write_json
+
+    before = os.umask(umask)
+    try:
+        write_text(tmp_path / "README.md", "card")
+        write_json(tmp_path / "predictions.json", [1])
+        replace_dir_atomically(tmp_path / "best", lambda tmp: (tmp / "v").write_text("1"))
+        build_cached_dir(tmp_path / "cache" / "model", lambda tmp: (tmp / "w").write_text("1"))
+    finally:
+        os.umask(before)
+    for name in ("README.md", "predictions.json", "best/v", "cache/model/w"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+    for name in ("best", "cache/model"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o777 & ~umask, name
+
+
+# --- the command line on run folders ---------------------------------------------------------------------
+
+class Killed(BaseException):
+    """Stands for a kill: nothing after it runs."""
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory, tiny_bert_dir):
+    """A run stopped during step 3 of 6, after checkpoint-2: (run folder, command without --output-dir)."""
+    from lorafit import finetune
+    from lorafit.classify import classification_loss
+    from lorafit.cli import main
+    from test_cli import single_thread
+
+    root = tmp_path_factory.mktemp("killed_run")
+    train = write_rows(root / "train.jsonl", make_rows(24, seed=23))
+    command = ["train", "--model", str(tiny_bert_dir), "--train-file", str(train), "--validation-file", str(train),
+               "--max-length", "32", "--batch-size", "4", "--epochs", "1", "--eval-strategy", "steps",
+               "--eval-steps", "2", "--lr", "0.01", "--r", "4"]
+    calls = []
+
+    def crash_at_3(model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed
+        return classification_loss(model, batch)
+
+    with pytest.MonkeyPatch.context() as patch, single_thread():
+        patch.setattr(finetune, "classification_loss", crash_at_3)
+        with pytest.raises(Killed):
+            main([*command, "--output-dir", str(root / "run")])
+    assert (root / "run" / "checkpoint-2").is_dir() and not (root / "run" / "checkpoint-4").exists()
+    return root / "run", command
+
+
+def test_resume_with_another_model_changes_nothing_and_a_plain_resume_still_works(tmp_path, capsys, killed_run,
+                                                                                 tiny_bert3_dir):
+    run = tmp_path / "run"
+    shutil.copytree(killed_run[0], run)
+    before = snapshot(run)
+    code, out, err = run_cli(capsys, "train", "--output-dir", run, "--resume", "--model", tiny_bert3_dir,
+                             "--lr", "0.5")
+    assert_one_line_error(code, err, "model (saved ", f"now '{tiny_bert3_dir}')", "lr (saved 0.01, now 0.5)",
+                          "another --output-dir")
+    assert snapshot(run) == before
+    code, out, err = run_cli(capsys, "train", "--output-dir", run, "--resume")
+    assert code == 0, err
+    assert "Resuming from checkpoint-2 (step 2 of 6)" in out
+
+
+def test_resume_of_a_finished_run_says_it_is_complete(tmp_path, capsys, small_run):
+    run = tmp_path / "run"
+    shutil.copytree(small_run.dir, run)
+    before = snapshot(run)
+    code, out, err = run_cli(capsys, *small_run.args[:-len(FAST) - 2], *FAST, "--output-dir", run, "--resume")
+    assert_one_line_error(code, err, f"the run in '{run}' is complete", "pass another --output-dir")
+    assert snapshot(run) == before
+
+
+def test_train_into_a_folder_lorafit_did_not_make(tmp_path, capsys, killed_run):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    (out / "curves.png").write_bytes(b"my plot")
+    code, _, err = run_cli(capsys, *killed_run[1], "--output-dir", out)
+    assert_one_line_error(code, err, f"'{out}' is not empty and was not made by lorafit")
+    assert snapshot(out) == {"README.md": b"my notes", "curves.png": b"my plot"}
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, killed_run):
+    """Two real processes: one holds the run folder, a `lorafit train --resume` on it is refused."""
+    run = tmp_path / "run"
+    shutil.copytree(killed_run[0], run)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                               "from lorafit.run_dir import lock_run_dir; lock_run_dir(Path(sys.argv[1])); "
+                               "print('locked', flush=True); sys.stdin.read()", str(run)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = snapshot(run)
+        second = subprocess.run([sys.executable, "-m", "lorafit", "train", "--output-dir", str(run), "--resume"],
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        holder.communicate("", timeout=60)
+    assert second.returncode == 2, second.stderr
+    assert second.stderr == (f"lorafit train: error: run folder '{run}' is in use by another lorafit process "
+                             f"(pid {holder.pid}); wait for it to end or stop it\n")
+    assert snapshot(run) == before and second.stdout == ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -370,3 +371,62 @@ def test_training_steps_run_without_onednn_and_with_fast_dropouts_and_leave_the_
     _train(tmp_path, _steps_config(max_steps=2), loss_fn=loss_fn, model=model)
     assert seen == [(False, 0), (False, 0)]
     assert torch.backends.mkldnn.enabled == before and list(model.modules()) == modules
+
+
+# --- interruptions ---------------------------------------------------------
+
+def _interrupt_at(step: int):
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return classification_loss(model, batch)
+
+    return loss_fn
+
+
+def test_ctrl_c_says_where_training_stopped_and_how_to_resume(tmp_path, capsys, monkeypatch, tiny_bert_dir):
+    from lorafit import finetune
+
+    train = write_rows(tmp_path / "train.jsonl", make_rows(24, seed=23))
+    common = ["train", "--model", str(tiny_bert_dir), "--train-file", str(train), "--max-length", "32",
+              "--batch-size", "4", "--epochs", "1", "--eval-strategy", "steps", "--eval-steps", "2",
+              "--output-dir", tmp_path / "run"]
+    monkeypatch.setattr(finetune, "classification_loss", _interrupt_at(4))
+    code, _, err = run_cli(capsys, *common)
+    assert code == 130
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "lorafit" in line]  # the rest is the progress bar
+    assert line == f"lorafit train: interrupted at step 3; resume with: lorafit train --resume --output-dir " \
+                   f"{tmp_path / 'run'}"
+    monkeypatch.undo()
+    code, out, err = run_cli(capsys, "train", "--resume", "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    assert "Resuming from checkpoint-2 (step 2 of 6)" in out
+
+
+@pytest.mark.slow  # a second python process: ~15 s here
+def test_sigterm_says_where_training_stopped_and_how_to_resume(tmp_path, tiny_bert_dir):
+    train = write_rows(tmp_path / "train.jsonl", make_rows(400, seed=21))
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "lorafit", "train", "--model", str(tiny_bert_dir),
+                                "--train-file", str(train), "--max-length", "32", "--batch-size", "2",
+                                "--epochs", "1", "--eval-strategy", "steps", "--eval-steps", "2",
+                                "--output-dir", str(run)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not _complete_checkpoints(run):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    last = err.splitlines()[-1]
+    assert re.fullmatch(rf"lorafit train: interrupted at step (\d+); resume with: lorafit train --resume "
+                        rf"--output-dir {re.escape(str(run))}", last), err
+    assert "Traceback" not in err
+    assert int(re.search(r"step (\d+)", last).group(1)) >= max(_complete_checkpoints(run))

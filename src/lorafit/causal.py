@@ -27,7 +27,7 @@ from lorafit.models import load_causal_lm, load_tokenizer, model_reference, reso
 from lorafit.prefix_sharing import body_hidden
 from lorafit.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info, write_text
 from lorafit.train import restore_best, run_training
-from lorafit.train_config import TrainConfig, dump_config
+from lorafit.train_config import TrainConfig
 
 SAMPLE_COUNT = 3
 HELDOUT_LIMIT = 100  # generating for every row of a large validation set would dwarf training time
@@ -293,8 +293,7 @@ def train_causal_lm(config: TrainConfig) -> dict:
     run_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
     model = build_model(config, model_path, tokenizer)
     # only now that the data, model and adapter settings have all been checked is anything written
-    prepare_run_dir(run_dir, config.resume)
-    write_text(run_dir / "config.yaml", dump_config(config))
+    prepare_run_dir(run_dir, config)
     final: dict = {}
     if pairs:
         final["heldout_exact_match_before"] = score_heldout("Sample generations before training", model, tokenizer, pairs)

@@ -7,22 +7,31 @@ safetensors or JSON: resuming never unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import re
 import shutil
-import tempfile
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorafit.errors import LorafitError
 from lorafit.model import LoraModel
+from lorafit.run_dir import checkpoint_dirs, replace_dir_atomically
 
 STATE_NAME = "trainer_state.json"
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
+# What killed writes leave in a run folder: folders being built (.best.<random>, .checkpoint-<step>.<random>),
+# files being written (.curves.png.<random>.tmp, from serialization.atomic_path), and a previous folder set
+# aside while its replacement was renamed in (.best.old), which is put back if the replacement never arrived.
+_REPLACED = re.compile(r"\.(best|checkpoint-\d+)\.old")
+_LEFTOVER = re.compile(r"\.(best|checkpoint-\d+)\..+|\.(config\.yaml|metrics\.jsonl|curves\.png|README\.md)\..+\.tmp")
 
 
 @dataclass
@@ -65,8 +74,8 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 def save_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler, state: TrainState, keep: int) -> Path:
     """Write ``checkpoint-<step>/`` atomically and prune all but the newest ``keep``."""
     final = run_dir / f"checkpoint-{state.step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{state.step}.", dir=run_dir))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp / "adapter")
         tensors, meta = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -80,11 +89,8 @@ def save_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler, state
             "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         }
         (tmp / STATE_NAME).write_text(json.dumps({"state": asdict(state), **extra}), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    replace_dir_atomically(final, write)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -92,25 +98,94 @@ def save_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler, state
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders of an interrupted save are ignored)."""
-    found = [p for p in run_dir.glob("checkpoint-*") if _CHECKPOINT.search(p.name) and (p / STATE_NAME).is_file()]
-    return sorted(found, key=lambda p: int(_CHECKPOINT.search(p.name).group(1)))
+    return [p for p in checkpoint_dirs(run_dir) if (p / STATE_NAME).is_file()]
+
+
+class CheckpointDamaged(Exception):
+    """A checkpoint file that does not read back; the message names it and why."""
 
 
 def load_checkpoint(path: Path, model: LoraModel, optimizer, scheduler) -> TrainState:
-    """Restore everything ``save_checkpoint`` wrote, including the RNG streams."""
-    data = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
-    model.load_weights(path / "adapter", model.active_adapter)
-    _restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), data["optimizer"])
-    scheduler.load_state_dict(data["scheduler"])
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
-    version, internal, gauss = data["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = data["numpy_rng"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    return TrainState(**data["state"])
+    """Restore everything ``save_checkpoint`` wrote, including the RNG streams.
+
+    Every file is read and checked before anything is restored; a file that does not read back raises
+    CheckpointDamaged naming it.
+    """
+    with _reading(path, STATE_NAME):
+        data = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+        state = TrainState(**data["state"])
+        optimizer_meta, scheduler_state = data["optimizer"], data["scheduler"]
+        version, internal, gauss = data["python_rng"]
+        python_rng = (version, tuple(internal), gauss)
+        random.Random().setstate(python_rng)
+        name, keys, *rest = data["numpy_rng"]
+        numpy_rng = (name, np.array(keys, dtype=np.uint32), *rest)
+        np.random.RandomState().set_state(numpy_rng)
+    with _reading(path, "optimizer.safetensors"):
+        optimizer_tensors = load_file(str(path / "optimizer.safetensors"))
+        _check_optimizer_shapes(optimizer, optimizer_tensors)
+    with _reading(path, "rng.safetensors"):
+        torch_rng = load_file(str(path / "rng.safetensors"))["torch"]
+        current = torch.get_rng_state()
+        if torch_rng.dtype != current.dtype or torch_rng.shape != current.shape:
+            raise ValueError(f"torch RNG state of shape {tuple(torch_rng.shape)}, expected {tuple(current.shape)}")
+    with _reading(path, "adapter"):  # load_weights checks the whole adapter before changing any weight
+        model.load_weights(path / "adapter", model.active_adapter)
+    with _reading(path, STATE_NAME):
+        _restore_optimizer(optimizer, optimizer_tensors, optimizer_meta)
+        scheduler.load_state_dict(scheduler_state)
+    torch.set_rng_state(torch_rng)
+    random.setstate(python_rng)
+    np.random.set_state(numpy_rng)
+    return state
+
+
+@contextlib.contextmanager
+def _reading(checkpoint: Path, file: str) -> Iterator[None]:
+    """Turn any failure to read ``file`` (truncated, garbage, missing) into CheckpointDamaged naming it."""
+    try:
+        yield
+    except Exception as err:
+        reason = "missing" if not (checkpoint / file).exists() else (str(err).splitlines() or [type(err).__name__])[0]
+        raise CheckpointDamaged(f"{checkpoint.name}/{file} is damaged ({reason[:160]})") from None
+
+
+def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """load_state_dict does not compare moment shapes with the parameters: a wrong one would fail mid-step."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        if name != "step" and tuple(value.shape) != tuple(params[int(index)].shape):
+            raise ValueError(f"{key} has shape {tuple(value.shape)}, its parameter {tuple(params[int(index)].shape)}")
+
+
+def load_newest_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler) -> tuple[TrainState, Path] | None:
+    """Restore the newest checkpoint that reads back whole, saying which newer ones are damaged; None if none exists."""
+    damaged = []
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            state = load_checkpoint(path, model, optimizer, scheduler)
+        except CheckpointDamaged as err:
+            damaged.append(str(err))
+            continue
+        if damaged:
+            print(f"lorafit: {'; '.join(damaged)}; resuming from {path.name} instead", file=sys.stderr)
+        return state, path
+    if damaged:
+        raise LorafitError(f"cannot resume '{run_dir}': {'; '.join(damaged)}, and no earlier checkpoint reads back; "
+                           "start the run again with another --output-dir")
+    return None
 
 
 def remove_temporaries(run_dir: Path) -> None:
-    """Delete half-written checkpoint folders left by a killed run."""
-    for tmp in run_dir.glob(".checkpoint-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Clear what killed writes left behind, first putting back a folder whose replacement never arrived."""
+    for old in run_dir.glob(".*.old"):
+        match = _REPLACED.fullmatch(old.name)
+        if match and old.is_dir() and not (run_dir / match.group(1)).exists():
+            os.rename(old, run_dir / match.group(1))
+    for leftover in run_dir.glob(".*"):
+        if _LEFTOVER.fullmatch(leftover.name):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-from lorafit.errors import LorafitError
+from lorafit.errors import Interrupted, LorafitError
 
 DESCRIPTION = """\
 LoRA fine-tuning for Hugging Face transformers models, offline on a laptop CPU or on GPUs.
@@ -144,15 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # SIGTERM ends a command as Ctrl-C does
     try:
         _quiet_libraries()
         return args.run(args)
     except LorafitError as err:
         print(f"lorafit {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lorafit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # training says at which step, and how to resume
+        print(f"lorafit {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        return getattr(err, "exit_code", 130)
     except Exception as err:  # a full disk, a read-only folder: the environment, not a bug to trace
         from lorafit.output_paths import as_os_error, describe_os_error
 
@@ -162,6 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         writing = getattr(args, "output", None) or getattr(args, "output_dir", None)
         print(f"lorafit {args.command}: error: {describe_os_error(os_error, writing)}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(exit_code=128 + signum)
 
 
 if __name__ == "__main__":

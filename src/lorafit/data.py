@@ -6,6 +6,7 @@ Files are read by ``lorafit.readers``; prepare_split turns numeric text columns 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -16,12 +17,14 @@ import torch
 from datasets.exceptions import DatasetNotFoundError
 
 from lorafit.errors import LorafitError
-from lorafit.readers import INT_PATTERN, value_kind, read_table
+from lorafit.readers import INT_PATTERN, read_table, value_kind
 
 __all__ = ["read_table", "load_builtin_sentiment", "load_hub_dataset", "LabelSpace", "build_label_space",
            "prepare_split", "tokenize", "make_collator", "length_grouped_order"]
 
 _FLAGS = {"text": "--text-column", "text_pair": "--text-pair-column", "label": "--label-column"}
+# Spellings of a missing value, not class names: NaN as pandas and numpy print it, pandas' <NA>.
+_MISSING_TEXTS = {"", "nan", "<na>"}
 _LIKELY = {
     "text": ("text", "sentence", "review", "content", "document", "comment", "body", "tweet"),
     "text_pair": ("text_pair", "sentence2", "hypothesis", "question2", "text2"),
@@ -70,7 +73,7 @@ def load_hub_dataset(name: str, config: str | None) -> dict[str, datasets.Datase
 
 @dataclass(frozen=True)
 class LabelSpace:
-    """The classes: ``names[i]`` names class id ``i``; ``from_ids`` says training labels were integer ids."""
+    """The classes: ``names[i]`` names class id ``i``; ``from_ids`` says training labels were ClassLabel ids."""
 
     names: tuple[str, ...]
     from_ids: bool = False
@@ -85,25 +88,32 @@ class LabelSpace:
 
 
 def build_label_space(train: datasets.Dataset, label_column: str, *, source: str | None = None) -> LabelSpace:
-    """Derive the classes from the training labels (names sorted; integer ids 0..max)."""
+    """Derive the classes from the training labels: names sorted, whole numbers by value.
+
+    Whole numbers are class names like any other, so labels 0..K-1 become class ids 0..K-1 (the
+    transformers convention) while 1-5 stars, -1/1, 0/100000 or dates give one class per value seen,
+    never a head sized by the largest number. Only a ClassLabel feature maps integers to its names.
+    """
     where = f"training file '{source}'" if source else "the training data"
     _require_columns(train, {"label": label_column}, where)
     values = _column_values(train, label_column)
     feature = train.features[label_column]
+    _refuse_missing_labels(values, label_column, source or "the training data")
     kinds = {value_kind(v) for v in values} - {None}
     if kinds - {"number", "text", "true/false"} or len(kinds) > 1:
         raise LorafitError(f"column '{label_column}' of {where} holds {' and '.join(sorted(kinds))} values, not "
                            f"single class labels; pick a column with one name or class id per row ({_FLAGS['label']})")
-    example = next((v for v in values if isinstance(v, float)), None)
+    example = next((v for v in values if isinstance(v, float) and not v.is_integer()), None)
     if example is not None:
         raise LorafitError(f"labels in column '{label_column}' of {where} are decimal numbers (e.g. {example}); "
                            "classification needs class names or whole-number class ids, so rewrite them as such")
-    _refuse_missing_labels(values, label_column, source or "the training data")
-    if kinds == {"number"}:
-        space = _id_label_space(values, feature, label_column, where)
+    if isinstance(feature, datasets.ClassLabel):
+        space = _class_label_space(values, feature, label_column, where)
         distinct = sorted({space.names[v] for v in values})
     else:
-        distinct = sorted({str(v).strip() for v in values})
+        distinct = sorted({_label_name(v) for v in values})
+        if kinds == {"number"}:
+            distinct.sort(key=int)
         space = LabelSpace(tuple(distinct))
     if len(distinct) < 2:
         raise LorafitError(f"{where} has only one distinct label ({distinct[0]!r}) in column '{label_column}'; "
@@ -111,20 +121,32 @@ def build_label_space(train: datasets.Dataset, label_column: str, *, source: str
     return space
 
 
-def _id_label_space(values: list[int], feature, column: str, where: str) -> LabelSpace:
-    """Integer labels are class ids; names come from a ClassLabel feature or are str(id)."""
-    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else []
-    names += [str(i) for i in range(len(names), max(values) + 1)]
+def _label_name(value) -> str:
+    """A label's class name: whole numbers without a decimal part (pandas writes 1.0 for 1 in a column with gaps)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _class_label_space(values: list[int], feature: datasets.ClassLabel, column: str, where: str) -> LabelSpace:
+    """A ClassLabel column holds ids into its names."""
     for row, value in enumerate(values, 1):
-        if not 0 <= value < len(names):
+        if not 0 <= value < feature.num_classes:
             raise LorafitError(f"label {value} (row {row}) in column '{column}' of {where} is not a class id "
-                               f"(ids run 0..{len(names) - 1}); fix or remove the row")
-    return LabelSpace(tuple(names), from_ids=True)
+                               f"(ids run 0..{feature.num_classes - 1}); fix or remove the row")
+    return LabelSpace(tuple(feature.names), from_ids=True)
+
+
+def _is_missing(value) -> bool:
+    """Null, blank, a float NaN, or the text pandas and numpy write for one ("NaN", "nan", "<NA>")."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    return isinstance(value, str) and value.strip().lower() in _MISSING_TEXTS
 
 
 def _refuse_missing_labels(values: list, column: str, source: str) -> None:
-    """Name the first rows whose label is null or blank."""
-    missing = [row for row, v in enumerate(values, 1) if v is None or str(v).strip() == ""]
+    """Name the first rows whose label is missing; dropping them silently would change the data unseen."""
+    missing = [row for row, v in enumerate(values, 1) if _is_missing(v)]
     if missing:
         raise LorafitError(f"row {missing[0]} of {source} has no label in column '{column}'{_more_rows(missing)}; "
                            "remove the row or fill it in")
@@ -173,12 +195,29 @@ def _texts(ds: datasets.Dataset, column: str, source: str) -> list[str]:
     if any(isinstance(v, list | dict) for v in values):
         raise LorafitError(f"column '{column}' of {source} holds lists or objects, not text; "
                            f"pick the text column with {_FLAGS['text']}")
-    texts = ["" if v is None else str(v) for v in values]
+    texts = [_as_text(v) for v in values]
+    binary = [row for row, text in enumerate(texts, 1) if text is None]
+    if binary:
+        raise LorafitError(f"column '{column}' of {source} holds bytes that are not UTF-8 text in row {binary[0]}"
+                           f"{_more_rows(binary)}; pick a text column with {_FLAGS['text']} or store the text as "
+                           "UTF-8 strings")
     empty = [row for row, text in enumerate(texts, 1) if not text.strip()]
     if empty:
         raise LorafitError(f"row {empty[0]} of {source} has an empty text in column '{column}'{_more_rows(empty)}; "
                            "remove the row or fill it in")
     return texts
+
+
+def _as_text(value) -> str | None:
+    """A text value as str: missing ones empty, UTF-8 bytes decoded, other bytes None."""
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return ""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return str(value)
 
 
 def _label_ids(values: list, labels: LabelSpace, split: str, source: str, column: str) -> list[int]:
@@ -189,7 +228,7 @@ def _label_ids(values: list, labels: LabelSpace, split: str, source: str, column
     ids_allowed = labels.from_ids or not any(INT_PATTERN.fullmatch(name) for name in labels.names)
     ids, unknown = [], {}
     for row, value in enumerate(values, 1):
-        class_id = None if labels.from_ids and isinstance(value, int) else lookup.get(str(value).strip())
+        class_id = None if labels.from_ids and isinstance(value, int) else lookup.get(_label_name(value))
         if class_id is None and ids_allowed and type(value) is int and 0 <= value < count:
             class_id = value
         if class_id is None:

@@ -21,9 +21,10 @@ from lorafit.first_token import first_token_last_layer
 from lorafit.inject import check_each_target_matches
 from lorafit.model import get_lora_model
 from lorafit.models import load_classifier, load_tokenizer, model_reference, resolve_model
-from lorafit.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info, write_text
+from lorafit.run_dir import (model_card, plot_curves, prepare_run_dir, release_run_dirs, save_adapter_info,
+                             write_text)
 from lorafit.train import restore_best, run_training
-from lorafit.train_config import TrainConfig, dump_config
+from lorafit.train_config import TrainConfig
 
 
 def default_output_dir(config: TrainConfig) -> Path:
@@ -34,11 +35,14 @@ def default_output_dir(config: TrainConfig) -> Path:
 def run_train(config: TrainConfig) -> dict:
     """Run a fine-tuning job end to end; returns the final metrics."""
     config = config.resolved()
-    if config.task == "causal-lm":
-        from lorafit.causal import train_causal_lm
+    try:
+        if config.task == "causal-lm":
+            from lorafit.causal import train_causal_lm
 
-        return train_causal_lm(config)
-    return train_classifier(config)
+            return train_causal_lm(config)
+        return train_classifier(config)
+    finally:
+        release_run_dirs()  # locked by prepare_run_dir
 
 
 def train_classifier(config: TrainConfig) -> dict:
@@ -64,8 +68,7 @@ def train_classifier(config: TrainConfig) -> dict:
     model = get_lora_model(base, lora_config)
     first_token_last_layer(model)  # the head reads [CLS] alone: the last layer computes only that row
     # only now that the data, model and adapter settings have all been checked is anything written
-    prepare_run_dir(run_dir, config.resume)
-    write_text(run_dir / "config.yaml", dump_config(config))
+    prepare_run_dir(run_dir, config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     model.print_trainable_parameters()

@@ -29,9 +29,9 @@ from lorafit.layers import BASE_ADAPTER
 from lorafit.lm_data import encode_prompt, leading_special_ids, render_messages, text_prefix_ids, tokenize_text
 from lorafit.loading import LoadedAdapter, adapter_task, check_adapter_dir, load_adapter_for_inference
 from lorafit.model import DEFAULT_ADAPTER, LoraModel
-from lorafit.run_dir import load_adapter_info
 from lorafit.output_paths import check_output_file
-from lorafit.serialization import CONFIG_NAME, atomic_path
+from lorafit.run_dir import load_adapter_info
+from lorafit.serialization import atomic_path, read_adapter_config
 from lorafit.train_config import check_number, check_positive_int, check_seed
 
 NAME = "generate"
@@ -99,8 +99,7 @@ def check_adapters(specs: dict[str, Path], model: str | None) -> None:
         task = adapter_task(directory, info)
         if task != "causal-lm":
             raise LorafitError(f"'{directory}' is a {task} adapter; use `lorafit predict` for it")
-        peft_config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
-        base = info.get("base_model") or peft_config.get("base_model_name_or_path")
+        base = info.get("base_model") or read_adapter_config(directory).base_model_name_or_path
         if base:
             bases[name] = _same_base_key(base)
     if model is None and len(set(bases.values())) > 1:

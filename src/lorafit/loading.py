@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from lorafit.errors import LorafitError
 from lorafit.model import LoraModel
 from lorafit.models import load_causal_lm, load_classifier, load_tokenizer, resolve_model
 from lorafit.run_dir import load_adapter_info
-from lorafit.serialization import CONFIG_NAME
+from lorafit.serialization import CONFIG_NAME, WEIGHTS_NAME, damaged_weights_error, read_adapter_config
 
 
 @dataclass
@@ -31,7 +30,7 @@ def adapter_task(adapter_dir: Path, info: dict) -> str:
     """classification or causal-lm, from lorafit's info file or the adapter's PEFT task_type."""
     if "task" in info:
         return info["task"]
-    task_type = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8")).get("task_type")
+    task_type = read_adapter_config(adapter_dir).task_type
     return "causal-lm" if task_type == "CAUSAL_LM" else "classification"
 
 
@@ -53,8 +52,8 @@ def load_adapter_for_inference(adapter: str | Path, model: str | None = None, pa
     """Base model (``model`` or the one the adapter names), its tokenizer, and the adapter on top."""
     adapter_dir = check_adapter_dir(adapter)
     info = load_adapter_info(adapter_dir)
-    peft_config = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
-    base_name = model or info.get("base_model") or peft_config.get("base_model_name_or_path")
+    config = read_adapter_config(adapter_dir)  # a damaged config fails before the base model is loaded
+    base_name = model or info.get("base_model") or config.base_model_name_or_path
     if not base_name:
         raise LorafitError(f"adapter '{adapter_dir}' does not say which base model it was trained on; pass --model")
     base_path = resolve_model(base_name)
@@ -76,11 +75,14 @@ def load_adapter_for_inference(adapter: str | Path, model: str | None = None, pa
 
 def _id2label_from_weights(adapter_dir: Path) -> dict[int, str]:
     """A PEFT adapter without lorafit's info file: count classes from the saved head's output rows."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
-        heads = [k for k in f.keys() if k.endswith(("classifier.weight", "out_proj.weight", "score.weight"))]
-        if not heads:
-            raise LorafitError(f"adapter '{adapter_dir}' has no classification head; is it a causal-LM adapter?")
-        num_labels = f.get_slice(heads[0]).get_shape()[0]
+    try:
+        with safe_open(str(adapter_dir / WEIGHTS_NAME), "pt") as f:
+            heads = [k for k in f.keys() if k.endswith(("classifier.weight", "out_proj.weight", "score.weight"))]
+            num_labels = f.get_slice(heads[0]).get_shape()[0] if heads else 0
+    except (SafetensorError, OSError) as err:
+        raise damaged_weights_error(adapter_dir / WEIGHTS_NAME, err) from None
+    if not heads:
+        raise LorafitError(f"adapter '{adapter_dir}' has no classification head; is it a causal-LM adapter?")
     return {i: f"LABEL_{i}" for i in range(num_labels)}

@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from lorafit.errors import LorafitError
 from lorafit.loading import add_adapter_arguments, load_adapter_for_inference
 from lorafit.output_paths import check_output_dir
@@ -32,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     if output.exists() and any(output.iterdir()):
         raise LorafitError(f"output directory '{output}' is not empty; pass a new --output")
     loaded = load_adapter_for_inference(args.adapter, args.model)
+    if args.safe_merge:
+        check_finite(loaded.model, args.adapter)
     merged = loaded.model.merge_and_unload(safe_merge=args.safe_merge)
     output.parent.mkdir(parents=True, exist_ok=True)
 
@@ -42,3 +47,12 @@ def run(args: argparse.Namespace) -> int:
     replace_dir_atomically(output, write)
     print(f"merged model written to {output}")
     return 0
+
+
+def check_finite(model: nn.Module, adapter: str) -> None:
+    """Safe merge checks the merged LoRA weights; this also covers the trained head and biases, in one line."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise LorafitError(f"adapter '{adapter}' holds NaN or inf ('{name.removeprefix('model.')}'), so the merged "
+                               "model would be broken and nothing was written: retrain it (a lower --lr often "
+                               "helps) or merge an earlier checkpoint")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +16,8 @@ from lorafit.errors import LorafitError
 from lorafit.inject import inject_adapter, lora_layers, saved_module_wrappers, unwrap_all
 from lorafit.layers import BASE_ADAPTER, BatchRouting, LoraLayer
 from lorafit.saved_modules import ModulesToSave
-from lorafit.serialization import check_adapter_fits, read_adapter, save_adapter
+from lorafit.serialization import (adapter_tensor_targets, check_adapter_fits, copy_all_or_nothing, read_adapter,
+                                   save_adapter)
 
 DEFAULT_ADAPTER = "default"
 
@@ -34,14 +36,16 @@ class LoraModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: LoraConfig | None = None, adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
+        _refuse_wrapped(model)
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.routing = BatchRouting()
         self._active_adapter: str | None = None
-        model.requires_grad_(False)
-        if config is not None:
-            self.add_adapter(adapter_name, config)
-            self.set_adapter(adapter_name)
+        with self._undone_on_failure(adapter_name):
+            model.requires_grad_(False)
+            if config is not None:
+                self.add_adapter(adapter_name, config)
+                self.set_adapter(adapter_name)
 
     # --- adapters ------------------------------------------------------------------------------
     @property
@@ -69,8 +73,22 @@ class LoraModel(nn.Module):
             self._set_trainable(active, trainable=not self.peft_config[active].inference_mode)
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the one applied and the one trained; the others stay frozen."""
+        """Make ``adapter_name`` the one applied and the one trained; the others stay frozen.
+
+        Merged adapters are unmerged first, with a warning, as PEFT does: otherwise their weights would
+        silently stay in the base model under the new adapter.
+        """
         self._require(adapter_name)
+        merged = [layer for layer in lora_layers(self.model) if layer.merged]
+        if merged:
+            names = sorted({name for layer in merged for name in layer.merged_adapters})
+            warnings.warn(f"adapter(s) {', '.join(names)} are merged into the base weights; unmerging them "
+                          f"before switching to {adapter_name!r}", UserWarning, stacklevel=2)
+            for layer in merged:
+                layer.unmerge()
+        self._activate(adapter_name)
+
+    def _activate(self, adapter_name: str) -> None:
         for module in [*lora_layers(self.model), *saved_module_wrappers(self.model)]:
             module.active_adapter = adapter_name
         self._active_adapter = adapter_name
@@ -83,8 +101,8 @@ class LoraModel(nn.Module):
         del self.peft_config[adapter_name]
         if self._active_adapter == adapter_name:
             self._active_adapter = None
-            if self.peft_config:
-                self.set_adapter(next(iter(self.peft_config)))
+            if self.peft_config:  # adapters still merged stay merged, as in PEFT
+                self._activate(next(iter(self.peft_config)))
 
     def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
                      is_trainable: bool = False) -> None:
@@ -94,8 +112,9 @@ class LoraModel(nn.Module):
         config, tensors = read_adapter(adapter_dir)
         config.inference_mode = not is_trainable
         check_adapter_fits(self.model, config, tensors, str(adapter_dir))
-        self.add_adapter(adapter_name, config)
-        self._load_tensors(adapter_name, tensors)
+        with self._undone_on_failure(adapter_name):
+            self.add_adapter(adapter_name, config)
+            copy_all_or_nothing(adapter_tensor_targets(self.model, adapter_name, config, tensors, str(adapter_dir)))
         # add_adapter already set requires_grad: the loaded adapter trains only if it is the active one
         # and is_trainable; an adapter loaded beside the active one leaves that one's training as it was
 
@@ -104,7 +123,7 @@ class LoraModel(nn.Module):
         self._require(adapter_name)
         config, tensors = read_adapter(adapter_dir)
         check_adapter_fits(self.model, config, tensors, str(adapter_dir))
-        self._load_tensors(adapter_name, tensors)
+        copy_all_or_nothing(adapter_tensor_targets(self.model, adapter_name, config, tensors, str(adapter_dir)))
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, adapter_dir: str | os.PathLike,
@@ -159,7 +178,9 @@ class LoraModel(nn.Module):
                     if name in layer.r and name not in layer.merged_adapters:
                         weight += layer.delta_weight(name).to(weight.dtype)
                 if not torch.isfinite(weight).all():
-                    raise ValueError("merging would put NaN or inf into the base weights; the model is unchanged")
+                    raise LorafitError(f"merging {', '.join(map(repr, names))} would put NaN or inf into the base "
+                                       "weights; the model is unchanged: the adapter's weights are not finite or "
+                                       "too large (did training diverge?)")
         for layer in layers:
             layer.merge(names)
 
@@ -250,23 +271,32 @@ class LoraModel(nn.Module):
                 if getattr(layer.base_layer, "bias", None) is not None:
                     layer.base_layer.bias.requires_grad_(trainable)
 
-    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
-        own = {}
-        for path, module in self.model.named_modules():
-            if isinstance(module, LoraLayer) and adapter_name in module.r:
-                for attr in module.adapter_attribute_names[:2]:
-                    entry = getattr(module, attr)[adapter_name]
-                    suffix = "" if isinstance(entry, nn.Parameter) else ".weight"
-                    own[f"{path}.{attr}{suffix}"] = entry if suffix == "" else entry.weight
-            elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
-                for key, param in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
-                    own[f"{path}.{key}"] = param
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for key, tensor in tensors.items():
-                target = own.get(key) if key in own else params.get(key)
-                if target is not None:
-                    target.copy_(tensor.to(target.dtype))
+    @contextlib.contextmanager
+    def _undone_on_failure(self, adapter_name: str) -> Iterator[None]:
+        """Put the module tree, requires_grad flags and active adapters back if adding ``adapter_name`` fails.
+
+        Tensor values need no undo here: ``copy_all_or_nothing`` restores what it overwrote.
+        """
+        children = [(parent, name, child) for parent in self.model.modules() for name, child in parent.named_children()]
+        requires_grad = [(param, param.requires_grad) for param in self.model.parameters()]
+        wrappers = [*lora_layers(self.model), *saved_module_wrappers(self.model)]
+        active = [(module, module.active_adapter) for module in wrappers]
+        model_active, had_adapter = self._active_adapter, adapter_name in self.peft_config
+        try:
+            yield
+        except BaseException:
+            if not had_adapter:
+                for module in [*lora_layers(self.model), *saved_module_wrappers(self.model)]:
+                    module.delete_adapter(adapter_name)
+                self.peft_config.pop(adapter_name, None)
+            for parent, name, child in children:
+                setattr(parent, name, child)
+            for param, flag in requires_grad:
+                param.requires_grad_(flag)
+            for module, name in active:
+                module.active_adapter = name
+            self._active_adapter = model_active
+            raise
 
     def _require(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -327,6 +357,14 @@ def _adapter_of(name: str) -> str | None:
 
 def _is_adapter_parameter(name: str) -> bool:
     return _adapter_of(name) is not None
+
+
+def _refuse_wrapped(model: nn.Module) -> None:
+    """A second LoraModel over the same modules would re-initialise (or share) the first one's adapters."""
+    if isinstance(model, LoraModel) or any(isinstance(m, (LoraLayer, ModulesToSave)) for m in model.modules()):
+        raise LorafitError("this model already holds lorafit adapters (from an earlier get_lora_model or "
+                           "from_pretrained); wrapping it again would re-initialise them: use that LoraModel's "
+                           "add_adapter(name, config) or load_adapter(dir, name), or wrap its unload() result")
 
 
 def _batch_size(kwargs: dict) -> int | None:

@@ -21,6 +21,7 @@ import torch
 from huggingface_hub.errors import EntryNotFoundError
 
 from lorafit.errors import LorafitError
+from lorafit.serialization import usual_mode
 
 BUILTIN_MODELS: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2, a 22M-parameter BERT encoder for classification "
@@ -90,6 +91,7 @@ def build_cached_dir(target: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         build(tmp)
+        os.chmod(tmp, usual_mode(directory=True))  # mkdtemp makes it 0700
         try:
             os.rename(tmp, target)
         except OSError:
@@ -239,6 +241,8 @@ def _from_pretrained(loader: Callable, name: str, *, is_model: bool, **kwargs):
         kwargs["local_files_only"] = True
         if is_model:  # the PEFT-adapter probe ignores local_files_only and would retry for ~50 s
             kwargs["adapter_kwargs"] = {"local_files_only": True}
+    if is_model:  # transformers would otherwise unpickle a hub model's pytorch_model.bin
+        kwargs.setdefault("use_safetensors", True)
     try:
         return loader(path, **kwargs)
     except _LOAD_ERRORS as exc:
@@ -254,6 +258,21 @@ def _from_pretrained(loader: Callable, name: str, *, is_model: bool, **kwargs):
             f"model '{name}' could not be loaded from the Hugging Face hub ({reason}): check the "
             "name and your access, or pass a local model directory or a built-in alias"
         ) from exc
+
+
+def refuse_pickled_weights(name_or_path: str) -> None:
+    """Refuse a local model whose weights are pickles: lorafit reads safetensors only, as for adapters
+    (``weights_only`` narrows what an unpickled file can do, it does not make it safe)."""
+    folder = Path(resolve_model(name_or_path))
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.glob("*.bin"))  # pytorch_model*.bin, or a PEFT adapter_model.bin
+    if pickled:
+        raise LorafitError(
+            f"model directory '{folder}' holds pickled weights ({pickled[0]}), which lorafit never loads: convert "
+            "them once, in a Python session you trust, with transformers' from_pretrained(dir) then "
+            "save_pretrained(new_dir), which writes model.safetensors, and pass new_dir"
+        )
 
 
 def load_tokenizer(name_or_path: str, *, padding_side: str = "right"):
@@ -285,6 +304,7 @@ def load_classifier(
     models such as GPT-2/Llama need it to find the last token)."""
     from transformers import AutoModelForSequenceClassification
 
+    refuse_pickled_weights(name_or_path)
     extra = {} if pad_token_id is None else {"pad_token_id": pad_token_id}
     model = _from_pretrained(
         AutoModelForSequenceClassification.from_pretrained,
@@ -307,6 +327,7 @@ def load_causal_lm(name_or_path: str, *, dtype=torch.float32):
     """AutoModelForCausalLM."""
     from transformers import AutoModelForCausalLM
 
+    refuse_pickled_weights(name_or_path)
     return _from_pretrained(
         AutoModelForCausalLM.from_pretrained, name_or_path, is_model=True, dtype=dtype
     )

@@ -1,10 +1,12 @@
 """Reading local data files (CSV, TSV, JSON Lines, JSON, Parquet, save_to_disk folders) into Datasets.
 
 Messy real files load correctly or fail with one clear line: quoted fields holding newlines or
-carriage returns, a byte-order mark, CRLF line ends, and non-UTF-8 bytes (pass --encoding). Row
-numbers in messages count records from 1 (a CSV header is not a row). Columns whose every non-empty
-value is a whole number come back as ints (blank cells as None), all-decimal ones as floats, the
-rest as str.
+carriage returns, a bare carriage return left unquoted inside a field (pandas' ``to_csv`` writes
+them so), a byte-order mark, CRLF line ends, and non-UTF-8 bytes (pass --encoding); UTF-16 without
+a byte-order mark, binary files and FIFOs are refused by name. Row numbers in messages count records
+from 1 (a CSV header is not a row). Columns whose every non-empty value is a whole number written
+plainly come back as ints (blank cells as None; "007" stays text), all-decimal ones as floats, the
+rest as str. Parquet bytes columns holding UTF-8 come back as str.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def read_table(path, *, encoding: str | None = None, role: str = "data file") ->
         raise LorafitError(f"{role} '{path}' does not exist")
     if path.is_dir():
         return _read_saved_dataset(path)
+    if not path.is_file():  # reading a FIFO or a device would block or never end
+        raise LorafitError(f"{role} '{path}' is not a regular file (a pipe, socket or device); "
+                           "save the data to a file and pass that")
     ext = path.suffix.lower()
     if ext not in _DELIMITED and ext not in _JSON and ext != ".parquet":
         raise LorafitError(f"'{path}' has an unsupported file type '{path.suffix}'; supported: {SUPPORTED_FORMATS}")
@@ -52,6 +57,8 @@ def read_table(path, *, encoding: str | None = None, role: str = "data file") ->
 def _decode(path: Path, raw: bytes, encoding: str | None) -> str:
     """Decode bytes (UTF-8 unless told otherwise; UTF-16 when it starts with its BOM)."""
     chosen = encoding or ("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8")
+    if chosen == "utf-8":
+        _refuse_nul_bytes(path, raw)
     try:
         text = raw.decode(chosen)
     except LookupError:
@@ -65,16 +72,40 @@ def _decode(path: Path, raw: bytes, encoding: str | None) -> str:
     return text.removeprefix("\ufeff")
 
 
+def _refuse_nul_bytes(path: Path, raw: bytes) -> None:
+    """Name UTF-16 without a byte-order mark, and binary files, instead of failing later on quoting."""
+    sample = raw[:65536]
+    first = sample.find(b"\0")
+    if first < 0:
+        return
+    nuls = sample.count(b"\0")
+    odd = sample[1::2].count(b"\0")  # ASCII text as UTF-16-LE has a NUL after every character
+    if nuls >= len(sample) // 4 and min(odd, nuls - odd) <= nuls // 10:
+        order = "le" if odd > nuls // 2 else "be"
+        raise LorafitError(f"'{path}' looks like UTF-16 text without a byte-order mark (every other byte is 0); "
+                           f"pass --encoding utf-16-{order}, or re-save it as UTF-8")
+    raise LorafitError(f"'{path}' holds NUL bytes (the first at byte {first}), so it is not a text file; "
+                       "if it is a workbook or other binary format, export it as CSV (UTF-8), or pass --encoding "
+                       "if it is UTF-16/UTF-32 text")
+
+
 def _parse_delimited(path: Path, text: str, delimiter: str) -> dict[str, list]:
     """Parse CSV/TSV text (quoted newlines, bare CRs, CRLF) into typed columns."""
+    header_line = re.split(r"\r\n|\r|\n", text, maxsplit=1)[0]
     if delimiter == ",":
-        delimiter = _sniff_delimiter(text)
+        delimiter = _sniff_delimiter(header_line)
+    text, placeholder = _protect_bare_crs(text)
     csv.field_size_limit(2**31 - 1)  # the default 128 KiB cap rejects long documents
-    # newline="" hands line ends to csv untouched, so quoted \r and \n stay inside fields.
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True)
+    # newline="" hands line ends to csv untouched, so quoted \r and \n stay inside fields. Spaces after a
+    # delimiter are skipped only in hand-written files whose header puts them there ("text, label"):
+    # writers such as pandas keep a field's leading spaces unquoted.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter,
+                        skipinitialspace=f"{delimiter} " in header_line)
     header, rows = None, []
     try:
         for row in reader:
+            if placeholder and any(placeholder in field for field in row):
+                row = [field.replace(placeholder, "\r") for field in row]
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
             if header is None:
@@ -92,12 +123,27 @@ def _parse_delimited(path: Path, text: str, delimiter: str) -> dict[str, list]:
     return {name: _infer_type([row[i] for row in rows]) for i, name in enumerate(header)}
 
 
-def _sniff_delimiter(text: str) -> str:
+def _protect_bare_crs(text: str) -> tuple[str, str]:
+    """Hide the carriage returns that are text from csv, which ends a row at every one; return the stand-in.
+
+    A file whose header ends in "\\n" ends rows in "\\n", so all its "\\r" are text (pandas' to_csv leaves
+    them unquoted); one ending in "\\r\\n" keeps a "\\r" not followed by "\\n" as text; a file whose
+    header ends in a lone "\\r" (old Mac exports) ends its rows so.
+    """
+    line_end = re.search(r"\r\n|\r|\n", text)
+    if "\r" not in text or line_end.group() == "\r":
+        return text, ""
+    placeholder = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in text)  # a private-use char
+    if line_end.group() == "\n":
+        return text.replace("\r", placeholder), placeholder
+    return re.sub(r"\r(?!\n)", placeholder, text), placeholder
+
+
+def _sniff_delimiter(header_line: str) -> str:
     """Pick ';' or tab for a .csv whose header has no commas (spreadsheet exports)."""
-    first_line = text.split("\n", 1)[0]
-    if "," not in first_line:
+    if "," not in header_line:
         for candidate in (";", "\t"):
-            if candidate in first_line:
+            if candidate in header_line:
                 return candidate
     return ","
 
@@ -112,12 +158,21 @@ def _clean_header(path: Path, row: list[str]) -> list[str]:
 
 
 def _infer_type(values: list[str]) -> list:
-    """Turn an all-whole-number (or all-decimal) column into ints (floats); blanks become None."""
+    """Turn an all-whole-number (or all-decimal) column into ints (floats); blanks become None.
+
+    Whole numbers must be written plainly, so codes such as "007" or "+1" keep their spelling as text.
+    """
     filled = [v.strip() for v in values if v.strip()]
-    for pattern, convert in ((INT_PATTERN, int), (_FLOAT, float)):
-        if filled and all(pattern.fullmatch(v) for v in filled):
-            return [convert(v) if v.strip() else None for v in values]
+    if filled and all(_plain_int(v) for v in filled):
+        return [int(v) if v.strip() else None for v in values]
+    if filled and all(_FLOAT.fullmatch(v) and (not INT_PATTERN.fullmatch(v) or _plain_int(v)) for v in filled):
+        return [float(v) if v.strip() else None for v in values]
     return values
+
+
+def _plain_int(value: str) -> bool:
+    """A whole number written as Python and pandas write one (not "007" or "+1")."""
+    return bool(INT_PATTERN.fullmatch(value)) and str(int(value)) == value
 
 
 def _parse_json(path: Path, text: str, *, lines: bool) -> dict[str, list]:
@@ -205,7 +260,19 @@ def _read_parquet(path: Path) -> datasets.Dataset:
     except (pa.ArrowException, OSError) as exc:
         raise LorafitError(f"'{path}' is not a readable Parquet file ({exc})") from None
     index_columns = [n for n in table.column_names if n.startswith("__index_level_")]
-    return datasets.Dataset(table.drop_columns(index_columns))
+    return datasets.Dataset(_bytes_as_text(table.drop_columns(index_columns)))
+
+
+def _bytes_as_text(table: pa.Table) -> pa.Table:
+    """Decode bytes columns that hold UTF-8 text to str; others stay bytes, for the columns' users to refuse."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            text_type = pa.large_string() if pa.types.is_large_binary(field.type) else pa.string()
+            try:
+                table = table.set_column(i, field.name, table.column(i).cast(text_type))
+            except pa.ArrowInvalid:  # not UTF-8: images, pickles, ...
+                pass
+    return table
 
 
 def _read_saved_dataset(path: Path) -> datasets.Dataset:

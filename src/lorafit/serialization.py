@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
 from lorafit.inject import find_targets, modules_to_save_for, name_matches
+from lorafit.inject import _saved_module_names as saved_module_names
 from lorafit.layers import LoraEmbedding, LoraLayer, LoraLinear, linear_features
 from lorafit.saved_modules import ModulesToSave
 
@@ -38,10 +41,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, usual_mode())  # mkstemp makes it 0600
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def usual_mode(directory: bool = False) -> int:
+    """The mode open() or mkdir() would give under the user's umask (temporary ones are 0600 / 0700)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    try:  # read without setting: os.umask can only be read by changing it, for every thread at once
+        status = Path("/proc/self/status").read_text(encoding="ascii")
+        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def write_json(path: str | os.PathLike, data) -> None:
@@ -100,12 +119,82 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
     if not (directory / WEIGHTS_NAME).is_file():
         raise LorafitError(f"adapter '{directory}' has no {WEIGHTS_NAME}; lorafit loads safetensors only "
                            "(convert a pickled adapter_model.bin with PEFT's save_pretrained)")
+    config = read_adapter_config(directory)
     try:
-        config = LoraConfig.from_peft_dict(json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8")))
+        tensors = load_file(str(directory / WEIGHTS_NAME))
+    except (SafetensorError, OSError) as err:
+        raise damaged_weights_error(directory / WEIGHTS_NAME, err) from None
+    return config, {key.removeprefix(KEY_PREFIX): value for key, value in tensors.items()}
+
+
+def damaged_weights_error(path: Path, err: Exception) -> LorafitError:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return LorafitError(f"'{path}' is damaged ({reason}): save the adapter again, or copy it again from the run "
+                        "that trained it")
+
+
+def read_config_json(directory: str | os.PathLike) -> dict:
+    """adapter_config.json as a dict; a file that is not a JSON object is one error naming it."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged_config(path, f"not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise _damaged_config(path, f"a JSON {type(data).__name__}, not a JSON object")
+    return data
+
+
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    """The LoraConfig of an adapter directory, every field's type checked first (PEFT writes all of these)."""
+    path = Path(directory) / CONFIG_NAME
+    data = read_config_json(directory)
+    for key in _REQUIRED_FIELDS:
+        if key not in data:
+            raise _damaged_config(path, f"it has no '{key}'")
+    for key, (types, items, expected) in _FIELDS.items():
+        if key in data and not (_is_a(data[key], types) and all(_is_a(item, items) for item in _entries(data[key]))):
+            raise _damaged_config(path, f"'{key}' is {data[key]!r}, where PEFT writes {expected}")
+    try:
+        return LoraConfig.from_peft_dict(data)
     except (ValueError, TypeError) as err:
-        raise LorafitError(f"adapter '{directory}': {err}") from None
-    tensors = {key.removeprefix(KEY_PREFIX): value for key, value in load_file(str(directory / WEIGHTS_NAME)).items()}
-    return config, tensors
+        raise LorafitError(f"adapter '{Path(directory)}': {err}") from None
+
+
+def _damaged_config(path: Path, problem: str) -> LorafitError:
+    return LorafitError(f"'{path}' is damaged ({problem}): save the adapter again, or copy it again from the run "
+                        "that trained it")
+
+
+# adapter_config.json fields whose wrong type would otherwise surface later as a traceback or a wrong model:
+# field -> (types it may have, types of its entries, what PEFT writes there)
+_REQUIRED_FIELDS = ("r", "lora_alpha", "target_modules")
+_NAMES = (list, str, type(None))
+_FIELDS = {
+    "r": ((int,), (), "a positive integer"), "lora_alpha": ((int, float), (), "a number"),
+    "lora_dropout": ((int, float), (), "a number"), "bias": ((str,), (), "a string"),
+    "target_modules": (_NAMES, (str,), "a list of module names, a regex or null"),
+    "exclude_modules": (_NAMES, (str,), "a list of module names, a regex or null"),
+    "modules_to_save": ((list, type(None)), (str,), "a list of module names or null"),
+    "layers_to_transform": ((list, int, type(None)), (int,), "a layer index, a list of them or null"),
+    "layers_pattern": (_NAMES, (str,), "a name, a list of names or null"),
+    "rank_pattern": ((dict,), (int,), "an object of integer ranks"),
+    "alpha_pattern": ((dict,), (int, float), "an object of numbers"),
+    "init_lora_weights": ((bool, str), (), "true, false or a method name"),
+    "use_rslora": ((bool,), (), "true or false"),
+    "fan_in_fan_out": ((bool,), (), "true or false"), "inference_mode": ((bool,), (), "true or false"),
+    "base_model_name_or_path": ((str, type(None)), (), "a string or null"),
+    "task_type": ((str, type(None)), (), "a task name or null"),
+}
+
+
+def _is_a(value, types: tuple) -> bool:
+    # JSON true/false are Python bools, which are ints too: an integer field must not take them
+    return isinstance(value, types) and (bool in types or not isinstance(value, bool))
+
+
+def _entries(value) -> list:
+    return list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else []
 
 
 def expected_adapter_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
@@ -133,24 +222,112 @@ def expected_adapter_shapes(model: nn.Module, config: LoraConfig) -> dict[str, t
 
 
 def check_adapter_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Raise one error naming the first tensor that does not fit this model, before anything changes."""
+    """Raise one error naming the first tensor that does not fit this model, before anything changes.
+
+    Every tensor must land somewhere: LoRA factors and saved-module copies where the config puts them,
+    anything else (biases of ``bias="all"``, PEFT's copy of a base embedding) on a base parameter.
+    """
     try:
         expected = expected_adapter_shapes(model, config)
+        saved_module_names(model, config)  # raises on modules_to_save the model lacks
     except LorafitError as err:
         raise LorafitError(f"adapter '{source}' does not fit this model: {err}") from None
-    biases = {k for k in tensors if k.endswith(".bias") and k not in expected}
+    base = {plain_name(name): tuple(param.shape) for name, param in model.named_parameters(remove_duplicate=False)
+            if not is_adapter_tensor(name)}
     for key, tensor in tensors.items():
-        if key in biases:
-            continue
-        if key not in expected:
-            module = key.rsplit(".lora_", 1)[0] if ".lora_" in key else key.rsplit(".", 1)[0]
-            raise LorafitError(f"adapter '{source}' does not fit this model: it has weights for module '{module}', "
-                               "which this model lacks; load it onto the base model it was trained on")
-        if tuple(tensor.shape) != expected[key]:
-            raise LorafitError(f"adapter '{source}' does not fit this model: '{key}' has shape "
-                               f"{tuple(tensor.shape)} in the adapter but {expected[key]} here; load it onto the "
-                               "base model it was trained on")
-    missing = [k for k in expected if k not in tensors and ".lora_" in k]
+        plain = plain_name(key)
+        shape = expected.get(key, expected.get(plain, None if is_adapter_tensor(key) else base.get(plain)))
+        _check_shape(key, tensor, shape, source)
+    provided = set(tensors) | {plain_name(k) for k in tensors if ".original_module." not in k}
+    # the base weight PEFT saves beside a targeted embedding is optional; factors and saved modules are not
+    missing = [k for k in expected if k not in provided and not k.endswith(".base_layer.weight")]
     if missing:
         raise LorafitError(f"adapter '{source}' is incomplete: no tensor '{missing[0]}' "
                            f"({len(missing)} missing); the file is damaged or was written for another model")
+
+
+def adapter_tensor_targets(model: nn.Module, adapter_name: str, config: LoraConfig, tensors: dict[str, torch.Tensor],
+                           source: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, saved tensor) pairs for loading into adapter ``adapter_name``, all checked, none copied yet.
+
+    The adapter's own factors and saved-module copies must all be in the file, saved with the same
+    scaling; other keys go to the base parameter of that name (PEFT's ``original_module`` keys always to
+    the frozen original).
+    """
+    own = _adapter_parameters(model, adapter_name)
+    base = {plain_name(name): param for name, param in model.named_parameters(remove_duplicate=False)
+            if not is_adapter_tensor(name)}
+    pairs = []
+    for key, tensor in tensors.items():
+        plain = plain_name(key)
+        if ".original_module." in key:
+            target = base.get(plain)
+        else:
+            target = own[key] if key in own else own[plain] if plain in own else base.get(plain)
+        _check_shape(key, tensor, None if target is None else tuple(target.shape), source)
+        pairs.append((target, tensor))
+    provided = set(tensors) | {plain_name(k) for k in tensors if ".original_module." not in k}
+    missing = [k for k in own if k not in provided]
+    if missing:
+        raise LorafitError(f"adapter '{source}' is incomplete for adapter {adapter_name!r}: no tensor '{missing[0]}' "
+                           f"({len(missing)} missing); load it with load_adapter under a new name instead")
+    for path, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer) or adapter_name not in layer.r:
+            continue
+        saved, here = config.scaling_for(path), layer.scaling[adapter_name]
+        if not math.isclose(saved, here):
+            raise LorafitError(f"adapter '{source}' was saved with another lora_alpha / r than adapter "
+                               f"{adapter_name!r} (scaling {saved:g} at '{path}', here {here:g}); load it with "
+                               "load_adapter under a new name")
+    return pairs
+
+
+def copy_all_or_nothing(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy checked (parameter, tensor) pairs; if any copy fails, every parameter gets its old value back."""
+    backup = [(param, param.detach().clone()) for param, _ in pairs]
+    with torch.no_grad():
+        try:
+            for param, tensor in pairs:
+                param.copy_(tensor.to(param.dtype))
+        except BaseException:
+            for param, old in backup:
+                param.copy_(old)
+            raise
+
+
+def _adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's own tensors under their file names (what adapter_state_dict saves), as live parameters."""
+    own = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.r:
+            for attr in module.adapter_attribute_names[:2]:
+                entry = getattr(module, attr)[adapter_name]
+                own[f"{path}.{attr}" if isinstance(entry, nn.Parameter) else f"{path}.{attr}.weight"] = \
+                    entry if isinstance(entry, nn.Parameter) else entry.weight
+        elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+            for key, param in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                own[f"{path}.{key}"] = param
+    return own
+
+
+def _check_shape(key: str, tensor: torch.Tensor, shape: tuple[int, ...] | None, source: str) -> None:
+    if shape is None:
+        if ".lora_" in key:
+            raise LorafitError(f"adapter '{source}' does not fit this model: it has weights for module "
+                               f"'{key.rsplit('.lora_', 1)[0]}', which this model lacks; load it onto the base "
+                               "model it was trained on")
+        raise LorafitError(f"adapter '{source}' does not fit this model: its tensor '{key}' matches no parameter "
+                           "here; load it onto the base model it was trained on")
+    if tuple(tensor.shape) != shape:
+        raise LorafitError(f"adapter '{source}' does not fit this model: '{key}' has shape {tuple(tensor.shape)} "
+                           f"in the adapter but {shape} here; load it onto the base model it was trained on")
+
+
+def plain_name(key: str) -> str:
+    """A parameter's name in the unwrapped base model (PEFT's and lorafit's wrapper segments left out)."""
+    return ".".join(part for part in key.split(".") if part not in ("base_layer", "original_module", "modules_to_save"))
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """True for LoRA factors and saved-module copies, in a model's parameter names or a file's keys."""
+    return ".lora_" in name or ".modules_to_save." in name

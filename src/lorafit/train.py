@@ -7,13 +7,12 @@ exactly the batches the interrupted one would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -21,9 +20,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lorafit.cpu_kernels import shape_free_kernels
-from lorafit.checkpoint import TrainState, list_checkpoints, load_checkpoint, remove_temporaries, save_checkpoint
+from lorafit.checkpoint import TrainState, load_newest_checkpoint, remove_temporaries, save_checkpoint
 from lorafit.data import length_grouped_order
 from lorafit.dropout import fast_dropouts
+from lorafit.errors import Interrupted
 from lorafit.model import LoraModel
 from lorafit.run_dir import append_metrics, replace_dir_atomically, rewrite_metrics
 from lorafit.train_config import TrainConfig
@@ -93,12 +93,14 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
 
     state = TrainState()
     remove_temporaries(run_dir)
-    _recover_best(run_dir)
-    checkpoints = list_checkpoints(run_dir)
-    if config.resume and checkpoints:
-        state = load_checkpoint(checkpoints[-1], lora_model, optimizer, scheduler)
-        print(f"Resuming from {checkpoints[-1].name} (step {state.step} of {total_steps})")
-    if config.resume:  # drop what a killed run logged after its newest checkpoint (or before its first)
+    if config.resume:
+        found = load_newest_checkpoint(run_dir, lora_model, optimizer, scheduler)
+        if found:
+            state = found[0]
+            print(f"Resuming from {found[1].name} (step {state.step} of {total_steps})")
+        else:
+            print(f"No checkpoint in {run_dir} yet: training starts from step 0")
+        # drop what a killed run logged after its newest checkpoint (or before its first)
         rewrite_metrics(run_dir, state.history)
 
     def evaluate_and_record(epoch_value: float, train_loss: float | None) -> None:
@@ -122,7 +124,8 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
         torch.cuda.reset_peak_memory_stats()
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
-    with shape_free_kernels(lora_model), fast_dropouts(lora_model):
+    # the bar is closed first, so that an interruption's message starts a line of its own
+    with shape_free_kernels(lora_model), fast_dropouts(lora_model), _interrupt_names_step(state, run_dir), progress:
         while state.step < total_steps:
             batches = epoch_batches(lengths, config, state.epoch)[state.batch_in_epoch:]
             # its own generator: a DataLoader otherwise draws its base seed from the global RNG, one draw
@@ -158,19 +161,20 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
                     save_checkpoint(run_dir, lora_model, optimizer, scheduler, state, config.keep_checkpoints)
                 if done:
                     break
-    progress.close()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return LoopResult(state, seconds, samples / seconds if seconds else 0.0, peak)
 
 
-def _recover_best(run_dir: Path) -> None:
-    """A run killed between the two renames that replace best/ left the previous one as .best.old."""
-    best, old = run_dir / "best", run_dir / ".best.old"
-    if old.is_dir() and not best.exists():
-        os.rename(old, best)
-    for leftover in run_dir.glob(".best.*"):  # half-written replacements
-        shutil.rmtree(leftover, ignore_errors=True)
+@contextlib.contextmanager
+def _interrupt_names_step(state: TrainState, run_dir: Path) -> Iterator[None]:
+    """Ctrl-C, or SIGTERM (raised as Interrupted by the command line), says where training stopped and how to
+    resume."""
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        raise Interrupted(f"interrupted at step {state.step}; resume with: lorafit train --resume --output-dir "
+                          f"{run_dir}", getattr(err, "exit_code", 130)) from None
 
 
 def _due(strategy: str, every: int, step: int, epoch_end: bool, done: bool) -> bool:
