@@ -384,6 +384,12 @@ def test_yaml_numbers_in_scientific_notation(tmp_path, captured, capsys):
     ("- r\n- 4\n", ["must hold a mapping"]),
     ("r: 0\n", ["--r must be a positive integer"]),
     ("r: eight\n", ["--r must be a positive integer", "'eight'"]),
+    ("target_modules: 5\n", ["--target-modules must be a list of module names", "got 5"]),
+    ("seed: abc\n", ["--seed must be an integer", "'abc'"]),
+    ("text_column: [text]\n", ["--text-column must be text", "['text']"]),
+    ("model: 5\n", ["--model must be text", "got 5", "quote it"]),
+    ("resume: maybe\n", ["--resume must be true or false", "'maybe'"]),
+    ("lr: .inf\n", ["--lr must be a number > 0 (not inf or nan)", "inf"]),
 ])
 def test_bad_yaml_file_is_one_line_exit_2(tmp_path, capsys, content, fragments):
     run_yaml = tmp_path / "run.yaml"
@@ -392,6 +398,39 @@ def test_bad_yaml_file_is_one_line_exit_2(tmp_path, capsys, content, fragments):
     assert_one_line_error(code, err, *fragments)
     assert out == ""
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)), "text_column: caf\u00e9\n".encode("latin-1")],
+                         ids=["binary", "latin-1"])
+def test_config_file_that_is_not_utf8_text(tmp_path, capsys, content):
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_bytes(content)
+    code, out, err = run_cli(capsys, "train", "--config", run_yaml, "--output-dir", tmp_path / "out")
+    assert_one_line_error(code, err, str(run_yaml), "not UTF-8", "save")
+    assert out == "" and not (tmp_path / "out").exists()
+
+
+def test_config_file_that_is_a_directory(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--config", tmp_path)
+    assert_one_line_error(code, err, str(tmp_path), "is a directory")
+
+
+@pytest.mark.parametrize("content", ["output_dir: 5\n", "output_dir: [a]\nresume: true\n"])
+def test_yaml_output_dir_of_the_wrong_type(tmp_path, captured, capsys, monkeypatch, content):
+    monkeypatch.chdir(tmp_path)
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(content, encoding="utf-8")
+    code, _, err = run_cli(capsys, "train", "--config", run_yaml)
+    assert_one_line_error(code, err, "--output-dir must be text")
+    assert captured == []
+
+
+def test_quoted_false_in_yaml_is_false(tmp_path, captured, capsys):
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text('resume: "false"\ngroup_by_length: "No"\n', encoding="utf-8")
+    code, _, err = run_cli(capsys, "train", "--config", run_yaml)
+    assert code == 0, err
+    assert captured[0].resume is False and captured[0].group_by_length is False
 
 
 def test_resume_starts_from_the_runs_saved_settings(tmp_path, captured, capsys):
@@ -471,6 +510,14 @@ def test_argument_errors_are_one_line_exit_2(capsys, argv, fragment):
     (["--metric", "precision"], ["--metric must be one of accuracy, f1, loss", "'precision'"]),
     (["--eval-strategy", "sometimes"], ["--eval-strategy must be one of epoch, steps, no"]),
     (["--dataset", "glue", "--train-file", "t.csv"], ["either --dataset or --train-file"]),
+    (["--lr", "inf"], ["--lr must be a number > 0 (not inf or nan)", "inf"]),
+    (["--lr", "nan"], ["--lr must be a number > 0 (not inf or nan)", "nan"]),
+    (["--lora-alpha", "inf"], ["--lora-alpha must be a number > 0 (not inf or nan)", "inf"]),
+    (["--lora-alpha", "nan"], ["--lora-alpha must be a number > 0 (not inf or nan)", "nan"]),
+    (["--epochs", "inf"], ["--epochs must be a number > 0 (not inf or nan)", "inf"]),
+    (["--weight-decay", "nan"], ["--weight-decay must be a number >= 0 (not inf or nan)", "nan"]),
+    (["--seed", "1" * 23], ["--seed must be an integer from 0 to 4294967295", "1" * 23]),
+    (["--seed", "-1"], ["--seed must be an integer from 0 to 4294967295", "-1"]),
 ])
 def test_invalid_settings_are_one_line_exit_2(tmp_path, capsys, argv, fragments):
     code, out, err = run_cli(capsys, "train", *argv, "--output-dir", tmp_path / "out")
@@ -506,3 +553,51 @@ def test_saved_config_yaml_is_what_ran_and_reruns_the_same(tmp_path, capsys, tin
     assert code == 0, err
     assert (first / "metrics.jsonl").read_text() == (second / "metrics.jsonl").read_text()
     assert tensors_equal(adapter_tensors(first / "best"), adapter_tensors(second / "best"))
+
+
+# --- where the run is written, checked before any work ---------------------------------------------
+
+def _tiny_train_args(tmp_path: Path, tiny_bert_dir: Path) -> list:
+    train = write_rows(tmp_path / "train.jsonl", make_rows(8, seed=7))
+    return ["train", "--model", tiny_bert_dir, "--train-file", train, "--eval-strategy", "no", "--max-steps", "1",
+            "--max-length", "16", "--batch-size", "8"]
+
+
+def test_target_module_that_matches_nothing_is_refused(tmp_path, capsys, tiny_bert_dir):
+    # PEFT only refuses a list when no name matches; a misspelt name beside a right one would train less than asked
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *_tiny_train_args(tmp_path, tiny_bert_dir), "--target-modules", "query",
+                           "nonexistent", "--output-dir", out)
+    assert_one_line_error(code, err, "target module 'nonexistent' matched nothing",
+                          "modules here include:", "query, key, value, dense")
+    assert not out.exists()
+
+
+def test_all_linear_mixed_with_names_is_refused(tmp_path, capsys, tiny_bert_dir):
+    code, _, err = run_cli(capsys, *_tiny_train_args(tmp_path, tiny_bert_dir), "--target-modules", "query",
+                           "all-linear", "--output-dir", tmp_path / "out")
+    assert_one_line_error(code, err, "'all-linear'", "by itself")
+
+
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_output_dir_that_is_a_file(tmp_path, capsys, tiny_bert_dir, where):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me")
+    target = blocker if where == "file" else blocker / "run"
+    code, out, err = run_cli(capsys, *_tiny_train_args(tmp_path, tiny_bert_dir), "--output-dir", target)
+    assert_one_line_error(code, err, f"'{blocker}'", "is a file", "--output-dir")
+    assert out == ""
+    assert blocker.read_text() == "keep me"
+
+
+def test_full_disk_is_one_line_naming_the_path(tmp_path, capsys, tiny_bert_dir, monkeypatch):
+    import errno
+    import os
+
+    def no_space(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(os, "replace", no_space)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *_tiny_train_args(tmp_path, tiny_bert_dir), "--output-dir", out)
+    assert_one_line_error(code, err, "No space left on device", str(out / "config.yaml"), "free")

@@ -109,6 +109,8 @@ def test_column_flags(tmp_path, capsys, trained_run):
     ([{"review": "good", "label": "pos"}], [], ["no column 'text'", "--text-column review"]),
     ([{"text": "good", "label": "pos"}], ["--batch-size", "0"], ["--batch-size must be a positive integer"]),
     ([{"text": "good", "label": None}], [], ["row 1", "no label"]),
+    ([{"text": "good", "label": "pos"}], ["--max-length", "0"], ["--max-length must be a positive integer, got 0"]),
+    ([{"text": "good", "label": "pos"}], ["--max-length", "-3"], ["--max-length must be a positive integer, got -3"]),
 ])
 def test_bad_input(tmp_path, capsys, trained_run, rows, args, fragments):
     data = write_rows(tmp_path / "data.jsonl", rows)

@@ -210,6 +210,14 @@ def _other_base_adapter(setup, tmp_path) -> Path:
     ("duplicate-names", "its own name"),
     ("bad-temperature", "--temperature"),
     ("output-is-dir", "is a directory"),
+    ("output-under-file", "is a file"),
+    ("temperature-inf", "--temperature must be a number >= 0 (not inf or nan), got inf"),
+    ("top-p-nan", "--top-p must be in (0, 1], got nan"),
+    ("seed-huge", "--seed must be an integer from 0 to 4294967295"),
+    ("seed-negative", "--seed must be an integer from 0 to 4294967295, got -1"),
+    # past the model's context GPT-2 fails with an IndexError and others run on and on
+    ("output-is-input", "would replace the prompts"),
+    ("past-context", "exceeds the model's context of 128 tokens; pass --max-new-tokens"),
 ])
 def test_bad_input_is_one_line_error(setup, tmp_path, capsys, case, expected):
     a, b = str(setup["a"]), str(setup["b"])
@@ -226,9 +234,17 @@ def test_bad_input_is_one_line_error(setup, tmp_path, capsys, case, expected):
         "duplicate-names": ["--adapter", a, "--adapter", b, "hello"],
         "bad-temperature": ["--adapter", a, "--temperature", "-1", "hello"],
         "output-is-dir": ["--adapter", a, "hello", "--output", str(tmp_path)],
+        "output-under-file": ["--adapter", a, "hello", "--output", str(rows / "out.jsonl")],
+        "temperature-inf": ["--adapter", a, "--temperature", "inf", "hello"],
+        "top-p-nan": ["--adapter", a, "--temperature", "1", "--top-p", "nan", "hello"],
+        "seed-huge": ["--adapter", a, "--temperature", "1", "--seed", "1" * 23, "hello"],
+        "seed-negative": ["--adapter", a, "--temperature", "1", "--seed", "-1", "hello"],
+        "output-is-input": ["--adapter", a, "--input", str(rows), "--output", str(rows)],
+        "past-context": ["--adapter", a, "--max-new-tokens", "10000000000", "hello"],
     }[case]
     assert main(["generate", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("lorafit generate: error:"), err
     assert expected in err and "Traceback" not in err
     assert not (tmp_path / "out.jsonl").exists()
+    assert [r["prompt"] for r in read_jsonl(rows)] == ["hello", "hi"]

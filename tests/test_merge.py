@@ -73,6 +73,29 @@ def test_output_must_be_new(tmp_path, capsys, trained_run):
     assert snapshot(output) == {"keep.txt": b"mine"}
 
 
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_output_that_cannot_be_a_folder(tmp_path, capsys, trained_run, where):
+    blocker = tmp_path / "model.bin"
+    blocker.write_text("mine")
+    output = blocker if where == "file" else blocker / "merged"
+    code, out, err = run_cli(capsys, "merge", "--adapter", trained_run.best, "--output", output)
+    assert_one_line_error(code, err, f"'{blocker}'", "is a file", "--output")
+    assert snapshot(tmp_path) == {"model.bin": b"mine"}
+
+
+def test_full_disk_is_one_line_and_leaves_no_folder(tmp_path, capsys, trained_run, monkeypatch):
+    from safetensors import SafetensorError
+
+    def no_space(*args, **kwargs):  # what safetensors raises on a full disk: no OSError, the errno in the text
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", no_space)
+    output = tmp_path / "merged"
+    code, out, err = run_cli(capsys, "merge", "--adapter", trained_run.best, "--output", output)
+    assert_one_line_error(code, err, "No space left on device", f"'{output}'", "free some space")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_empty_output_folder_is_fine(tmp_path, capsys, trained_run):
     output = tmp_path / "empty"
     output.mkdir()

@@ -84,6 +84,7 @@ def test_run_folder_instead_of_best(capsys, trained_run):
 
 @pytest.mark.parametrize("args, fragments", [
     (["--adapter", "{tmp}/nowhere", "good"], ["adapter directory", "nowhere", "does not exist"]),
+    (["--adapter", "{tmp}/texts.jsonl", "good"], ["texts.jsonl", "is a file", "best/ folder"]),
     (["--adapter", "{best}"], ["nothing to predict"]),
     (["--adapter", "{best}", "--input", "{tmp}/texts.jsonl", "good"], ["not both"]),
     (["--adapter", "{best}", "--input", "{tmp}/missing.jsonl"], ["missing.jsonl", "does not exist"]),
@@ -112,6 +113,45 @@ def test_output_is_replaced_whole(tmp_path, capsys, trained_run):
     assert code == 0, err
     assert [r["text"] for r in read_jsonl(output)] == ["good"]
     assert [p.name for p in tmp_path.iterdir()] == ["p.jsonl"]  # no temporary left beside it
+
+
+@pytest.mark.parametrize("where", ["folder", "under-file"])
+def test_output_that_cannot_be_a_file(tmp_path, capsys, trained_run, where):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me")
+    output = tmp_path if where == "folder" else blocker / "p.jsonl"
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(capsys, "predict", "--adapter", trained_run.best, "--output", output, "good")
+    fragments = [f"'{tmp_path}'", "is a directory"] if where == "folder" else [f"'{blocker}'", "is a file"]
+    assert_one_line_error(code, err, "--output", *fragments)
+    assert out == ""
+    assert snapshot(tmp_path) == before
+
+
+def test_output_that_is_the_input_is_refused(tmp_path, capsys, trained_run):
+    texts = write_rows(tmp_path / "texts.jsonl", [{"text": "good"}])
+    before = texts.read_bytes()
+    code, out, err = run_cli(capsys, "predict", "--adapter", trained_run.best, "--input", texts,
+                             "--output", tmp_path / "." / "texts.jsonl")
+    assert_one_line_error(code, err, "--output", "--input", "texts.jsonl")
+    assert texts.read_bytes() == before
+
+
+def test_full_disk_keeps_the_old_output(tmp_path, capsys, trained_run, monkeypatch):
+    import errno
+    import os
+
+    output = tmp_path / "p.jsonl"
+    output.write_text("old predictions\n")
+
+    def no_space(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(os, "replace", no_space)
+    code, out, err = run_cli(capsys, "predict", "--adapter", trained_run.best, "--output", output, "good")
+    assert_one_line_error(code, err, "No space left on device", str(output))
+    assert [p.name for p in tmp_path.iterdir()] == ["p.jsonl"]  # the temporary file is gone too
+    assert output.read_text() == "old predictions\n"
 
 
 # --- an adapter trained on text pairs -------------------------------------------------------------------

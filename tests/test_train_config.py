@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
+import torch
 import yaml
 
 from lorafit.errors import LorafitError
@@ -57,12 +59,42 @@ def test_resolved_does_not_change_the_original():
     ({"lora_alpha": 0}, "--lora-alpha must be a number > 0"),
     ({"epochs": -1}, "--epochs must be a number > 0"),
     ({"lr": 0}, "--lr must be a number > 0"),
-    ({"lr": "fast"}, "--lr must be a number > 0, got 'fast'"),
+    ({"lr": "fast"}, "--lr must be a number > 0 (not inf or nan), got 'fast'"),
     ({"lora_dropout": 1.0}, "--lora-dropout must be in [0, 1), got 1.0"),
     ({"lora_dropout": -0.1}, "--lora-dropout must be in [0, 1)"),
     ({"warmup_ratio": 1.5}, "--warmup-ratio must be in [0, 1)"),
-    ({"weight_decay": -0.01}, "--weight-decay must be >= 0"),
+    ({"weight_decay": -0.01}, "--weight-decay must be a number >= 0 (not inf or nan)"),
     ({"dataset": "glue", "train_file": "t.csv"}, "pass either --dataset or --train-file, not both"),
+    # non-finite numbers pass every `<= 0` test, then train to NaN or fail deep inside torch
+    ({"lr": float("inf")}, "--lr must be a number > 0 (not inf or nan), got inf"),
+    ({"lr": float("nan")}, "--lr must be a number > 0 (not inf or nan), got nan"),
+    ({"lora_alpha": float("inf")}, "--lora-alpha must be a number > 0 (not inf or nan), got inf"),
+    ({"lora_alpha": float("nan")}, "--lora-alpha must be a number > 0 (not inf or nan), got nan"),
+    ({"epochs": float("inf")}, "--epochs must be a number > 0 (not inf or nan), got inf"),
+    ({"weight_decay": float("nan")}, "--weight-decay must be a number >= 0 (not inf or nan), got nan"),
+    ({"weight_decay": float("inf")}, "--weight-decay must be a number >= 0 (not inf or nan), got inf"),
+    ({"warmup_ratio": float("nan")}, "--warmup-ratio must be in [0, 1), got nan"),
+    ({"lora_dropout": float("nan")}, "--lora-dropout must be in [0, 1), got nan"),
+    ({"weight_decay": "lots"}, "--weight-decay must be a number >= 0 (not inf or nan), got 'lots'"),
+    ({"seed": 10 ** 22}, "--seed must be an integer from 0 to 4294967295, got 10000000000000000000000"),
+    ({"seed": -1}, "--seed must be an integer from 0 to 4294967295, got -1"),
+    ({"seed": 2 ** 32}, "--seed must be an integer from 0 to 4294967295"),
+    ({"seed": "abc"}, "--seed must be an integer from 0 to 4294967295, got 'abc'"),
+    ({"seed": 1.5}, "--seed must be an integer"),
+    ({"seed": True}, "--seed must be an integer"),
+    # values of the wrong type, as a YAML file can give them
+    ({"target_modules": 5}, "--target-modules must be a list of module names, e.g. [query, value]; got 5"),
+    ({"target_modules": ["query", 5]}, "--target-modules must be a list of module names"),
+    ({"target_modules": []}, "--target-modules must be a list of module names"),
+    ({"text_column": ["text"]}, "--text-column must be text, got ['text']"),
+    ({"output_dir": 5}, "--output-dir must be text, got 5"),
+    ({"model": None, "train_file": 3.5}, "--train-file must be text, got 3.5"),
+    ({"train_file": ""}, "--train-file is empty"),  # would train on the built-in data instead
+    ({"output_dir": " "}, "--output-dir is empty"),
+    ({"text_column": ""}, "--text-column is empty"),
+    ({"resume": "false"}, "--resume must be true or false, got 'false'"),
+    ({"pack": 1}, "--pack must be true or false, got 1"),
+    ({"task": ["classification"]}, "--task must be text, got ['classification']"),
 ])
 def test_invalid_settings_name_the_flag(settings, fragment):
     with pytest.raises(LorafitError) as excinfo:
@@ -73,10 +105,23 @@ def test_invalid_settings_name_the_flag(settings, fragment):
 
 @pytest.mark.parametrize("settings", [
     {"lora_dropout": 0.0}, {"warmup_ratio": 0.0}, {"weight_decay": 0.0}, {"epochs": 0.5}, {"lora_alpha": 0.5},
-    {"max_steps": None}, {"metric": "loss"},
+    {"max_steps": None}, {"metric": "loss"}, {"seed": 0}, {"seed": 2 ** 32 - 1}, {"lr": 1e-8},
+    {"target_modules": ["all-linear"]},
 ])
 def test_edge_values_accepted(settings):
     TrainConfig(**settings)
+
+
+def test_seed_range_is_what_the_seeding_functions_accept():
+    import numpy as np
+    import transformers
+
+    top = TrainConfig(seed=2 ** 32 - 1).seed
+    torch.manual_seed(top)
+    transformers.set_seed(top)  # generate seeds numpy too, which stops at 2**32 - 1
+    torch.Generator().manual_seed(top * 1000 + 999)  # the data order's generator (train.py)
+    with pytest.raises(ValueError):
+        np.random.seed(top + 1)
 
 
 def test_every_field_has_help():
@@ -101,7 +146,7 @@ def test_load_yaml_leaves_non_numbers_for_the_checks(tmp_path):
     path.write_text("lr: fast\nmodel: 1e-3\n")  # model is a string setting: kept as written
     settings = load_yaml_config(path)
     assert settings == {"lr": "fast", "model": "1e-3"}
-    with pytest.raises(LorafitError, match="--lr must be a number > 0, got 'fast'"):
+    with pytest.raises(LorafitError, match=re.escape("--lr must be a number > 0 (not inf or nan), got 'fast'")):
         build_config(settings)
 
 
@@ -118,6 +163,50 @@ def test_load_yaml_errors(tmp_path, content, fragment):
         load_yaml_config(path)
     assert fragment in str(excinfo.value) and str(path) in str(excinfo.value)
     assert "\n" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("text, value", [("false", False), ("No", False), ("TRUE", True), ("yes", True)])
+def test_load_yaml_reads_quoted_booleans_as_booleans(tmp_path, text, value):
+    path = tmp_path / "run.yaml"
+    path.write_text(f'resume: "{text}"\npack: {text}\n')
+    settings = load_yaml_config(path)
+    assert settings == {"resume": value, "pack": value}
+    assert build_config(settings).resume is value
+
+
+def test_load_yaml_refuses_other_strings_for_booleans(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text('resume: "maybe"\n')
+    with pytest.raises(LorafitError, match="--resume must be true or false, got 'maybe'"):
+        build_config(load_yaml_config(path))
+
+
+def test_load_yaml_single_target_module_as_a_list(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("target_modules: all-linear\n")
+    assert load_yaml_config(path) == {"target_modules": ["all-linear"]}
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)), "text_column: caf\u00e9\n".encode("latin-1"),
+                                     "text_column: x\n".encode("utf-16")], ids=["binary", "latin-1", "utf-16"])
+def test_load_yaml_binary_or_not_utf8(tmp_path, content):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content)
+    with pytest.raises(LorafitError) as excinfo:
+        load_yaml_config(path)
+    message = str(excinfo.value)
+    assert str(path) in message and "UTF-8" in message and "\n" not in message
+
+
+def test_load_yaml_utf8_with_bom(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes("text_column: caf\u00e9\n".encode("utf-8-sig"))
+    assert load_yaml_config(path) == {"text_column": "caf\u00e9"}
+
+
+def test_load_yaml_directory(tmp_path):
+    with pytest.raises(LorafitError, match="is a directory; pass the path of a YAML file"):
+        load_yaml_config(tmp_path)
 
 
 def test_load_yaml_missing_file(tmp_path):

@@ -21,6 +21,7 @@ from lorafit import data, lm_data
 from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.errors import LorafitError
 from lorafit.finetune import _num, _print_summary, default_output_dir, peak_rss_mb
+from lorafit.inject import check_each_target_matches
 from lorafit.model import get_lora_model
 from lorafit.models import load_causal_lm, load_tokenizer, model_reference, resolve_model
 from lorafit.prefix_sharing import body_hidden
@@ -346,6 +347,7 @@ def build_model(config: TrainConfig, model_path: str, tokenizer):
         base.generation_config.pad_token_id = tokenizer.pad_token_id
     lora_config = LoraConfig(task_type="CAUSAL_LM", r=config.r, lora_alpha=config.lora_alpha,
                              lora_dropout=config.lora_dropout, target_modules=lora_targets(config))
+    check_each_target_matches(base, lora_config.target_modules)
     torch.manual_seed(config.seed)  # the adapter starts from the same random state whatever ran before
     model = get_lora_model(base, lora_config)
     if config.gradient_checkpointing:

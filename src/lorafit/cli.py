@@ -106,15 +106,20 @@ offline in a few minutes. Examples:
 
 def _run_train(args: argparse.Namespace) -> int:
     from lorafit.finetune import run_train
+    from lorafit.output_paths import check_output_dir
     from lorafit.train_config import build_config, load_yaml_config
 
     settings = load_yaml_config(args.config) if args.config else {}
     settings.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "run")})
-    saved = Path(settings.get("output_dir") or "") / "config.yaml"
-    if settings.get("resume") and settings.get("output_dir") and saved.is_file():
+    output_dir = settings.get("output_dir")
+    saved = Path(output_dir) / "config.yaml" if isinstance(output_dir, str) and output_dir.strip() else None
+    if settings.get("resume") is True and saved and saved.is_file():
         # `--output-dir DIR --resume` continues the run as it was set up; settings given now override
         settings = {**load_yaml_config(saved), **settings}
-    run_train(build_config(settings))
+    config = build_config(settings)
+    if config.output_dir:
+        check_output_dir(config.output_dir, "--output-dir")
+    run_train(config)
     return 0
 
 
@@ -152,6 +157,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:  # training says at which step, and how to resume
         print(f"lorafit {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return getattr(err, "exit_code", 130)
+    except Exception as err:  # a full disk, a read-only folder: the environment, not a bug to trace
+        from lorafit.output_paths import as_os_error, describe_os_error
+
+        os_error = as_os_error(err)
+        if os_error is None:
+            raise
+        writing = getattr(args, "output", None) or getattr(args, "output_dir", None)
+        print(f"lorafit {args.command}: error: {describe_os_error(os_error, writing)}", file=sys.stderr)
+        return 2
 
 
 @contextlib.contextmanager

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from lorafit import data
 from lorafit.classify import evaluate_classifier
-from lorafit.errors import LorafitError
 from lorafit.first_token import first_token_last_layer
 from lorafit.loading import add_adapter_arguments, load_adapter_for_inference
 from lorafit.metrics import format_report
+from lorafit.train_config import check_positive_int
 
 NAME = "eval"
 HELP = "score an adapter on a labelled data file"
@@ -35,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise LorafitError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    check_positive_int("batch_size", args.batch_size)
+    if args.max_length is not None:  # 0 would otherwise read as "not given"
+        check_positive_int("max_length", args.max_length)
     table = data.read_table(args.data, encoding=args.encoding, role="data file")
     loaded = load_adapter_for_inference(args.adapter, args.model)
     if loaded.task == "causal-lm":

@@ -18,6 +18,7 @@ from lorafit.classify import (ClassificationData, classification_loss, evaluate_
                               load_classification_data, print_predictions)
 from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.first_token import first_token_last_layer
+from lorafit.inject import check_each_target_matches
 from lorafit.model import get_lora_model
 from lorafit.models import load_classifier, load_tokenizer, model_reference, resolve_model
 from lorafit.run_dir import (model_card, plot_curves, prepare_run_dir, release_run_dirs, save_adapter_info,
@@ -61,6 +62,7 @@ def train_classifier(config: TrainConfig) -> dict:
         targets = ALL_LINEAR  # the keyword, not a module named all-linear
     lora_config = LoraConfig(task_type="SEQ_CLS", r=config.r, lora_alpha=config.lora_alpha,
                              lora_dropout=config.lora_dropout, target_modules=targets)
+    check_each_target_matches(base, lora_config.target_modules)
     # the head and the adapter start from the same random state whatever ran before
     torch.manual_seed(config.seed)
     model = get_lora_model(base, lora_config)

@@ -29,8 +29,10 @@ from lorafit.layers import BASE_ADAPTER
 from lorafit.lm_data import encode_prompt, leading_special_ids, render_messages, text_prefix_ids, tokenize_text
 from lorafit.loading import LoadedAdapter, adapter_task, check_adapter_dir, load_adapter_for_inference
 from lorafit.model import DEFAULT_ADAPTER, LoraModel
+from lorafit.output_paths import check_output_file
 from lorafit.run_dir import load_adapter_info
 from lorafit.serialization import atomic_path, read_adapter_config
+from lorafit.train_config import check_number, check_positive_int, check_seed
 
 NAME = "generate"
 HELP = "generate text with causal-LM adapters"
@@ -66,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample from the likeliest tokens holding this probability (default: 1.0)")
     parser.add_argument("--top-k", type=int, default=50,
                         help="sample among the k likeliest tokens, 0 for all (default: 50)")
-    parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    parser.add_argument("--seed", type=int, help="random seed (0 to 4294967295), for reproducible sampling")
     parser.add_argument("--system", help="system prompt put before every prompt")
     parser.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                         help="feed prompts as raw text, without the chat or instruction template")
@@ -151,20 +153,33 @@ def build_generation_config(args: argparse.Namespace, model, tokenizer):
 
 def check_settings(args: argparse.Namespace) -> None:
     """Refuse numbers generation cannot use, naming the flag."""
-    checks = [(args.batch_size >= 1, f"--batch-size must be a positive integer, got {args.batch_size}"),
-              (args.max_new_tokens >= 1, f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}"),
-              (args.temperature >= 0, f"--temperature must be 0 (greedy) or more, got {args.temperature}"),
-              (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-              (args.top_k >= 0, f"--top-k must be 0 (off) or a positive integer, got {args.top_k}")]
-    for ok, message in checks:
-        if not ok:
-            raise LorafitError(message)
+    check_positive_int("batch_size", args.batch_size)
+    check_positive_int("max_new_tokens", args.max_new_tokens)
+    check_number("temperature", args.temperature, ">= 0")
+    check_number("top_p", args.top_p, "in (0, 1]")
+    if args.top_k < 0:
+        raise LorafitError(f"--top-k must be 0 (off) or a positive integer, got {args.top_k}")
+    if args.seed is not None:
+        check_seed("seed", args.seed)
     if args.prompts and args.input:
         raise LorafitError("pass prompts as arguments or --input FILE, not both")
     if not args.prompts and not args.input:
         raise LorafitError("nothing to generate: pass prompts as arguments or --input FILE")
-    if args.output and Path(args.output).is_dir():
-        raise LorafitError(f"--output '{args.output}' is a directory; pass a file name such as responses.jsonl")
+    if args.output:
+        check_output_file(args.output, "--output", "responses.jsonl", args.input, "prompts")
+
+
+def check_context(model_config, requests: list[Request], max_new_tokens: int) -> None:
+    """Refuse a prompt plus --max-new-tokens longer than the positions the model has."""
+    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if not context:
+        return
+    longest = max(len(r.input_ids) for r in requests)
+    if longest >= context:
+        raise LorafitError(f"a prompt of {longest} tokens fills the model's context of {context} tokens; shorten it")
+    if longest + max_new_tokens > context:
+        raise LorafitError(f"--max-new-tokens {max_new_tokens} plus the longest prompt ({longest} tokens) exceeds "
+                           f"the model's context of {context} tokens; pass --max-new-tokens {context - longest} or less")
 
 
 def read_requests(args: argparse.Namespace, adapters: list[str]) -> list[Request]:
@@ -312,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_adapters(specs, args.model)
     for request in requests:
         request.input_ids = encode_request(loaded.tokenizer, request, args)
+    check_context(loaded.model.get_base_model().config, requests, args.max_new_tokens)
     config = build_generation_config(args, loaded.model.get_base_model(), loaded.tokenizer)
     if args.seed is not None:
         from transformers import set_seed

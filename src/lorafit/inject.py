@@ -202,3 +202,22 @@ def unwrap_all(model: nn.Module, keep_adapter: str | None = None) -> None:
         elif isinstance(module, ModulesToSave):
             keep = module.modules_to_save[keep_adapter] if keep_adapter in module.modules_to_save else module.original_module
             _replace(model, name, keep)
+
+
+def check_each_target_matches(model: nn.Module, targets: list[str] | str | None) -> None:
+    """Stricter than PEFT, for the command line: every name in a target list must match some module.
+
+    PEFT (and get_lora_model) refuse a list only when no name matches, so a misspelt name beside a
+    right one silently trains less than was asked for."""
+    if not isinstance(targets, list):
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if not any(name_matches(name, [t]) for name in names)]
+    if not missing:
+        return
+    if any(t.lower() == ALL_LINEAR for t in missing):
+        raise LorafitError(f"target modules {', '.join(targets)}: '{ALL_LINEAR}' adapts every linear layer and "
+                           "stands alone; pass it by itself or list module names only")
+    shown = ", ".join(f"'{t}'" for t in missing)
+    raise LorafitError(f"target module{'s' if len(missing) > 1 else ''} {shown} matched nothing; "
+                       f"modules here include: {sample_module_names(model)}")

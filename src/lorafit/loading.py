@@ -36,6 +36,8 @@ def adapter_task(adapter_dir: Path, info: dict) -> str:
 
 def check_adapter_dir(adapter: str | Path) -> Path:
     path = Path(adapter)
+    if path.is_file():
+        raise LorafitError(f"adapter '{path}' is a file; pass the folder holding it (a run's best/ folder)")
     if not path.is_dir():
         raise LorafitError(f"adapter directory '{path}' does not exist; pass the best/ folder of a run "
                            "(or any folder holding adapter_config.json)")

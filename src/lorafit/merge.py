@@ -15,6 +15,7 @@ from torch import nn
 
 from lorafit.errors import LorafitError
 from lorafit.loading import add_adapter_arguments, load_adapter_for_inference
+from lorafit.output_paths import check_output_dir
 from lorafit.run_dir import replace_dir_atomically
 
 NAME = "merge"
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
+    check_output_dir(output, "--output")
     if output.exists() and any(output.iterdir()):
         raise LorafitError(f"output directory '{output}' is not empty; pass a new --output")
     loaded = load_adapter_for_inference(args.adapter, args.model)

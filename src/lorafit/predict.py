@@ -16,7 +16,9 @@ from lorafit.classify import predict_texts
 from lorafit.errors import LorafitError
 from lorafit.first_token import first_token_last_layer
 from lorafit.loading import add_adapter_arguments, load_adapter_for_inference
+from lorafit.output_paths import check_output_file
 from lorafit.serialization import atomic_path
+from lorafit.train_config import check_positive_int
 
 NAME = "predict"
 HELP = "label texts with a trained classifier adapter"
@@ -55,8 +57,9 @@ def read_texts(args: argparse.Namespace, default_column: str,
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise LorafitError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    check_positive_int("batch_size", args.batch_size)
+    if args.output:
+        check_output_file(args.output, "--output", "predictions.jsonl", args.input, "texts")
     loaded = load_adapter_for_inference(args.adapter, args.model)
     if loaded.task != "classification":
         raise LorafitError(f"'{args.adapter}' is a {loaded.task} adapter; use `lorafit generate` for it")

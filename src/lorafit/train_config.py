@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 import typing
 from dataclasses import dataclass
@@ -64,7 +65,8 @@ class TrainConfig:
     """Dropout on the LoRA branch's input."""
     target_modules: list[str] | None = None
     """Modules to adapt, e.g. query value, or all-linear. Default: all-linear for causal-lm; for
-    classification the architecture's query and value projections (query/value, q_proj/v_proj, c_attn)."""
+    classification the architecture's query and value projections (query/value, q_proj/v_proj, c_attn).
+    Each name must match a module of the model."""
     lr: float | None = None
     """Peak learning rate (AdamW, linear decay). Default: 1e-3 (classification), 3e-3 (causal-lm)."""
     batch_size: int = 16
@@ -80,7 +82,7 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     """Fraction of steps over which the learning rate rises linearly from 0."""
     seed: int = 42
-    """Seed for initialisation, dropout and data order."""
+    """Seed for initialisation, dropout and data order (0 to 4294967295)."""
     group_by_length: bool = True
     """Batch texts of similar length together (less padding, faster); --no-group-by-length to turn off."""
     gradient_checkpointing: bool = False
@@ -107,6 +109,9 @@ class TrainConfig:
     """Evaluate on only the first N validation examples."""
 
     def __post_init__(self) -> None:
+        # the one check of every setting, whether it came from a flag, a YAML file or Python,
+        # run before anything is loaded or written
+        _check_types(self)
         _choice("task", self.task, TASKS)
         _choice("truncation_side", self.truncation_side, ("left", "right"))
         _choice("eval_strategy", self.eval_strategy, STRATEGIES)
@@ -114,20 +119,18 @@ class TrainConfig:
         metrics = ("accuracy", "f1", "loss") if self.task == "classification" else ("loss",)
         _choice("metric", self.metric, metrics + (None,))
         for name in ("r", "batch_size", "eval_batch_size", "eval_steps", "keep_checkpoints"):
-            _positive(name, getattr(self, name), integer=True)
+            check_positive_int(name, getattr(self, name))
         for name in ("max_length", "max_steps", "save_steps", "max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None:
-                _positive(name, getattr(self, name), integer=True)
-        _positive("lora_alpha", self.lora_alpha)
+                check_positive_int(name, getattr(self, name))
+        check_seed("seed", self.seed)
+        check_number("lora_alpha", self.lora_alpha, "> 0")
         for name in ("epochs", "lr"):
             if getattr(self, name) is not None:
-                _positive(name, getattr(self, name))
-        if not 0 <= self.lora_dropout < 1:
-            raise LorafitError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise LorafitError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0:
-            raise LorafitError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+                check_number(name, getattr(self, name), "> 0")
+        check_number("lora_dropout", self.lora_dropout, "in [0, 1)")
+        check_number("warmup_ratio", self.warmup_ratio, "in [0, 1)")
+        check_number("weight_decay", self.weight_decay, ">= 0")
         if self.dataset and self.train_file:
             raise LorafitError("pass either --dataset or --train-file, not both")
 
@@ -154,11 +157,75 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise LorafitError(f"--{name.replace('_', '-')} must be one of {shown}; got {value!r}")
 
 
-def _positive(name: str, value: Any, integer: bool = False) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        what = "a positive integer" if integer else "a number > 0"
-        raise LorafitError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
+# torch accepts seeds up to 2**64 - 1, but numpy (seeded by `generate --seed`) stops at 2**32 - 1 and
+# the data order's generator takes seed * 1000 + epoch; one range that every command accepts
+MAX_SEED = 2 ** 32 - 1
+_RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1,
+           "in (0, 1]": lambda v: 0 < v <= 1}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """An integer >= 1, or a one-line error naming the flag."""
+    if not _is_int(value) or value < 1:
+        raise LorafitError(f"{_flag(name)} must be a positive integer, got {value!r}")
+
+
+def check_number(name: str, value: Any, bounds: str) -> None:
+    """A finite int or float within ``bounds`` (one of "> 0", ">= 0", "in [0, 1)", "in (0, 1]")."""
+    ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value) and _RANGES[bounds](value)
+    if not ok:
+        what = bounds if bounds.startswith("in") else f"a number {bounds} (not inf or nan)"
+        raise LorafitError(f"{_flag(name)} must be {what}, got {value!r}")
+
+
+def check_seed(name: str, value: Any) -> None:
+    if not _is_int(value) or not 0 <= value <= MAX_SEED:
+        raise LorafitError(f"{_flag(name)} must be an integer from 0 to {MAX_SEED}, got {value!r}")
+
+
+def _check_types(config) -> None:
+    """Text, true/false and name-list settings hold what their fields declare (numbers are checked with their ranges)."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), _field_kind(type(config), f.name)
+        if value is None and _optional(type(config), f.name):
+            continue
+        if kind is str and not isinstance(value, str):
+            hint = f"; in a YAML file, quote it: '{value}'" if isinstance(value, (int, float)) else ""
+            raise LorafitError(f"{_flag(f.name)} must be text, got {value!r}{hint}")
+        if kind is str and not value.strip():  # an empty path would quietly mean "the default"
+            raise LorafitError(f"{_flag(f.name)} is empty; give a value or leave the setting out")
+        if kind is bool and not isinstance(value, bool):
+            raise LorafitError(f"{_flag(f.name)} must be true or false, got {value!r}")
+        if typing.get_origin(kind) is list and not (
+                isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
+            raise LorafitError(f"{_flag(f.name)} must be a list of module names, e.g. [query, value]; got {value!r}")
+
+
+def _field_kind(cls: type, name: str) -> Any:
+    return _field_kinds(cls)[name][0]
+
+
+def _optional(cls: type, name: str) -> bool:
+    return _field_kinds(cls)[name][1]
+
+
+@functools.cache
+def _field_kinds(cls: type) -> dict[str, tuple[Any, bool]]:
+    """Each field's type without its None, and whether None is allowed (``int | None`` -> (int, True))."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        kinds[name] = (next(a for a in args if a is not type(None)) if optional else hint, optional)
+    return kinds
 
 
 @functools.cache
@@ -176,10 +243,17 @@ def field_docs(cls: type) -> dict[str, str]:
 def load_yaml_config(path: str | Path, cls: type = TrainConfig) -> dict[str, Any]:
     """The settings in a YAML run file, keys checked against the config's fields."""
     path = Path(path)
+    if path.is_dir():
+        raise LorafitError(f"config file '{path}' is a directory; pass the path of a YAML file")
     if not path.is_file():
         raise LorafitError(f"config file '{path}' does not exist; pass the path of a YAML file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise LorafitError(f"config file '{path}' is not UTF-8 text (byte {err.start}); pass a YAML file saved "
+                           "as UTF-8") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise LorafitError(f"config file '{path}' is not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
     if not isinstance(data, dict):
@@ -190,16 +264,27 @@ def load_yaml_config(path: str | Path, cls: type = TrainConfig) -> dict[str, Any
     if unknown:
         raise LorafitError(f"config file '{path}' has unknown setting(s) {', '.join(unknown)}; "
                            f"run `lorafit train --help` for the valid ones")
-    return {key: _yaml_number(cls, key, value) for key, value in data.items()}
+    return {key: _yaml_value(cls, key, value) for key, value in data.items()}
 
 
-def _yaml_number(cls: type, key: str, value: Any) -> Any:
-    """YAML 1.1 reads 5e-4 (no dot) as a string; a float setting takes it as the flag --lr 5e-4 would."""
-    if isinstance(value, str) and typing.get_type_hints(cls)[key] in (float, float | None):
+_BOOLEAN_WORDS = {"true": True, "yes": True, "false": False, "no": False}
+
+
+def _yaml_value(cls: type, key: str, value: Any) -> Any:
+    """A YAML value as the flag would give it; anything else is left for the config's own checks to name.
+
+    YAML 1.1 reads 5e-4 (no dot) as a string, and a quoted "false" is a string that Python takes as true;
+    a single name where a list is expected (``target_modules: all-linear``) is that one-name list."""
+    kind = _field_kind(cls, key)
+    if isinstance(value, str) and kind is float:
         try:
             return float(value)
         except ValueError:
-            return value  # the config's own check names the setting and the bad value
+            return value
+    if isinstance(value, str) and kind is bool:
+        return _BOOLEAN_WORDS.get(value.strip().lower(), value)
+    if isinstance(value, str) and typing.get_origin(kind) is list:
+        return [value]
     return value
 
 
