@@ -22,7 +22,7 @@ def real_tokens(setup: Setup) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from lorafit.data import length_grouped_order
+    from lorafit.data.classification import length_grouped_order
 
     tokenizer = AutoTokenizer.from_pretrained(setup.cls_model)
     texts = [json.loads(line)["text"] for line in Path(setup.train_file).read_text(encoding="utf-8").splitlines()
@@ -44,8 +44,8 @@ def real_tokens(setup: Setup) -> dict:
 
 
 def run_lorafit(setup: Setup, options: dict) -> dict:
-    from lorafit.finetune import run_train
-    from lorafit.train_config import TrainConfig
+    from lorafit.tasks.pipeline import run_train
+    from lorafit.training.settings import TrainConfig
 
     s = setup.sizes
     with tempfile.TemporaryDirectory(prefix="bench-lorafit-", dir=setup.workdir) as out:

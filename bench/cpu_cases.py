@@ -13,7 +13,7 @@ TARGETS = ["query", "value"]
 
 
 def load_base(setup: Setup):
-    from lorafit.models import load_classifier
+    from lorafit.inference.base_models import load_classifier
 
     return load_classifier(setup.cls_model, num_labels=2, id2label={0: "negative", 1: "positive"},
                            label2id={"negative": 0, "positive": 1}).eval()

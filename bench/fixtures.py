@@ -111,7 +111,7 @@ def prepare(smoke: bool, workdir: Path, sizes: Sizes | None = None, cpu_models: 
                                                            for r in instruct_records(sizes.llm_examples)]
         cls_model, llm_model = tiny_bert_dir(workdir / "tiny-bert", texts), tiny_llama_dir(workdir / "tiny-llama", texts)
     else:
-        from lorafit.models import resolve_model
+        from lorafit.inference.base_models import resolve_model
 
         for path in (REVIEWS_TRAIN, REVIEWS_VALIDATION):
             if not path.is_file():

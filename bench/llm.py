@@ -1,7 +1,7 @@
 """LLM instruction tuning: `lorafit train --task causal-lm` against PEFT + Trainer on identical tokens.
 
 Both sides train r=8 LoRA on q_proj/v_proj for one epoch over the same examples, encoded by
-``lorafit.lm_data.tokenize_lm`` (loss on response tokens only), batch 4, sequence length <= 256,
+``lorafit.data.chat.tokenize_lm`` (loss on response tokens only), batch 4, sequence length <= 256,
 lr 2e-4, no warm-up, no evaluation or checkpoints. Tokens/s is the examples' real (non-pad) tokens
 over the wall time of the training call, so padding and wasted logits count as cost, not as work.
 """
@@ -20,8 +20,8 @@ IGNORE_INDEX = -100
 
 
 def encoded_examples(setup: Setup) -> tuple[list[dict], object]:
-    from lorafit.lm_data import tokenize_lm
-    from lorafit.models import load_tokenizer
+    from lorafit.data.chat import tokenize_lm
+    from lorafit.inference.base_models import load_tokenizer
 
     tokenizer = load_tokenizer(setup.llm_model)
     records = [json.loads(line) for line in Path(setup.llm_train_file).read_text(encoding="utf-8").splitlines()
@@ -38,8 +38,8 @@ def token_counts(examples: list[dict]) -> dict:
 
 
 def run_lorafit(setup: Setup, options: dict) -> dict:
-    from lorafit.finetune import run_train
-    from lorafit.train_config import TrainConfig
+    from lorafit.tasks.pipeline import run_train
+    from lorafit.training.settings import TrainConfig
 
     s = setup.sizes
     counts = token_counts(encoded_examples(setup)[0])

@@ -268,7 +268,7 @@ def _notes() -> list[str]:
             "- Peak memory = the process's peak resident set (`ru_maxrss`), libraries and data included.",
             "- Accuracy: the final (best) adapter on the validation set, evaluated after training.",
             "- LLM tokens/s = real (non-pad) tokens of the epoch / wall time of the training call; both sides "
-            "train on the examples `lorafit.lm_data.tokenize_lm` builds (responses scored only).",
+            "train on the examples `lorafit.data.chat.tokenize_lm` builds (responses scored only).",
             "- Inference, mixed batches and scaling time every variant once per round, rotating the order; "
             "ratios are medians of per-round ratios, with a 95% bootstrap interval (this virtual machine's "
             "timings scatter by about 5% from call to call even when idle). Switching: median of `set_adapter` "

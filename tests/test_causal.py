@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from conftest import tiny_gpt2, tiny_llama
-from lorafit import causal
+from lorafit.tasks import causal_lm as causal
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
-from lorafit.finetune import run_train
-from lorafit.loading import load_adapter_for_inference
+from lorafit.tasks.pipeline import run_train
+from lorafit.inference.loading import load_adapter_for_inference
 from lorafit.model import LoraModel, get_lora_model
-from lorafit.train_config import TrainConfig
+from lorafit.training.settings import TrainConfig
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 0..4, as the tiny configs expect
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -274,7 +274,7 @@ def test_peft_loads_the_adapter_with_equal_logits(tiny_run):
 
 
 def test_eval_scores_response_tokens_of_a_file(tiny_run):
-    from lorafit.data import read_table
+    from lorafit.data.classification import read_table
 
     loaded = load_adapter_for_inference(tiny_run.out / "best")
     table = read_table(tiny_run.validation)
@@ -319,7 +319,7 @@ def test_short_real_run_on_smollm2(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lorafit.models import resolve_model
+    from lorafit.inference.base_models import resolve_model
 
     records = [json.loads(line) for line in (Path(causal.__file__).parent / "builtin_data" / "instruct" /
                                              "train.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""Tests for lorafit.checkpoint: what a checkpoint holds, exact restore, atomic writes, pruning."""
+"""Tests for lorafit.training.checkpoint: what a checkpoint holds, exact restore, atomic writes, pruning."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_batch, tiny_bert_cls
-from lorafit import checkpoint
-from lorafit.checkpoint import (STATE_NAME, TrainState, list_checkpoints, load_checkpoint, remove_temporaries,
+from lorafit.training import checkpoint
+from lorafit.training.checkpoint import (STATE_NAME, TrainState, list_checkpoints, load_checkpoint, remove_temporaries,
                                 save_checkpoint)
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
 from lorafit.model import get_lora_model
-from lorafit.run_dir import read_metrics
-from lorafit.train import make_optimizer, make_scheduler
-from lorafit.train_config import TrainConfig
+from lorafit.training.run_dir import read_metrics
+from lorafit.training.loop import make_optimizer, make_scheduler
+from lorafit.training.settings import TrainConfig
 from test_cli import assert_same_tensors, single_thread
 from test_train import Killed, _crash_at, _final_weights, _steps_config, _train
 

@@ -6,8 +6,8 @@ import torch
 
 from conftest import tiny_bert_cls
 from lorafit import LoraConfig, get_lora_model
-from lorafit.classify import predict_logits
-from lorafit.data import datasets
+from lorafit.tasks.classification import predict_logits
+from lorafit.data.classification import datasets
 
 
 def _collate(examples: list[dict]) -> dict:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 import lorafit
 from lorafit.cli import main
-from lorafit.train_config import TrainConfig
+from lorafit.training.settings import TrainConfig
 
 # --- data ----------------------------------------------------------------------------------------
 
@@ -296,7 +296,7 @@ def captured(monkeypatch):
         seen.append(config)
         return {}
 
-    monkeypatch.setattr("lorafit.finetune.run_train", fake_run_train)
+    monkeypatch.setattr("lorafit.tasks.pipeline.run_train", fake_run_train)
     return seen
 
 

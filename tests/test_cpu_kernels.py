@@ -8,8 +8,8 @@ from torch import nn
 
 from conftest import tiny_bert_cls
 from lorafit import LoraConfig, get_lora_model
-from lorafit.classify import predict_logits
-from lorafit.cpu_kernels import shape_free_kernels
+from lorafit.tasks.classification import predict_logits
+from lorafit.fast.cpu_kernels import shape_free_kernels
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lorafit import data
-from lorafit.data import (
+from lorafit.data import classification as data
+from lorafit.data.classification import (
     LabelSpace,
     build_label_space,
     length_grouped_order,

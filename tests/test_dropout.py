@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lorafit import LoraConfig, get_lora_model
-from lorafit.dropout import FastDropout, fast_dropouts
+from lorafit.fast.dropout import FastDropout, fast_dropouts
 from conftest import tiny_bert_cls
 
 

@@ -157,8 +157,8 @@ def test_hub_dataset_code_path(tmp_path, capsys, monkeypatch, tiny_bert_dir):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_decoder_model_as_classifier(tmp_path_factory, tmp_path, capsys, kind):
     """GPT-2/Llama classifiers with a tokenizer lacking a pad token: padded batches of mixed lengths work."""
-    from lorafit.classify import predict_texts
-    from lorafit.loading import load_adapter_for_inference
+    from lorafit.tasks.classification import predict_texts
+    from lorafit.inference.loading import load_adapter_for_inference
 
     model_dir = build_tiny_decoder(tmp_path_factory.mktemp(kind), kind)
     from transformers import AutoConfig, AutoTokenizer
@@ -299,7 +299,7 @@ def test_bad_input_is_one_line_and_leaves_the_run_alone(tmp_path, capsys, small_
 
 
 def test_unknown_hub_model_offline(tmp_path, capsys, monkeypatch, small_run, existing_run):
-    from lorafit import models
+    from lorafit.inference import base_models as models
 
     monkeypatch.setattr(models, "_hub_reachable", lambda: False)
     run, before = existing_run

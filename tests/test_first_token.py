@@ -8,7 +8,7 @@ import torch
 from conftest import make_batch, tiny_bert_cls, tiny_llama
 from conftest import tiny_roberta_cls
 from lorafit import LoraConfig, get_lora_model
-from lorafit.first_token import first_token_last_layer
+from lorafit.fast.first_token import first_token_last_layer
 
 BUILDERS = {"bert": tiny_bert_cls, "roberta": tiny_roberta_cls}
 

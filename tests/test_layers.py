@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import make_batch, tiny_bert_cls, tiny_llama
 from lorafit import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear, get_lora_model
-from lorafit.dropout import FastDropout
+from lorafit.fast.dropout import FastDropout
 
 
 

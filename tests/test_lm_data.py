@@ -1,4 +1,4 @@
-"""Tests for lorafit.lm_data with real tokenizers, offline."""
+"""Tests for lorafit.data.chat with real tokenizers, offline."""
 
 import importlib.metadata
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.lm_data import (
+from lorafit.data.chat import (
     IGNORE_INDEX,
     detect_format,
     encode_example,
@@ -255,7 +255,7 @@ def test_files_written_by_pandas_load_and_encode(tmp_path, chat_tok):
     """Prompt/response CSV and TSV and chat JSONL as pandas writes them; the DataFrame is the reference."""
     import pandas as pd
 
-    from lorafit.readers import read_table
+    from lorafit.data.readers import read_table
 
     pairs = pd.DataFrame({"prompt": ["Line one\rline two", 'Say "hi", then go', "tab\there"],
                           "response": ["ok\r", "café 🙂", "two\r\nlines"]})

@@ -44,7 +44,7 @@ def test_merged_model_loads_without_lorafit(merged):
 def test_merged_model_predicts_like_base_plus_adapter(merged, trained_run):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lorafit.loading import load_adapter_for_inference
+    from lorafit.inference.loading import load_adapter_for_inference
 
     plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
     plain_logits = _logits(plain, AutoTokenizer.from_pretrained(merged))

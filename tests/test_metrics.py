@@ -1,10 +1,10 @@
-"""Tests for lorafit.metrics against values worked out by hand."""
+"""Tests for lorafit.training.metrics against values worked out by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from lorafit.metrics import (accuracy, classification_report, confusion_matrix, format_report, macro_f1,
+from lorafit.training.metrics import (accuracy, classification_report, confusion_matrix, format_report, macro_f1,
                              per_class_scores)
 
 # truth:      0 0 1 1 2

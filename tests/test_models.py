@@ -1,4 +1,4 @@
-"""Tests for lorafit.models: name resolution, loading, errors and the atomic model cache."""
+"""Tests for lorafit.inference.base_models: name resolution, loading, errors and the atomic model cache."""
 
 import importlib.metadata
 import json
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafit import models
+from lorafit.inference import base_models as models
 from lorafit.errors import LorafitError
-from lorafit.models import (
+from lorafit.inference.base_models import (
     BUILTIN_MODELS,
     build_cached_dir,
     load_causal_lm,

@@ -192,8 +192,8 @@ def test_pair_adapter_reads_both_columns(tmp_path, capsys, pair_run):
     assert code == 0, err
     assert json.loads(out)["confusion_matrix"] == matrix
     # and the second text matters: without it the scores differ
-    from lorafit.classify import predict_texts
-    from lorafit.loading import load_adapter_for_inference
+    from lorafit.tasks.classification import predict_texts
+    from lorafit.inference.loading import load_adapter_for_inference
 
     loaded = load_adapter_for_inference(best)
     alone = predict_texts(loaded.model, loaded.tokenizer, [r["premise"] for r in rows], max_length=32)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafit import prefix_sharing
+from lorafit.fast import prefix_sharing
 from test_causal import (assert_checkpointing_keeps_gradients, assert_matches_transformers_loss, lora_wrapped,
                          shared_prefix_batch)
 

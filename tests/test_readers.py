@@ -1,4 +1,4 @@
-"""Tests for lorafit.readers on files as pandas and spreadsheets write them; the DataFrame written is the reference."""
+"""Tests for lorafit.data.readers on files as pandas and spreadsheets write them; the DataFrame written is the reference."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from lorafit.cli import main
 from lorafit.errors import LorafitError
-from lorafit.readers import read_table
+from lorafit.data.readers import read_table
 
 # Every value a writer may leave unquoted or quote: bare carriage returns (pandas' to_csv leaves them
 # unquoted in a file whose rows end in "\n"), line ends, quotes, delimiters, leading spaces, unicode.

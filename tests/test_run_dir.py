@@ -1,4 +1,4 @@
-"""Tests for the run directory: what `lorafit train` leaves behind, and the lorafit.run_dir helpers."""
+"""Tests for the run directory: what `lorafit train` leaves behind, and the lorafit.training.run_dir helpers."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from lorafit.errors import LorafitError
-from lorafit.run_dir import (append_metrics, load_adapter_info, lock_run_dir, model_card, plot_curves,
+from lorafit.training.run_dir import (append_metrics, load_adapter_info, lock_run_dir, model_card, plot_curves,
                              prepare_run_dir, read_metrics, release_run_dirs, replace_dir_atomically,
                              rewrite_metrics, save_adapter_info, write_text)
-from lorafit.train_config import TrainConfig
+from lorafit.training.settings import TrainConfig
 from test_cli import (FAST, FIELDS, adapter_tensors, assert_one_line_error, make_rows, read_jsonl,  # noqa: F401
                       run_cli, small_run, snapshot, tensors_equal, tiny_bert_dir, trained_run, tiny_bert3_dir,
                       write_rows)
@@ -355,7 +355,7 @@ def test_replace_dir_atomically_stopped_between_its_renames_keeps_the_old_folder
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_files_and_folders_get_the_users_permissions(tmp_path, umask):
     """Temporary files are created 0600 and folders 0700; what they become must not keep those modes."""
-    from lorafit.models import build_cached_dir
+    from lorafit.inference.base_models import build_cached_dir
     from lorafit.serialization import write_json
 
     before = os.umask(umask)
@@ -381,8 +381,8 @@ class Killed(BaseException):
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory, tiny_bert_dir):
     """A run stopped during step 3 of 6, after checkpoint-2: (run folder, command without --output-dir)."""
-    from lorafit import finetune
-    from lorafit.classify import classification_loss
+    from lorafit.tasks import pipeline as finetune
+    from lorafit.tasks.classification import classification_loss
     from lorafit.cli import main
     from test_cli import single_thread
 
@@ -446,7 +446,7 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, killed_run)
     run = tmp_path / "run"
     shutil.copytree(killed_run[0], run)
     holder = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
-                               "from lorafit.run_dir import lock_run_dir; lock_run_dir(Path(sys.argv[1])); "
+                               "from lorafit.training.run_dir import lock_run_dir; lock_run_dir(Path(sys.argv[1])); "
                                "print('locked', flush=True); sys.stdin.read()", str(run)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

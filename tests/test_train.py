@@ -1,4 +1,4 @@
-"""Tests for the training loop (lorafit.train): batching, optimizer, schedule, evaluation, best adapter,
+"""Tests for the training loop (lorafit.training.loop): batching, optimizer, schedule, evaluation, best adapter,
 checkpoints and resuming, down to a run killed with SIGKILL and resumed from the command line."""
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ import pytest
 import torch
 
 from conftest import tiny_bert_cls
-from lorafit import data
-from lorafit.checkpoint import STATE_NAME, list_checkpoints
-from lorafit.classify import classification_loss, evaluate_classifier
+from lorafit.data import classification as data
+from lorafit.training.checkpoint import STATE_NAME, list_checkpoints
+from lorafit.tasks.classification import classification_loss, evaluate_classifier
 from lorafit.config import LoraConfig
 from lorafit.model import get_lora_model
-from lorafit.run_dir import read_metrics
-from lorafit.train import (_due, _is_better, epoch_batches, make_optimizer, make_scheduler, run_training,
+from lorafit.training.run_dir import read_metrics
+from lorafit.training.loop import (_due, _is_better, epoch_batches, make_optimizer, make_scheduler, run_training,
                            total_steps_for)
-from lorafit.train_config import TrainConfig
+from lorafit.training.settings import TrainConfig
 from test_cli import (adapter_tensors, assert_same_tensors, make_rows, read_jsonl, run_cli, single_thread,  # noqa: F401
                       tensors_equal, tiny_bert_dir, write_rows)
 
@@ -278,7 +278,7 @@ def test_best_adapter_survives_a_kill_while_it_was_being_replaced(tmp_path):
 def test_resume_needs_only_the_output_dir(tmp_path, capsys, monkeypatch, tiny_bert_dir):
     """`lorafit train --output-dir DIR --resume` (as --help shows it) continues the run with its own
     settings, not the defaults (built-in data and model)."""
-    from lorafit import finetune
+    from lorafit.tasks import pipeline as finetune
 
     train = write_rows(tmp_path / "train.jsonl", make_rows(24, seed=23))
     common = ["train", "--model", str(tiny_bert_dir), "--train-file", str(train), "--validation-file", str(train),
@@ -388,7 +388,7 @@ def _interrupt_at(step: int):
 
 
 def test_ctrl_c_says_where_training_stopped_and_how_to_resume(tmp_path, capsys, monkeypatch, tiny_bert_dir):
-    from lorafit import finetune
+    from lorafit.tasks import pipeline as finetune
 
     train = write_rows(tmp_path / "train.jsonl", make_rows(24, seed=23))
     common = ["train", "--model", str(tiny_bert_dir), "--train-file", str(train), "--max-length", "32",

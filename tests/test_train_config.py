@@ -1,4 +1,4 @@
-"""Tests for lorafit.train_config: checks, task defaults, YAML run files and the saved config."""
+"""Tests for lorafit.training.settings: checks, task defaults, YAML run files and the saved config."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from lorafit.errors import LorafitError
-from lorafit.train_config import TrainConfig, build_config, dump_config, field_docs, load_yaml_config
+from lorafit.training.settings import TrainConfig, build_config, dump_config, field_docs, load_yaml_config
 
 
 def test_defaults_resolved_for_classification():

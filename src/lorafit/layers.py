@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorafit.dropout import FastDropout
+from lorafit.fast.dropout import FastDropout
 from lorafit.errors import LorafitError
 
 BASE_ADAPTER = "__base__"

@@ -23,16 +23,16 @@ from pathlib import Path
 
 import torch
 
-from lorafit import data
+from lorafit.data import classification as data
 from lorafit.errors import LorafitError
 from lorafit.layers import BASE_ADAPTER
-from lorafit.lm_data import encode_prompt, leading_special_ids, render_messages, text_prefix_ids, tokenize_text
-from lorafit.loading import LoadedAdapter, adapter_task, check_adapter_dir, load_adapter_for_inference
+from lorafit.data.chat import encode_prompt, leading_special_ids, render_messages, text_prefix_ids, tokenize_text
+from lorafit.inference.loading import LoadedAdapter, adapter_task, check_adapter_dir, load_adapter_for_inference
 from lorafit.model import DEFAULT_ADAPTER, LoraModel
 from lorafit.output_paths import check_output_file
-from lorafit.run_dir import load_adapter_info
+from lorafit.training.run_dir import load_adapter_info
 from lorafit.serialization import atomic_path, read_adapter_config
-from lorafit.train_config import check_number, check_positive_int, check_seed
+from lorafit.training.settings import check_number, check_positive_int, check_seed
 
 NAME = "generate"
 HELP = "generate text with causal-LM adapters"

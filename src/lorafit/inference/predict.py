@@ -11,14 +11,14 @@ import argparse
 import json
 from pathlib import Path
 
-from lorafit import data
-from lorafit.classify import predict_texts
+from lorafit.data import classification as data
+from lorafit.tasks.classification import predict_texts
 from lorafit.errors import LorafitError
-from lorafit.first_token import first_token_last_layer
-from lorafit.loading import add_adapter_arguments, load_adapter_for_inference
+from lorafit.fast.first_token import first_token_last_layer
+from lorafit.inference.loading import add_adapter_arguments, load_adapter_for_inference
 from lorafit.output_paths import check_output_file
 from lorafit.serialization import atomic_path
-from lorafit.train_config import check_positive_int
+from lorafit.training.settings import check_positive_int
 
 NAME = "predict"
 HELP = "label texts with a trained classifier adapter"

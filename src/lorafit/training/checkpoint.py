@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from lorafit.errors import LorafitError
 from lorafit.model import LoraModel
-from lorafit.run_dir import checkpoint_dirs, replace_dir_atomically
+from lorafit.training.run_dir import checkpoint_dirs, replace_dir_atomically
 
 STATE_NAME = "trainer_state.json"
 # What killed writes leave in a run folder: folders being built (.best.<random>, .checkpoint-<step>.<random>),

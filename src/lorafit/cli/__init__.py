@@ -41,7 +41,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field of a config dataclass, its help text taken from the field's docstring."""
-    from lorafit.train_config import field_docs
+    from lorafit.training.settings import field_docs
 
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
@@ -66,8 +66,11 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorafit import evaluate, generate, merge, predict
-    from lorafit.train_config import TrainConfig
+    from lorafit.cli import evaluate
+    from lorafit.inference import generate
+    from lorafit.cli import merge
+    from lorafit.inference import predict
+    from lorafit.training.settings import TrainConfig
 
     parser = _Parser(prog="lorafit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lorafit {_version()}")
@@ -105,9 +108,9 @@ offline in a few minutes. Examples:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from lorafit.finetune import run_train
+    from lorafit.tasks.pipeline import run_train
     from lorafit.output_paths import check_output_dir
-    from lorafit.train_config import build_config, load_yaml_config
+    from lorafit.training.settings import build_config, load_yaml_config
 
     settings = load_yaml_config(args.config) if args.config else {}
     settings.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "run")})

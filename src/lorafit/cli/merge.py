@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from lorafit.errors import LorafitError
-from lorafit.loading import add_adapter_arguments, load_adapter_for_inference
+from lorafit.inference.loading import add_adapter_arguments, load_adapter_for_inference
 from lorafit.output_paths import check_output_dir
-from lorafit.run_dir import replace_dir_atomically
+from lorafit.training.run_dir import replace_dir_atomically
 
 NAME = "merge"
 HELP = "fold an adapter into its base model and save a plain transformers model"

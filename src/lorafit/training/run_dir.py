@@ -19,7 +19,7 @@ import yaml
 
 from lorafit.errors import LorafitError
 from lorafit.serialization import atomic_path, usual_mode, write_json
-from lorafit.train_config import TrainConfig, dump_config
+from lorafit.training.settings import TrainConfig, dump_config
 
 METRICS_NAME = "metrics.jsonl"
 INFO_NAME = "lorafit.json"

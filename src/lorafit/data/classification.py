@@ -1,6 +1,6 @@
 """Text-classification data: the built-in and hub datasets, label spaces, validation, tokenising, batching.
 
-Files are read by ``lorafit.readers``; prepare_split turns numeric text columns back into str.
+Files are read by ``lorafit.data.readers``; prepare_split turns numeric text columns back into str.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from datasets.exceptions import DatasetNotFoundError
 
 from lorafit.errors import LorafitError
-from lorafit.readers import INT_PATTERN, read_table, value_kind
+from lorafit.data.readers import INT_PATTERN, read_table, value_kind
 
 __all__ = ["read_table", "load_builtin_sentiment", "load_hub_dataset", "LabelSpace", "build_label_space",
            "prepare_split", "tokenize", "make_collator", "length_grouped_order"]

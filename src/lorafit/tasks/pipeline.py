@@ -13,18 +13,18 @@ from pathlib import Path
 
 import torch
 
-from lorafit import data
-from lorafit.classify import (ClassificationData, classification_loss, evaluate_classifier,
+from lorafit.data import classification as data
+from lorafit.tasks.classification import (ClassificationData, classification_loss, evaluate_classifier,
                               load_classification_data, print_predictions)
 from lorafit.config import ALL_LINEAR, LoraConfig
-from lorafit.first_token import first_token_last_layer
+from lorafit.fast.first_token import first_token_last_layer
 from lorafit.inject import check_each_target_matches
 from lorafit.model import get_lora_model
-from lorafit.models import load_classifier, load_tokenizer, model_reference, resolve_model
-from lorafit.run_dir import (model_card, plot_curves, prepare_run_dir, release_run_dirs, save_adapter_info,
+from lorafit.inference.base_models import load_classifier, load_tokenizer, model_reference, resolve_model
+from lorafit.training.run_dir import (model_card, plot_curves, prepare_run_dir, release_run_dirs, save_adapter_info,
                              write_text)
-from lorafit.train import restore_best, run_training
-from lorafit.train_config import TrainConfig
+from lorafit.training.loop import restore_best, run_training
+from lorafit.training.settings import TrainConfig
 
 
 def default_output_dir(config: TrainConfig) -> Path:
@@ -37,7 +37,7 @@ def run_train(config: TrainConfig) -> dict:
     config = config.resolved()
     try:
         if config.task == "causal-lm":
-            from lorafit.causal import train_causal_lm
+            from lorafit.tasks.causal_lm import train_causal_lm
 
             return train_causal_lm(config)
         return train_classifier(config)

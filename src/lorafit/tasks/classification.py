@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from lorafit import data
-from lorafit.cpu_kernels import shape_free_kernels
+from lorafit.data import classification as data
+from lorafit.fast.cpu_kernels import shape_free_kernels
 from lorafit.errors import LorafitError
-from lorafit.metrics import classification_report
+from lorafit.training.metrics import classification_report
 from lorafit.model import LoraModel
-from lorafit.train_config import TrainConfig
+from lorafit.training.settings import TrainConfig
 
 # The article's six example sentences (SST-2 validation style), printed before and after training.
 EXAMPLE_SENTENCES = [

@@ -17,17 +17,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lorafit import data, lm_data
+from lorafit.data import classification as data
+
+from lorafit.data import chat as lm_data
 from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.errors import LorafitError
-from lorafit.finetune import _num, _print_summary, default_output_dir, peak_rss_mb
+from lorafit.tasks.pipeline import _num, _print_summary, default_output_dir, peak_rss_mb
 from lorafit.inject import check_each_target_matches
 from lorafit.model import get_lora_model
-from lorafit.models import load_causal_lm, load_tokenizer, model_reference, resolve_model
-from lorafit.prefix_sharing import body_hidden
-from lorafit.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info, write_text
-from lorafit.train import restore_best, run_training
-from lorafit.train_config import TrainConfig
+from lorafit.inference.base_models import load_causal_lm, load_tokenizer, model_reference, resolve_model
+from lorafit.fast.prefix_sharing import body_hidden
+from lorafit.training.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info, write_text
+from lorafit.training.loop import restore_best, run_training
+from lorafit.training.settings import TrainConfig
 
 SAMPLE_COUNT = 3
 HELDOUT_LIMIT = 100  # generating for every row of a large validation set would dwarf training time

@@ -19,14 +19,14 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lorafit.cpu_kernels import shape_free_kernels
-from lorafit.checkpoint import TrainState, load_newest_checkpoint, remove_temporaries, save_checkpoint
-from lorafit.data import length_grouped_order
-from lorafit.dropout import fast_dropouts
+from lorafit.fast.cpu_kernels import shape_free_kernels
+from lorafit.training.checkpoint import TrainState, load_newest_checkpoint, remove_temporaries, save_checkpoint
+from lorafit.data.classification import length_grouped_order
+from lorafit.fast.dropout import fast_dropouts
 from lorafit.errors import Interrupted
 from lorafit.model import LoraModel
-from lorafit.run_dir import append_metrics, replace_dir_atomically, rewrite_metrics
-from lorafit.train_config import TrainConfig
+from lorafit.training.run_dir import append_metrics, replace_dir_atomically, rewrite_metrics
+from lorafit.training.settings import TrainConfig
 
 LossFn = Callable[[LoraModel, dict], torch.Tensor]
 EvalFn = Callable[[], dict]

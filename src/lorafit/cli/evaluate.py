@@ -11,12 +11,12 @@ import argparse
 import json
 from pathlib import Path
 
-from lorafit import data
-from lorafit.classify import evaluate_classifier
-from lorafit.first_token import first_token_last_layer
-from lorafit.loading import add_adapter_arguments, load_adapter_for_inference
-from lorafit.metrics import format_report
-from lorafit.train_config import check_positive_int
+from lorafit.data import classification as data
+from lorafit.tasks.classification import evaluate_classifier
+from lorafit.fast.first_token import first_token_last_layer
+from lorafit.inference.loading import add_adapter_arguments, load_adapter_for_inference
+from lorafit.training.metrics import format_report
+from lorafit.training.settings import check_positive_int
 
 NAME = "eval"
 HELP = "score an adapter on a labelled data file"
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     table = data.read_table(args.data, encoding=args.encoding, role="data file")
     loaded = load_adapter_for_inference(args.adapter, args.model)
     if loaded.task == "causal-lm":
-        from lorafit.causal import evaluate_causal_file
+        from lorafit.tasks.causal_lm import evaluate_causal_file
 
         metrics = evaluate_causal_file(loaded, table, args)
     else:

@@ -1,0 +1,1 @@
+"""Loading base models and adapters, prediction and generation."""

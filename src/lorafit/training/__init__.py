@@ -1,0 +1,1 @@
+"""The training loop, checkpoints, the run folder, training settings and metrics."""
