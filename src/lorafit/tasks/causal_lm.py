@@ -360,7 +360,7 @@ def build_model(config: TrainConfig, model_path: str, tokenizer):
 
 def run_figures(result, tokens: int) -> dict:
     """Speed and memory of the training loop, for the summary and the model card."""
-    figures = {"train_seconds": round(result.seconds, 1),
+    figures = {"train_seconds": round(result.seconds, 2),
                "train_samples_per_second": round(result.samples_per_second, 2),
                "train_tokens_per_second": round(tokens / result.seconds, 1) if result.seconds else 0.0,
                "peak_rss_mb": peak_rss_mb()}

@@ -105,7 +105,7 @@ def train_classifier(config: TrainConfig) -> dict:
 
     if show_examples:
         print_predictions("Trained model predictions", model, tokenizer, id2label, config.max_length)
-    final = {"train_seconds": round(result.seconds, 1), "train_samples_per_second": round(result.samples_per_second, 2),
+    final = {"train_seconds": round(result.seconds, 2), "train_samples_per_second": round(result.samples_per_second, 2),
              "peak_rss_mb": peak_rss_mb()}
     if validation is not None:
         final.update({f"validation_{k}": v for k, v in evaluate().items() if not isinstance(v, (dict, list))})
