@@ -88,7 +88,8 @@ def no_torch_load(monkeypatch):
 
 @pytest.mark.parametrize("loader", ["load_classifier", "load_causal_lm"])
 def test_pickled_base_model_is_refused_without_unpickling(pickled_base, no_torch_load, loader):
-    from lorafit import LorafitError, models
+    from lorafit import LorafitError
+    from lorafit.inference import base_models as models
 
     kwargs = {"num_labels": 2, "id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}} \
         if loader == "load_classifier" else {}
