@@ -63,14 +63,20 @@ def build_tokenizer(chat: bool):
     return tokenizer
 
 
-def save_tiny_model(directory: Path, arch: str) -> str:
-    """A tiny model + tokenizer directory that `--model` accepts (llama: chat template; gpt2: fallback template)."""
+def save_tiny_model(directory: Path, arch: str, head: bool = True) -> str:
+    """A tiny model + tokenizer directory that `--model` accepts (llama: chat template; gpt2: fallback template).
+
+    ``head=False`` saves the body alone (LlamaModel), so loading it as a causal LM makes a new, untied LM head."""
     tokenizer = build_tokenizer(chat=arch == "llama")
     model = BUILDERS[arch](vocab_size=len(tokenizer), initializer_range=INIT_RANGE)
     for key, value in {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}.items():
         setattr(model.config, key, value)
         setattr(model.generation_config, key, value)
-    model.save_pretrained(directory)
+    if head:
+        model.save_pretrained(directory)
+    else:
+        model.get_decoder().save_pretrained(directory)
+        model.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
 

@@ -25,7 +25,7 @@ from lorafit.model import get_lora_model
 from lorafit.models import load_causal_lm, load_tokenizer, model_reference, resolve_model
 from lorafit.prefix_sharing import body_hidden
 from lorafit.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info, write_text
-from lorafit.train import restore_best, run_training
+from lorafit.train import restore_best, run_training, seed_everything
 from lorafit.train_config import TrainConfig, dump_config
 
 SAMPLE_COUNT = 3
@@ -342,12 +342,13 @@ def train_causal_lm(config: TrainConfig) -> dict:
 
 def build_model(config: TrainConfig, model_path: str, tokenizer):
     """The fp32 base model with a fresh LoRA adapter, seeded, optionally gradient-checkpointed."""
+    # before the load: a base saved without its LM head (or any other weight) gets new random ones
+    seed_everything(config.seed)
     base = load_causal_lm(model_path)
     if base.generation_config.pad_token_id is None:
         base.generation_config.pad_token_id = tokenizer.pad_token_id
     lora_config = LoraConfig(task_type="CAUSAL_LM", r=config.r, lora_alpha=config.lora_alpha,
                              lora_dropout=config.lora_dropout, target_modules=lora_targets(config))
-    torch.manual_seed(config.seed)  # the adapter starts from the same random state whatever ran before
     model = get_lora_model(base, lora_config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})

@@ -11,8 +11,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from lorafit import data
 from lorafit.classify import (ClassificationData, classification_loss, evaluate_classifier,
                               load_classification_data, print_predictions)
@@ -21,7 +19,7 @@ from lorafit.first_token import first_token_last_layer
 from lorafit.model import get_lora_model
 from lorafit.models import load_classifier, load_tokenizer, model_reference, resolve_model
 from lorafit.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info, write_text
-from lorafit.train import restore_best, run_training
+from lorafit.train import restore_best, run_training, seed_everything
 from lorafit.train_config import TrainConfig, dump_config
 
 
@@ -50,6 +48,8 @@ def train_classifier(config: TrainConfig) -> dict:
                                       truncation_side=config.truncation_side)
                  for split, ds in task_data.splits.items()}
     labels = task_data.labels
+    # before the load: a base without a classification head (MiniLM has none) gets a new random one
+    seed_everything(config.seed)
     base = load_classifier(model_path, num_labels=len(labels.names), id2label=labels.id2label,
                            label2id=labels.label2id, pad_token_id=tokenizer.pad_token_id)
     targets = config.target_modules
@@ -57,8 +57,6 @@ def train_classifier(config: TrainConfig) -> dict:
         targets = ALL_LINEAR  # the keyword, not a module named all-linear
     lora_config = LoraConfig(task_type="SEQ_CLS", r=config.r, lora_alpha=config.lora_alpha,
                              lora_dropout=config.lora_dropout, target_modules=targets)
-    # the head and the adapter start from the same random state whatever ran before
-    torch.manual_seed(config.seed)
     model = get_lora_model(base, lora_config)
     first_token_last_layer(model)  # the head reads [CLS] alone: the last layer computes only that row
     # only now that the data, model and adapter settings have all been checked is anything written
