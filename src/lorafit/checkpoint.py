@@ -62,6 +62,22 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _torch_rng_states() -> dict[str, torch.Tensor]:
+    """The CPU generator's state, and on a GPU each device's: dropout there draws from the device's own."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda.{device}": state for device, state in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def _restore_torch_rng(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["torch"])
+    for key, state in states.items():
+        device = int(key.removeprefix("cuda.")) if key.startswith("cuda.") else None
+        if device is not None and torch.cuda.is_available() and device < torch.cuda.device_count():
+            torch.cuda.set_rng_state(state, device=device)
+
+
 def save_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler, state: TrainState, keep: int) -> Path:
     """Write ``checkpoint-<step>/`` atomically and prune all but the newest ``keep``."""
     final = run_dir / f"checkpoint-{state.step}"
@@ -70,7 +86,7 @@ def save_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler, state
         model.save_pretrained(tmp / "adapter")
         tensors, meta = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        save_file(_torch_rng_states(), str(tmp / "rng.safetensors"))
         py_state = random.getstate()
         np_state = np.random.get_state()
         extra = {
@@ -102,7 +118,7 @@ def load_checkpoint(path: Path, model: LoraModel, optimizer, scheduler) -> Train
     model.load_weights(path / "adapter", model.active_adapter)
     _restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), data["optimizer"])
     scheduler.load_state_dict(data["scheduler"])
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    _restore_torch_rng(load_file(str(path / "rng.safetensors")))
     version, internal, gauss = data["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = data["numpy_rng"]
