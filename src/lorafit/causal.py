@@ -75,6 +75,17 @@ def load_lm_data(config: TrainConfig) -> LmData:
     return LmData(splits, description)
 
 
+def describe_lm_data(lm: LmData, tokenized: dict[str, list[dict]], config: TrainConfig) -> str:
+    """What was loaded: examples and record shape per split, so a file read wrongly shows at once."""
+    lines = [f"Data: {lm.description}"]
+    for split, records in lm.splits.items():
+        line = f"  {split}: {len(records)} examples ({lm_data.detect_format(records[0]) if records else 'none'})"
+        if config.pack and split == "train":
+            line += f", packed into {len(tokenized[split])} sequences of up to {config.max_length} tokens"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def load_builtin_instruct() -> dict:
     """The shipped LLM quickstart set as {"train": Dataset, "validation": Dataset}."""
     folder = resources.files("lorafit") / "builtin_data" / "instruct"
@@ -294,6 +305,8 @@ def train_causal_lm(config: TrainConfig) -> dict:
     # only now that the data, model and adapter settings have all been checked is anything written
     prepare_run_dir(run_dir, config.resume)
     write_text(run_dir / "config.yaml", dump_config(config))
+    print(describe_lm_data(lm, tokenized, config))
+    model.print_trainable_parameters()
     final: dict = {}
     if pairs:
         final["heldout_exact_match_before"] = score_heldout("Sample generations before training", model, tokenizer, pairs)
@@ -352,7 +365,6 @@ def build_model(config: TrainConfig, model_path: str, tokenizer):
     model = get_lora_model(base, lora_config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
-    model.print_trainable_parameters()
     return model
 
 

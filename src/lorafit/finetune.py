@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lorafit import data
-from lorafit.classify import (ClassificationData, classification_loss, evaluate_classifier,
+from lorafit.classify import (ClassificationData, classification_loss, describe_data, evaluate_classifier,
                               load_classification_data, print_predictions)
 from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.first_token import first_token_last_layer
@@ -62,6 +62,7 @@ def train_classifier(config: TrainConfig) -> dict:
     # only now that the data, model and adapter settings have all been checked is anything written
     prepare_run_dir(run_dir, config.resume)
     write_text(run_dir / "config.yaml", dump_config(config))
+    print(describe_data(task_data))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     model.print_trainable_parameters()
