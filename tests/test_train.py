@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,12 +22,13 @@ from lorafit.training.checkpoint import STATE_NAME, list_checkpoints
 from lorafit.tasks.classification import classification_loss, evaluate_classifier
 from lorafit.config import LoraConfig
 from lorafit.model import get_lora_model
-from lorafit.training.run_dir import read_metrics
+from lorafit.training.run_dir import LOCK_NAME, read_metrics
 from lorafit.training.loop import (_due, _is_better, epoch_batches, make_optimizer, make_scheduler, run_training,
                            total_steps_for)
 from lorafit.training.settings import TrainConfig
-from test_cli import (adapter_tensors, assert_same_tensors, make_rows, read_jsonl, run_cli, single_thread,  # noqa: F401
-                      tensors_equal, tiny_bert_dir, write_rows)
+from test_causal import save_tiny_model, todo_records, write_jsonl
+from test_cli import (adapter_tensors, assert_same_tensors, build_tiny_bert, make_rows, read_jsonl, run_cli,  # noqa: F401
+                      single_thread, tensors_equal, tiny_bert_dir, write_rows)
 
 CHECKPOINT_FILES = {"adapter", "optimizer.safetensors", "rng.safetensors", STATE_NAME}
 
@@ -297,63 +297,163 @@ def test_resume_needs_only_the_output_dir(tmp_path, capsys, monkeypatch, tiny_be
     assert tensors_equal(adapter_tensors(tmp_path / "run" / "best"), adapter_tensors(tmp_path / "reference" / "best"))
 
 
-# --- the acceptance test: SIGKILL mid-epoch, then --resume ------------------------------------------
+# --- the acceptance tests: a seeded run repeats, and a run SIGKILLed and resumed ends the same ------------
+# Every run is a child process `python -m lorafit train` with torch's default thread count, on bases saved
+# with and without the head the task needs (a missing head is created at load time from the global RNG).
+
+def _classifier_case(root: Path, head: bool, model: str | None = None) -> list:
+    train = write_rows(root / "train.jsonl", make_rows(24, ("neg", "neu", "pos"), seed=21))  # 3 steps per epoch
+    validation = write_rows(root / "dev.jsonl", make_rows(6, ("neg", "neu", "pos"), seed=22))
+    model = model or build_tiny_bert(root / "model", num_labels=3, head=head)
+    return ["train", "--model", model, "--train-file", train, "--validation-file", validation,
+            "--max-length", "32", "--epochs", "3", "--lr", "0.01"]
+
+
+def _causal_case(root: Path, head: bool) -> list:
+    records = todo_records()
+    train = write_jsonl(root / "train.jsonl", records[:40])  # 5 steps per epoch
+    validation = write_jsonl(root / "dev.jsonl", records[40:])
+    return ["train", "--task", "causal-lm", "--model", save_tiny_model(root / "model", "llama", head=head),
+            "--train-file", train, "--validation-file", validation, "--max-length", "64", "--max-steps", "9",
+            "--lr", "0.01"]
+
+
+CASES = {
+    "classifier": lambda root: _classifier_case(root, head=True),
+    "classifier-headless": lambda root: _classifier_case(root, head=False),
+    "causal-lm": lambda root: _causal_case(root, head=True),
+    "causal-lm-headless": lambda root: _causal_case(root, head=False),
+    "minilm": lambda root: _classifier_case(root, head=False, model="minilm"),  # the issue's run, scaled down
+}
+# 9 steps; saves after every step and evaluations every 2 give the kills below a checkpoint to resume from
+SEEDED = ["--seed", "7", "--lora-dropout", "0.1", "--batch-size", "8", "--save-strategy", "steps",
+          "--save-steps", "1", "--eval-strategy", "steps", "--eval-steps", "2"]
+
+# `python -c _KILLER MOMENT N ARGS...` runs `lorafit ARGS`, which SIGKILLs itself at the N-th MOMENT of the
+# process: "step" (inside an optimizer step, before the update), "checkpoint" or "best" (inside the write of
+# a checkpoint or of best/, just after its adapter was written).
+_KILLER = """
+import os, signal, sys
+from pathlib import Path
+
+import torch
+
+from lorafit.cli import main
+from lorafit.model import LoraModel
+
+moment, when = sys.argv[1], int(sys.argv[2])
+seen = dict.fromkeys(("step", "checkpoint", "best"), 0)
+optimizer_step, save_adapter = torch.optim.AdamW.step, LoraModel.save_pretrained
+
+
+def reached(what):
+    seen[what] += 1
+    if what == moment and seen[what] == when:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def step(self, *args, **kwargs):
+    reached("step")
+    return optimizer_step(self, *args, **kwargs)
+
+
+def save_pretrained(self, path, *args, **kwargs):
+    save_adapter(self, path, *args, **kwargs)
+    if Path(path).parent.name.startswith(".checkpoint-"):
+        reached("checkpoint")
+    elif Path(path).name.startswith(".best."):
+        reached("best")
+
+
+torch.optim.AdamW.step, LoraModel.save_pretrained = step, save_pretrained
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _lorafit(args: list, log: Path, kill: tuple[str, int] | None = None) -> int:
+    """Run `lorafit ARGS` in a child process (output to ``log``); ``kill=(moment, n)``: see _KILLER."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    command = [sys.executable, "-m", "lorafit"] if kill is None else [sys.executable, "-c", _KILLER, *map(str, kill)]
+    with open(log, "wb") as out:
+        return subprocess.run([*command, *map(str, args)], stdout=out, stderr=subprocess.STDOUT, env=env,
+                              timeout=600).returncode
+
+
+@pytest.fixture(scope="module", params=["classifier-headless", "causal-lm-headless",
+                                        pytest.param("classifier", marks=pytest.mark.slow),
+                                        pytest.param("causal-lm", marks=pytest.mark.slow),
+                                        pytest.param("minilm", marks=pytest.mark.slow)])
+def seeded_run(request, tmp_path_factory) -> SimpleNamespace:
+    """An uninterrupted seeded run of each case: the reference the tests compare against."""
+    root = tmp_path_factory.mktemp(request.param)
+    args = [*CASES[request.param](root), *SEEDED]
+    log = root / "reference.log"
+    assert _lorafit([*args, "--output-dir", root / "reference"], log) == 0, log.read_text()
+    return SimpleNamespace(args=args, dir=root / "reference", log=log)
+
+
+def _final_metrics(log: Path) -> dict[str, float]:
+    """The scores in the summary a run prints last (not its timings)."""
+    lines = [line.split(": ") for line in log.read_text().splitlines()]
+    return {line[0]: float(line[1]) for line in lines
+            if len(line) == 2 and line[0].startswith(("validation_", "test_", "heldout_"))}
+
+
+def _assert_close(value, expected, where: str) -> None:
+    if isinstance(expected, dict):
+        assert sorted(value) == sorted(expected), where
+        for key in expected:
+            _assert_close(value[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(value) == len(expected), where
+        for i, (a, b) in enumerate(zip(value, expected)):
+            _assert_close(a, b, f"{where}[{i}]")
+    elif isinstance(expected, float):
+        assert value == pytest.approx(expected, abs=1e-6, rel=0), where
+    else:
+        assert value == expected, where
+
+
+def _assert_same_run(run: Path, log: Path, reference: SimpleNamespace) -> None:
+    """Same metrics, logged and final, and the same best and last adapters (within 1e-6)."""
+    _assert_close(read_jsonl(run / "metrics.jsonl"), read_jsonl(reference.dir / "metrics.jsonl"), "metrics.jsonl")
+    final = _final_metrics(reference.log)
+    assert final, "the reference printed no final scores"
+    _assert_close(_final_metrics(log), final, "final metrics")
+    last = _complete_checkpoints(reference.dir)[-1]
+    for adapter in ("best", f"checkpoint-{last}/adapter"):
+        assert_same_tensors(adapter_tensors(run / adapter), adapter_tensors(reference.dir / adapter), atol=1e-6)
+
 
 def _complete_checkpoints(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*") if (p / STATE_NAME).is_file())
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path, capsys, tiny_bert_dir):
-    train = write_rows(tmp_path / "train.jsonl", make_rows(48, seed=21))  # batch 4: 12 steps per epoch
-    validation = write_rows(tmp_path / "dev.jsonl", make_rows(8, seed=22))
-    common = ["train", "--model", str(tiny_bert_dir), "--train-file", str(train), "--validation-file", str(validation),
-              "--max-length", "32", "--batch-size", "4", "--epochs", "2", "--lr", "0.01",
-              "--save-strategy", "steps", "--save-steps", "2", "--eval-strategy", "steps", "--eval-steps", "2"]
-    reference = tmp_path / "reference"
-    code, _, err = run_cli(capsys, *common, "--output-dir", reference)
-    assert code == 0, err
+def test_same_seed_same_run(seeded_run, tmp_path):
+    log = tmp_path / "again.log"
+    assert _lorafit([*seeded_run.args, "--output-dir", tmp_path / "again"], log) == 0, log.read_text()
+    _assert_same_run(tmp_path / "again", log, seeded_run)
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in-process commands run here (same arithmetic)
-    for attempt in range(3):
-        run = tmp_path / f"killed-{attempt}"
+
+def test_killed_run_resumes_to_the_same_result(seeded_run, tmp_path):
+    """Killed while writing best/ at step 2, while writing checkpoint-3, then inside step 5: each time
+    --resume goes on from the newest complete checkpoint, and the run ends as if never interrupted."""
+    run = tmp_path / "run"
+    kills = [(("best", 1), ".best.*", 1), (("checkpoint", 2), ".checkpoint-3.*", 2), (("step", 3), None, 4)]
+    for attempt, (kill, leftover, newest) in enumerate(kills):
         log = tmp_path / f"killed-{attempt}.log"
-        with open(log, "wb") as out:
-            process = subprocess.Popen([sys.executable, "-m", "lorafit", *common, "--output-dir", str(run)],
-                                       stdout=out, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 300
-        while not any(step >= 2 for step in _complete_checkpoints(run)):
-            assert process.poll() is None, f"the run ended before its first checkpoint:\n{log.read_text()}"
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.01)
-        os.kill(process.pid, signal.SIGKILL)
-        killed = process.wait(timeout=60) == -signal.SIGKILL  # not if it had already finished
-        steps = _complete_checkpoints(run)
-        if killed and max(steps) < 12:  # killed inside the first epoch, as intended; else try again
-            break
-    else:
-        pytest.fail(f"could not kill the run inside its first epoch (checkpoints {steps})")
-
-    # a checkpoint folder is complete or absent
-    for step in steps:
-        assert {p.name for p in (run / f"checkpoint-{step}").iterdir()} == CHECKPOINT_FILES
-    leftover = run / f".checkpoint-{max(steps) + 2}.x1y2"  # as if killed while writing the next one
-    (leftover / "adapter").mkdir(parents=True)
-
-    code, out, err = run_cli(capsys, *common, "--output-dir", run, "--resume")
-    assert code == 0, err
-    assert f"Resuming from checkpoint-{max(steps)} (step {max(steps)} of 24)" in out
-    assert not leftover.exists()
-    assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
-    assert len(read_jsonl(run / "metrics.jsonl")) == 12
-    assert_same_tensors(adapter_tensors(run / "best"), adapter_tensors(reference / "best"), atol=1e-6)
-    assert_same_tensors(adapter_tensors(run / "checkpoint-24" / "adapter"),
-                        adapter_tensors(reference / "checkpoint-24" / "adapter"), atol=1e-6)
-
-    def final_metrics(run_dir):
-        card = (run_dir / "README.md").read_text(encoding="utf-8").split("## Hyperparameters")[0]
-        return [line for line in card.splitlines() if line.startswith("| validation_")]
-
-    assert final_metrics(run) == final_metrics(reference) and len(final_metrics(run)) == 3
+        code = _lorafit([*seeded_run.args, "--output-dir", run, *(["--resume"] if attempt else [])], log, kill)
+        assert code == -signal.SIGKILL, f"not killed at {kill}:\n{log.read_text()}"
+        assert _complete_checkpoints(run)[-1] == newest, kill
+        for step in _complete_checkpoints(run):  # a checkpoint folder is complete or absent
+            assert {p.name for p in (run / f"checkpoint-{step}").iterdir()} == CHECKPOINT_FILES
+        assert leftover is None or list(run.glob(leftover)), f"the kill at {kill} was not inside the write"
+    log = tmp_path / "resumed.log"
+    assert _lorafit([*seeded_run.args, "--output-dir", run, "--resume"], log) == 0, log.read_text()
+    assert "Resuming from checkpoint-4 (step 4 of 9)" in log.read_text()
+    leftovers = [p.name for p in run.glob(".*") if p.name != LOCK_NAME]  # the lock file marks lorafit's folder
+    assert not leftovers, f"a killed write left its temporary folder: {leftovers}"
+    _assert_same_run(run, log, seeded_run)
 
 
 def test_training_steps_run_without_onednn_and_with_fast_dropouts_and_leave_the_model_as_they_found_it(tmp_path):

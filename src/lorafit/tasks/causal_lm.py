@@ -28,7 +28,7 @@ from lorafit.model import get_lora_model
 from lorafit.inference.base_models import load_causal_lm, load_tokenizer, model_reference, resolve_model
 from lorafit.fast.prefix_sharing import body_hidden
 from lorafit.training.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info, write_text
-from lorafit.training.loop import restore_best, run_training
+from lorafit.training.loop import restore_best, run_training, seed_everything
 from lorafit.training.settings import TrainConfig
 
 SAMPLE_COUNT = 3
@@ -76,6 +76,17 @@ def load_lm_data(config: TrainConfig) -> LmData:
         records = table.to_list()
         splits[split] = records[: limits.get(split)] if limits.get(split) else records
     return LmData(splits, description)
+
+
+def describe_lm_data(lm: LmData, tokenized: dict[str, list[dict]], config: TrainConfig) -> str:
+    """What was loaded: examples and record shape per split, so a file read wrongly shows at once."""
+    lines = [f"Data: {lm.description}"]
+    for split, records in lm.splits.items():
+        line = f"  {split}: {len(records)} examples ({lm_data.detect_format(records[0]) if records else 'none'})"
+        if config.pack and split == "train":
+            line += f", packed into {len(tokenized[split])} sequences of up to {config.max_length} tokens"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def load_builtin_instruct() -> dict:
@@ -296,6 +307,8 @@ def train_causal_lm(config: TrainConfig) -> dict:
     model = build_model(config, model_path, tokenizer)
     # only now that the data, model and adapter settings have all been checked is anything written
     prepare_run_dir(run_dir, config)
+    print(describe_lm_data(lm, tokenized, config))
+    model.print_trainable_parameters()
     final: dict = {}
     if pairs:
         final["heldout_exact_match_before"] = score_heldout("Sample generations before training", model, tokenizer, pairs)
@@ -344,17 +357,17 @@ def train_causal_lm(config: TrainConfig) -> dict:
 
 def build_model(config: TrainConfig, model_path: str, tokenizer):
     """The fp32 base model with a fresh LoRA adapter, seeded, optionally gradient-checkpointed."""
+    # before the load: a base saved without its LM head (or any other weight) gets new random ones
+    seed_everything(config.seed)
     base = load_causal_lm(model_path)
     if base.generation_config.pad_token_id is None:
         base.generation_config.pad_token_id = tokenizer.pad_token_id
     lora_config = LoraConfig(task_type="CAUSAL_LM", r=config.r, lora_alpha=config.lora_alpha,
                              lora_dropout=config.lora_dropout, target_modules=lora_targets(config))
     check_each_target_matches(base, lora_config.target_modules)
-    torch.manual_seed(config.seed)  # the adapter starts from the same random state whatever ran before
     model = get_lora_model(base, lora_config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
-    model.print_trainable_parameters()
     return model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,20 @@ def load_classification_data(config: TrainConfig) -> ClassificationData:
                                                text_pair_column=config.text_pair_column,
                                                label_column=config.label_column, labels=labels)
     return ClassificationData(splits, labels, description)
+
+
+def describe_data(task_data: ClassificationData, shown: int = 12) -> str:
+    """What was loaded: examples and label counts per split, and the labels, so a file read wrongly
+    (a shifted column, a label missing from a split) shows before any training time is spent."""
+    names = task_data.labels.names
+    more = f", and {len(names) - shown} more" if len(names) > shown else ""
+    lines = [f"Data: {task_data.description}"]
+    for split, ds in task_data.splits.items():
+        counts = Counter(ds.with_format("arrow")["label"].to_pylist()) if "label" in ds.column_names else None
+        per_label = f" ({', '.join(f'{name} {counts[i]}' for i, name in enumerate(names[:shown]))}{more})" if counts else ""
+        lines.append(f"  {split}: {len(ds)} examples{per_label}")
+    lines.append(f"  {len(names)} labels: {', '.join(names[:shown])}{more}")
+    return "\n".join(lines)
 
 
 def _unlabelled(split, label_column: str) -> bool:

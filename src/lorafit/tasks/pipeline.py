@@ -11,10 +11,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from lorafit.data import classification as data
-from lorafit.tasks.classification import (ClassificationData, classification_loss, evaluate_classifier,
+from lorafit.tasks.classification import (ClassificationData, classification_loss, describe_data, evaluate_classifier,
                               load_classification_data, print_predictions)
 from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.fast.first_token import first_token_last_layer
@@ -23,7 +21,7 @@ from lorafit.model import get_lora_model
 from lorafit.inference.base_models import load_classifier, load_tokenizer, model_reference, resolve_model
 from lorafit.training.run_dir import (model_card, plot_curves, prepare_run_dir, release_run_dirs, save_adapter_info,
                              write_text)
-from lorafit.training.loop import restore_best, run_training
+from lorafit.training.loop import restore_best, run_training, seed_everything
 from lorafit.training.settings import TrainConfig
 
 
@@ -55,6 +53,8 @@ def train_classifier(config: TrainConfig) -> dict:
                                       truncation_side=config.truncation_side)
                  for split, ds in task_data.splits.items()}
     labels = task_data.labels
+    # before the load: a base without a classification head (MiniLM has none) gets a new random one
+    seed_everything(config.seed)
     base = load_classifier(model_path, num_labels=len(labels.names), id2label=labels.id2label,
                            label2id=labels.label2id, pad_token_id=tokenizer.pad_token_id)
     targets = config.target_modules
@@ -63,12 +63,11 @@ def train_classifier(config: TrainConfig) -> dict:
     lora_config = LoraConfig(task_type="SEQ_CLS", r=config.r, lora_alpha=config.lora_alpha,
                              lora_dropout=config.lora_dropout, target_modules=targets)
     check_each_target_matches(base, lora_config.target_modules)
-    # the head and the adapter start from the same random state whatever ran before
-    torch.manual_seed(config.seed)
     model = get_lora_model(base, lora_config)
     first_token_last_layer(model)  # the head reads [CLS] alone: the last layer computes only that row
     # only now that the data, model and adapter settings have all been checked is anything written
     prepare_run_dir(run_dir, config)
+    print(describe_data(task_data))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     model.print_trainable_parameters()

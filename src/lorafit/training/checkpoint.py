@@ -71,6 +71,22 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _torch_rng_states() -> dict[str, torch.Tensor]:
+    """The CPU generator's state, and on a GPU each device's: dropout there draws from the device's own."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda.{device}": state for device, state in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def _restore_torch_rng(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["torch"])
+    for key, state in states.items():
+        device = int(key.removeprefix("cuda.")) if key.startswith("cuda.") else None
+        if device is not None and torch.cuda.is_available() and device < torch.cuda.device_count():
+            torch.cuda.set_rng_state(state, device=device)
+
+
 def save_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler, state: TrainState, keep: int) -> Path:
     """Write ``checkpoint-<step>/`` atomically and prune all but the newest ``keep``."""
     final = run_dir / f"checkpoint-{state.step}"
@@ -79,7 +95,7 @@ def save_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler, state
         model.save_pretrained(tmp / "adapter")
         tensors, meta = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        save_file(_torch_rng_states(), str(tmp / "rng.safetensors"))
         py_state = random.getstate()
         np_state = np.random.get_state()
         extra = {
@@ -125,8 +141,8 @@ def load_checkpoint(path: Path, model: LoraModel, optimizer, scheduler) -> Train
         optimizer_tensors = load_file(str(path / "optimizer.safetensors"))
         _check_optimizer_shapes(optimizer, optimizer_tensors)
     with _reading(path, "rng.safetensors"):
-        torch_rng = load_file(str(path / "rng.safetensors"))["torch"]
-        current = torch.get_rng_state()
+        torch_rngs = load_file(str(path / "rng.safetensors"))
+        torch_rng, current = torch_rngs["torch"], torch.get_rng_state()
         if torch_rng.dtype != current.dtype or torch_rng.shape != current.shape:
             raise ValueError(f"torch RNG state of shape {tuple(torch_rng.shape)}, expected {tuple(current.shape)}")
     with _reading(path, "adapter"):  # load_weights checks the whole adapter before changing any weight
@@ -134,7 +150,7 @@ def load_checkpoint(path: Path, model: LoraModel, optimizer, scheduler) -> Train
     with _reading(path, STATE_NAME):
         _restore_optimizer(optimizer, optimizer_tensors, optimizer_meta)
         scheduler.load_state_dict(scheduler_state)
-    torch.set_rng_state(torch_rng)
+    _restore_torch_rng(torch_rngs)
     random.setstate(python_rng)
     np.random.set_state(numpy_rng)
     return state

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
@@ -38,6 +40,13 @@ class LoopResult:
     seconds: float
     samples_per_second: float
     peak_memory_mb: float | None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every global random stream a run may draw from: Python's, NumPy's and torch's (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # NumPy takes only 32-bit seeds; torch and Python take any integer
+    torch.manual_seed(seed)
 
 
 def epoch_batches(lengths: Sequence[int], config: TrainConfig, epoch: int) -> list[list[int]]:
@@ -82,7 +91,7 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
                  on_evaluate: Callable[[dict], None] = lambda record: None) -> LoopResult:
     """Train ``model``'s active adapter; returns when the step budget is spent (or the run is resumed to it)."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)  # dropout masks start from the seed; a resumed run restores the streams below
     lengths = [len(example["input_ids"]) for example in examples]
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = total_steps_for(len(examples), config)
