@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorafit.fast.dropout import FastDropout
+from lorafit import fast
+from lorafit.fast.lora_update import linear_update
 from lorafit.errors import LorafitError
 
 BASE_ADAPTER = "__base__"
@@ -70,6 +71,9 @@ class BatchRouting:
 class LoraLayer(nn.Module):
     """What every LoRA layer shares: adapters by name, which are active, merging, mixed batches."""
 
+    fast_variant = None
+    """``fast_variant(layer, x, result)``: a faster ``add_update``/``add_mixed_update`` (see lorafit.fast)."""
+
     def __init__(self, base_layer: nn.Module, routing: BatchRouting) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -80,7 +84,9 @@ class LoraLayer(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
         self.disabled = False
-        self._stack_cache: tuple | None = None  # mixed-batch factors, see LoraLinear.stacked_factors
+        self._stack_cache: tuple | None = None  # mixed-batch factors, see fast.lora_update.stacked_factors
+        # the fast update this layer's forward calls instead of the plain one; None: the plain one
+        self.fast_update = self.fast_variant if fast.allowed() else None
 
     @property
     def merged(self) -> bool:
@@ -149,10 +155,13 @@ class LoraLayer(nn.Module):
             if self.merged and (self.disabled or self.routing.adapter_names is not None):
                 raise RuntimeError("adapters are merged into the weights; call unmerge_adapter() first")
             return result
-        if self.routing.adapter_names is not None:
-            return self.add_mixed_update(x, result)
-        if self.active_adapter is None or self.active_adapter not in self.r:
+        mixed = self.routing.adapter_names is not None
+        if not mixed and (self.active_adapter is None or self.active_adapter not in self.r):
             return result
+        if self.fast_update is not None:
+            return self.fast_update(self, x, result)
+        if mixed:
+            return self.add_mixed_update(x, result)
         return self.add_update(x, result, self.active_adapter)
 
     def add_update(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
@@ -164,19 +173,11 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
 
-def in_place_ok(result: torch.Tensor, dtype: torch.dtype) -> bool:
-    """The base layer's fresh output may take the update in place when no graph is being recorded.
-
-    That saves the full-size temporary that ``result + update`` allocates, which is most of what
-    an unmerged adapter costs at inference.
-    """
-    return result.dtype == dtype and not (torch.is_grad_enabled() and result.requires_grad)
-
-
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2 stores the weight as (in, out))."""
 
     adapter_attribute_names = ("lora_A", "lora_B", "lora_dropout")
+    fast_variant = staticmethod(linear_update)
 
     def __init__(self, base_layer: nn.Module, routing: BatchRouting, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer, routing)
@@ -191,7 +192,7 @@ class LoraLinear(LoraLayer):
         kwargs = {"bias": False, "device": self.base_layer.weight.device, "dtype": self.weight_dtype()}
         self.lora_A[name] = nn.Linear(self.in_features, r, **kwargs)
         self.lora_B[name] = nn.Linear(r, self.out_features, **kwargs)
-        self.lora_dropout[name] = FastDropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = fast.lora_dropout(dropout, self.fast_update is not None)
         self.register_scaling(name, r, alpha, use_rslora)
         if init is True:
             nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
@@ -204,66 +205,26 @@ class LoraLinear(LoraLayer):
         delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
         return delta.T if self.fan_in_fan_out else delta
 
-    def add_update(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+    def lora_update(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The reference update ``(dropout(x) @ A.T @ B.T) * scaling``, in the adapter's dtype."""
         weight_A, weight_B = self.lora_A[name].weight, self.lora_B[name].weight
-        x = self.lora_dropout[name](x.to(weight_A.dtype))
-        hidden = x.reshape(-1, self.in_features) @ weight_A.T  # (tokens, r)
-        flat = result.reshape(-1, self.out_features)
-        # one addmm scales the rank-r product and adds it: no full-size scaled copy, no separate add
-        if in_place_ok(result, weight_A.dtype):
-            return flat.addmm_(hidden, weight_B.T, alpha=self.scaling[name]).view(result.shape)
-        if result.dtype == weight_A.dtype:
-            return torch.addmm(flat, hidden, weight_B.T, alpha=self.scaling[name]).view(result.shape)
-        update = (hidden * self.scaling[name]) @ weight_B.T
-        return result + update.view(result.shape).to(result.dtype)
+        return (self.lora_dropout[name](x.to(weight_A.dtype)) @ weight_A.T @ weight_B.T) * self.scaling[name]
+
+    def add_update(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        return result + self.lora_update(x, name).to(result.dtype)
 
     def add_mixed_update(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """One batched matmul pair for all rows: each row gathers its own adapter's A and B.
-
-        Ranks differ between adapters, so factors are zero-padded to the largest rank; the base row
-        gets all-zero factors. The base layer has already run once for the whole batch.
-        """
+        """Each adapter's update for its own rows; the base rows get none. No dropout: mixed batches
+        are for inference, and the fast variant draws none either."""
         names = list(self.r)
-        if not names:
-            return result
-        stacked_A, stacked_B = self.stacked_factors(names)
         slots = self.routing.row_slots(names, x.shape[0], x.device)
-        rows_x = x.to(stacked_A.dtype).reshape(x.shape[0], -1, self.in_features)  # (B, T, in)
-        hidden = torch.bmm(rows_x, stacked_A[slots])  # (B, T, r)
-        rows_B = stacked_B[slots]  # (B, r, out)
-        rows_result = result.reshape(x.shape[0], -1, self.out_features)
-        if in_place_ok(result, stacked_A.dtype):
-            return rows_result.baddbmm_(hidden, rows_B).view(result.shape)
-        update = torch.bmm(hidden, rows_B)
-        return result + update.reshape(result.shape).to(result.dtype)
-
-    def stacked_factors(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A^T (in x r) and scaled B^T (r x out) of every adapter, zero-padded to one rank, plus a zero
-        slot for the base model; reused across forwards until a factor changes (in place or by
-        replacement), rebuilt every time a graph is recorded so gradients reach the factors."""
-        # plain dict access: this runs per layer per forward, and Module.__getattr__ dominated it
-        modules_A, modules_B = self.lora_A._modules, self.lora_B._modules
-        factors = [(modules_A[n]._parameters["weight"], modules_B[n]._parameters["weight"]) for n in names]
-        if torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in factors):
-            return self._stack(names, factors)
-        versions = [(a._version, b._version, self.scaling[n]) for (a, b), n in zip(factors, names)]
-        cached = self._stack_cache
-        if (cached is not None and cached[1] == versions and len(cached[0]) == len(factors)
-                and all(a is ca and b is cb for (a, b), (ca, cb) in zip(factors, cached[0]))):
-            return cached[2]
-        with torch.no_grad():
-            stacks = self._stack(names, factors)
-        self._stack_cache = (factors, versions, stacks)
-        return stacks
-
-    def _stack(self, names: list[str], factors: list[tuple[torch.Tensor, torch.Tensor]]):
-        rank = max(self.r[n] for n in names)
-        zeros_A = factors[0][0].new_zeros(self.in_features, rank)
-        zeros_B = factors[0][0].new_zeros(rank, self.out_features)
-        stacked_A = torch.stack([F.pad(a.T, (0, rank - a.shape[0])) for a, _ in factors] + [zeros_A])
-        stacked_B = torch.stack([F.pad(b.T * self.scaling[n], (0, 0, 0, rank - b.shape[1]))
-                                 for (_, b), n in zip(factors, names)] + [zeros_B])
-        return stacked_A, stacked_B
+        update = torch.zeros_like(result, dtype=self.weight_dtype())
+        for i, name in enumerate(names):
+            rows = (slots == i).nonzero().squeeze(1)
+            if rows.numel():
+                weight_A, weight_B = self.lora_A[name].weight, self.lora_B[name].weight
+                update[rows] = (x[rows].to(weight_A.dtype) @ weight_A.T @ weight_B.T) * self.scaling[name]
+        return result + update.to(result.dtype)
 
 
 class LoraEmbedding(LoraLayer):
@@ -285,7 +246,7 @@ class LoraEmbedding(LoraLayer):
         kwargs = {"device": self.base_layer.weight.device, "dtype": self.weight_dtype()}
         self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, num_embeddings, **kwargs))
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r, **kwargs))
-        self.lora_dropout[name] = FastDropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = fast.lora_dropout(dropout, self.fast_update is not None)
         self.register_scaling(name, r, alpha, use_rslora)
         if init is not False:
             nn.init.zeros_(self.lora_embedding_A[name])

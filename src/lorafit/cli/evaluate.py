@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lorafit.data import classification as data
 from lorafit.tasks.classification import evaluate_classifier
-from lorafit.fast.first_token import first_token_last_layer
+from lorafit.fast import use_fast_paths
 from lorafit.inference.loading import add_adapter_arguments, load_adapter_for_inference
 from lorafit.training.metrics import format_report
 from lorafit.training.settings import check_positive_int
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
         metrics = evaluate_causal_file(loaded, table, args)
     else:
-        first_token_last_layer(loaded.model)
+        use_fast_paths(loaded.model)
         metrics = _evaluate_classifier(loaded, table, args)
     print(json.dumps(metrics, indent=2) if args.json else metrics.pop("_text"))
     return 0

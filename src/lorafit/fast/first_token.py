@@ -27,14 +27,26 @@ def first_token_last_layer(model) -> bool:
     cross-attention layers, chunked feed-forward, or transformers before 5 (whose layers differ).
     The parameters and state dict are untouched; only this model instance's last layer changes.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if type(base).__name__ not in FIRST_TOKEN_HEADS or int(transformers.__version__.split(".")[0]) < 5:
-        return False
-    layer = base.base_model.encoder.layer[-1]
-    if layer.is_decoder or layer.add_cross_attention or layer.chunk_size_feed_forward:
+    layer = _last_layer(model)
+    if layer is None or layer.is_decoder or layer.add_cross_attention or layer.chunk_size_feed_forward:
         return False
     layer.forward = types.MethodType(_first_position_forward, layer)
     return True
+
+
+def full_last_layer(model) -> None:
+    """Undo ``first_token_last_layer``: the last layer computes every position again."""
+    layer = _last_layer(model)
+    if layer is not None:
+        layer.__dict__.pop("forward", None)
+
+
+def _last_layer(model):
+    """The last encoder layer of a first-token classifier, None for other models."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if type(base).__name__ not in FIRST_TOKEN_HEADS or int(transformers.__version__.split(".")[0]) < 5:
+        return None
+    return base.base_model.encoder.layer[-1]
 
 
 def _first_position_forward(self, hidden_states, attention_mask=None, *args, **kwargs):

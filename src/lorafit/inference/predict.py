@@ -14,7 +14,7 @@ from pathlib import Path
 from lorafit.data import classification as data
 from lorafit.tasks.classification import predict_texts
 from lorafit.errors import LorafitError
-from lorafit.fast.first_token import first_token_last_layer
+from lorafit.fast import use_fast_paths
 from lorafit.inference.loading import add_adapter_arguments, load_adapter_for_inference
 from lorafit.output_paths import check_output_file
 from lorafit.serialization import atomic_path
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_adapter_for_inference(args.adapter, args.model)
     if loaded.task != "classification":
         raise LorafitError(f"'{args.adapter}' is a {loaded.task} adapter; use `lorafit generate` for it")
-    first_token_last_layer(loaded.model)
+    use_fast_paths(loaded.model)
     pair_column = getattr(args, "text_pair_column", None) or loaded.info.get("text_pair_column")
     texts, pairs = read_texts(args, loaded.info.get("text_column") or "text", pair_column)
     id2label = loaded.model.config.id2label

@@ -15,7 +15,6 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lorafit.data import classification as data
 
@@ -26,7 +25,8 @@ from lorafit.tasks.pipeline import _num, _print_summary, default_output_dir, pea
 from lorafit.inject import check_each_target_matches
 from lorafit.model import get_lora_model
 from lorafit.inference.base_models import load_causal_lm, load_tokenizer, model_reference, resolve_model
-from lorafit.fast.prefix_sharing import body_hidden
+from lorafit.fast import use_fast_paths
+from lorafit.fast.causal_loss import causal_loss, response_nll
 from lorafit.training.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info, write_text
 from lorafit.training.loop import restore_best, run_training, seed_everything
 from lorafit.training.settings import TrainConfig
@@ -36,8 +36,6 @@ HELDOUT_LIMIT = 100  # generating for every row of a large validation set would 
 NEW_TOKEN_MARGIN = 8
 GENERATION_BATCH = 32
 _ROLE = {"train": "training", "test": "test", "validation": "validation"}
-# Models whose logits are not plain head(hidden): their loss goes through the full forward.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 @dataclass
@@ -135,51 +133,6 @@ def heldout_pairs(records: list[dict]) -> list[tuple[list[dict], str]]:
 
 
 # --- loss and evaluation ------------------------------------------------------------------------------
-def model_inputs(batch: dict) -> dict:
-    """Forward inputs of a batch; packed batches drop attention_mask so attention stays within each example.
-
-    Without a 2-D mask transformers builds block-diagonal attention from restarting position_ids;
-    the collator pads on the right, so padding never precedes a real token.
-    """
-    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
-    if "position_ids" in batch:
-        inputs["position_ids"] = batch["position_ids"]
-    elif "attention_mask" in batch:
-        inputs["attention_mask"] = batch["attention_mask"]
-    return inputs
-
-
-def _causal_lm_of(model):
-    """The transformers CausalLM inside a LoraModel (or the model itself); None when the fast path can't apply."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
-    config = getattr(base, "config", None)
-    if body is None or not hasattr(base, "get_output_embeddings") or base.get_output_embeddings() is None:
-        return None
-    if any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS):
-        return None
-    return base
-
-
-def response_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token loss over trained positions (label != -100) and their count, the LM head run only there."""
-    targets = batch["labels"][:, 1:]
-    keep = targets != lm_data.IGNORE_INDEX
-    base = _causal_lm_of(model)
-    if base is None:  # e.g. DistributedDataParallel, whose forward must be called for gradient sync
-        logits = model(**model_inputs(batch)).logits[:, :-1][keep]
-    else:
-        # The LoRA layers live inside the transformers model, so calling its body directly still applies them.
-        logits = base.get_output_embeddings()(body_hidden(base, batch, keep, model_inputs(batch)))
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
-
-
-def causal_loss(model, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy over the batch's trained tokens (equal to transformers' ``labels=`` loss)."""
-    total, count = response_nll(model, batch)
-    return total / count.clamp(min=1)
-
-
 @torch.inference_mode()
 def evaluate_lm(model, examples: list[dict], collate, batch_size: int) -> dict:
     """Token-weighted loss and perplexity over the response tokens of ``examples``."""
@@ -366,6 +319,7 @@ def build_model(config: TrainConfig, model_path: str, tokenizer):
                              lora_dropout=config.lora_dropout, target_modules=lora_targets(config))
     check_each_target_matches(base, lora_config.target_modules)
     model = get_lora_model(base, lora_config)
+    use_fast_paths(model, config.fast)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     return model

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lorafit.data import classification as data
-from lorafit.fast.cpu_kernels import shape_free_kernels
+from lorafit.fast import fast_section
 from lorafit.errors import LorafitError
 from lorafit.training.metrics import classification_report
 from lorafit.model import LoraModel
@@ -112,7 +112,7 @@ def predict_logits(model, examples, collate, batch_size: int) -> tuple[torch.Ten
     device = next(model.parameters()).device
     ids = examples["input_ids"] if hasattr(examples, "column_names") else [e["input_ids"] for e in examples]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
-    with shape_free_kernels(model):
+    with fast_section(model):
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}

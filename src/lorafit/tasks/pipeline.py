@@ -15,7 +15,7 @@ from lorafit.data import classification as data
 from lorafit.tasks.classification import (ClassificationData, classification_loss, describe_data, evaluate_classifier,
                               load_classification_data, print_predictions)
 from lorafit.config import ALL_LINEAR, LoraConfig
-from lorafit.fast.first_token import first_token_last_layer
+from lorafit.fast import use_fast_paths
 from lorafit.inject import check_each_target_matches
 from lorafit.model import get_lora_model
 from lorafit.inference.base_models import load_classifier, load_tokenizer, model_reference, resolve_model
@@ -64,7 +64,7 @@ def train_classifier(config: TrainConfig) -> dict:
                              lora_dropout=config.lora_dropout, target_modules=targets)
     check_each_target_matches(base, lora_config.target_modules)
     model = get_lora_model(base, lora_config)
-    first_token_last_layer(model)  # the head reads [CLS] alone: the last layer computes only that row
+    use_fast_paths(model, config.fast)
     # only now that the data, model and adapter settings have all been checked is anything written
     prepare_run_dir(run_dir, config)
     print(describe_data(task_data))

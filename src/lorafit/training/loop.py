@@ -21,10 +21,9 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lorafit.fast.cpu_kernels import shape_free_kernels
+from lorafit.fast import fast_section
 from lorafit.training.checkpoint import TrainState, load_newest_checkpoint, remove_temporaries, save_checkpoint
 from lorafit.data.classification import length_grouped_order
-from lorafit.fast.dropout import fast_dropouts
 from lorafit.errors import Interrupted
 from lorafit.model import LoraModel
 from lorafit.training.run_dir import append_metrics, replace_dir_atomically, rewrite_metrics
@@ -134,7 +133,7 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     # the bar is closed first, so that an interruption's message starts a line of its own
-    with shape_free_kernels(lora_model), fast_dropouts(lora_model), _interrupt_names_step(state, run_dir), progress:
+    with fast_section(lora_model), _interrupt_names_step(state, run_dir), progress:
         while state.step < total_steps:
             batches = epoch_batches(lengths, config, state.epoch)[state.batch_in_epoch:]
             # its own generator: a DataLoader otherwise draws its base seed from the global RNG, one draw

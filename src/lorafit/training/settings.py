@@ -87,6 +87,8 @@ class TrainConfig:
     """Batch texts of similar length together (less padding, faster); --no-group-by-length to turn off."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
+    fast: bool = True
+    """Use the speed tricks of lorafit.fast (same results); --no-fast, like LORAFIT_FAST=0, runs the plain path."""
     output_dir: str | None = None
     """Run directory. Default: lorafit-runs/<task>-<model>-<time>."""
     eval_strategy: str = "epoch"
