@@ -29,6 +29,12 @@ OUT = {"rtol": 1e-5, "atol": 1e-6}
 GRAD = {"rtol": 1e-4, "atol": 1e-6}
 
 
+@pytest.fixture(autouse=True)
+def _fast_paths_allowed(monkeypatch):
+    """The comparison needs both paths, also where the suite runs under LORAFIT_FAST=0."""
+    monkeypatch.delenv(fast.ENV_SWITCH, raising=False)
+
+
 def both_ways(build, run):
     """``run(model)`` on a fresh ``build()`` with fast paths on, then on another with them off."""
     results = []
