@@ -22,12 +22,13 @@ from lorafit.data import classification as data
 from lorafit.data import chat as lm_data
 from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.errors import LorafitError
+from lorafit.files import write_text
 from lorafit.tasks.pipeline import _num, _print_summary, default_output_dir, peak_rss_mb
 from lorafit.inject import check_each_target_matches
 from lorafit.model import get_lora_model
 from lorafit.inference.base_models import load_causal_lm, load_tokenizer, model_reference, resolve_model
 from lorafit.fast.prefix_sharing import body_hidden
-from lorafit.training.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info, write_text
+from lorafit.training.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info
 from lorafit.training.loop import restore_best, run_training, seed_everything
 from lorafit.training.settings import TrainConfig
 
