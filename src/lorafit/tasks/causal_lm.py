@@ -36,6 +36,8 @@ SAMPLE_COUNT = 3
 HELDOUT_LIMIT = 100  # generating for every row of a large validation set would dwarf training time
 NEW_TOKEN_MARGIN = 8
 GENERATION_BATCH = 32
+# perplexity is exp(loss): a diverged run would overflow exp() (past ~709); e**50 already reads as "diverged"
+MAX_LOG_PERPLEXITY = 50.0
 _ROLE = {"train": "training", "test": "test", "validation": "validation"}
 # Models whose logits are not plain head(hidden): their loss goes through the full forward.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -195,7 +197,7 @@ def evaluate_lm(model, examples: list[dict], collate, batch_size: int) -> dict:
         total, count = total + nll.item(), count + int(n)
     model.train(was_training)
     loss = total / max(1, count)
-    return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50.0)), 4), "tokens": count}
+    return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, MAX_LOG_PERPLEXITY)), 4), "tokens": count}
 
 
 # --- generation ---------------------------------------------------------------------------------------

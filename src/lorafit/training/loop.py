@@ -50,9 +50,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Each epoch's data order has its own seed, so a resumed run rebuilds any epoch's batches from (seed, epoch)
+# alone; seeds one apart give unrelated orders for runs of up to this many epochs.
+EPOCHS_PER_SEED = 1000
+
+
+def data_order_seed(seed: int, epoch: int) -> int:
+    return seed * EPOCHS_PER_SEED + epoch
+
+
 def epoch_batches(lengths: Sequence[int], config: TrainConfig, epoch: int) -> list[list[int]]:
     """The batches of one epoch: shuffled (and length-grouped if asked), deterministic per epoch."""
-    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    generator = torch.Generator().manual_seed(data_order_seed(config.seed, epoch))
     if config.group_by_length:
         order = length_grouped_order(list(lengths), config.batch_size, generator)
     else:
