@@ -16,6 +16,7 @@ import torch
 
 from conftest import tiny_gpt2, tiny_llama
 from lorafit.tasks import causal_lm as causal
+from lorafit.data import chat as lm_data
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
 from lorafit.tasks.pipeline import run_train
@@ -309,7 +310,7 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, records, targets, 
 def test_cut_examples_are_reported(tmp_path, capsys):
     tokenizer = build_tokenizer(chat=True)
     records = todo_records()[:4] + [{"prompt": "Ann must buy milk.", "response": "TODO(ann): " + "buy milk, " * 20}]
-    examples = causal.tokenize_split(records, tokenizer, split="train", max_length=40)
+    examples = lm_data.tokenize_split(records, tokenizer, split="train", max_length=40)
     assert len(examples) == 5 and max(len(e["input_ids"]) for e in examples) == 40
     assert "1 of 5 training examples were longer than --max-length 40 and were cut" in capsys.readouterr().err
 

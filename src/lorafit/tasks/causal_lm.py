@@ -8,16 +8,12 @@ every row shares runs once (prefix_sharing.py). Generation helpers here are shar
 from __future__ import annotations
 
 import math
-import sys
 import time
-from dataclasses import asdict, dataclass
-from importlib import resources
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from lorafit.data import classification as data
 
 from lorafit.data import chat as lm_data
 from lorafit.config import ALL_LINEAR, LoraConfig
@@ -35,89 +31,8 @@ SAMPLE_COUNT = 3
 HELDOUT_LIMIT = 100  # generating for every row of a large validation set would dwarf training time
 NEW_TOKEN_MARGIN = 8
 GENERATION_BATCH = 32
-_ROLE = {"train": "training", "test": "test", "validation": "validation"}
 # Models whose logits are not plain head(hidden): their loss goes through the full forward.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-@dataclass
-class LmData:
-    splits: dict[str, list[dict]]  # raw records per split
-    description: str
-
-
-# --- data ------------------------------------------------------------------------------------------
-def load_lm_data(config: TrainConfig) -> LmData:
-    """Read every split and check its record shape before anything is written."""
-    if config.dataset:
-        raw = data.load_hub_dataset(config.dataset, config.dataset_config)
-        description = f"hub dataset `{config.dataset}`"
-    elif config.train_file:
-        files = {"train": config.train_file, "validation": config.validation_file, "test": config.test_file}
-        raw = {split: data.read_table(path, encoding=config.encoding, role=f"{split} file")
-               for split, path in files.items() if path}
-        description = ", ".join(f"{split}: `{path}`" for split, path in files.items() if path)
-    else:
-        if config.validation_file or config.test_file:
-            raise LorafitError("--validation-file and --test-file need --train-file too")
-        raw = load_builtin_instruct()
-        description = "lorafit's built-in instruction set (to-do items from requests)"
-    if "train" not in raw:
-        raise LorafitError(f"no training split found (splits: {', '.join(raw)}); pass --train-file")
-    limits = {"train": config.max_train_samples, "validation": config.max_eval_samples}
-    splits = {}
-    for split, table in raw.items():
-        if split not in ("train", "validation", "test"):
-            continue
-        try:
-            lm_data.detect_format(table.column_names)
-        except LorafitError as err:
-            raise LorafitError(f"{split} data: {err}") from None
-        records = table.to_list()
-        splits[split] = records[: limits.get(split)] if limits.get(split) else records
-    return LmData(splits, description)
-
-
-def describe_lm_data(lm: LmData, tokenized: dict[str, list[dict]], config: TrainConfig) -> str:
-    """What was loaded: examples and record shape per split, so a file read wrongly shows at once."""
-    lines = [f"Data: {lm.description}"]
-    for split, records in lm.splits.items():
-        line = f"  {split}: {len(records)} examples ({lm_data.detect_format(records[0]) if records else 'none'})"
-        if config.pack and split == "train":
-            line += f", packed into {len(tokenized[split])} sequences of up to {config.max_length} tokens"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def load_builtin_instruct() -> dict:
-    """The shipped LLM quickstart set as {"train": Dataset, "validation": Dataset}."""
-    folder = resources.files("lorafit") / "builtin_data" / "instruct"
-    splits = {}
-    for split in ("train", "validation"):
-        resource = folder / f"{split}.jsonl"
-        if not resource.is_file():
-            raise LorafitError(f"the built-in instruction data is missing from this installation ({resource}); "
-                               "reinstall lorafit or pass --train-file")
-        with resources.as_file(resource) as file:
-            splits[split] = data.read_table(file)
-    return splits
-
-
-def tokenize_split(records: list[dict], tokenizer, *, split: str, max_length: int, train_on_prompt: bool = False,
-                   pack: bool = False) -> list[dict]:
-    """Token ids and response-only labels; warns on stderr about examples cut by max_length."""
-    try:
-        examples, cut = lm_data.tokenize_lm(records, tokenizer, max_length=max_length,
-                                            train_on_prompt=train_on_prompt, pack=pack)
-    except LorafitError as err:
-        raise LorafitError(f"{split} data: {err}") from None
-    if cut:
-        print(f"lorafit: {cut} of {len(records)} {_ROLE.get(split, split)} examples were longer than --max-length {max_length} "
-              "and were cut", file=sys.stderr)
-    if not examples:
-        raise LorafitError(f"{split} data has no example with a response token within --max-length {max_length}; "
-                           "raise --max-length or check the data")
-    return examples
 
 
 def heldout_pairs(records: list[dict]) -> list[tuple[list[dict], str]]:
@@ -296,10 +211,10 @@ def lora_targets(config: TrainConfig) -> list[str] | str | None:
 def train_causal_lm(config: TrainConfig) -> dict:
     """Instruction-tune a causal LM end to end (config already resolved); returns the final metrics."""
     started = time.perf_counter()
-    lm = load_lm_data(config)
+    lm = lm_data.load_lm_data(config)
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
-    tokenized = {split: tokenize_split(records, tokenizer, split=split, max_length=config.max_length,
+    tokenized = {split: lm_data.tokenize_split(records, tokenizer, split=split, max_length=config.max_length,
                                        train_on_prompt=config.train_on_prompt, pack=config.pack and split == "train")
                  for split, records in lm.splits.items()}
     pairs = heldout_pairs(lm.splits.get("validation", []))[:HELDOUT_LIMIT]
@@ -307,7 +222,7 @@ def train_causal_lm(config: TrainConfig) -> dict:
     model = build_model(config, model_path, tokenizer)
     # only now that the data, model and adapter settings have all been checked is anything written
     prepare_run_dir(run_dir, config)
-    print(describe_lm_data(lm, tokenized, config))
+    print(lm_data.describe_lm_data(lm, tokenized, config))
     model.print_trainable_parameters()
     final: dict = {}
     if pairs:
@@ -390,7 +305,7 @@ def evaluate_causal_file(loaded, table, args) -> dict:
     except LorafitError as err:
         raise LorafitError(f"--data: {err}") from None
     max_length = args.max_length or loaded.info.get("max_length") or 256
-    examples = tokenize_split(table.to_list(), loaded.tokenizer, split="evaluation", max_length=max_length)
+    examples = lm_data.tokenize_split(table.to_list(), loaded.tokenizer, split="evaluation", max_length=max_length)
     collate = lm_data.make_lm_collator(loaded.tokenizer.pad_token_id, padding_side="right")
     metrics = evaluate_lm(loaded.model, examples, collate, args.batch_size)
     metrics["examples"] = len(examples)
