@@ -20,19 +20,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib import resources
 from typing import TYPE_CHECKING
 
 import torch
 
-from lorafit.data import classification as data
+from lorafit.data.sources import SPLITS, read_splits
 from lorafit.errors import LorafitError
 
 if TYPE_CHECKING:
     from lorafit.training.settings import TrainConfig
 
 IGNORE_INDEX = -100
-FORMATS = ("prompt-response", "messages", "text")
 _SHAPES = '{"prompt", "response"}, {"messages": [{"role", "content"}, ...]} or {"text"}'
 _ROLE = {"train": "training", "test": "test", "validation": "validation"}
 _FALLBACK_HEADERS = {"user": "### Instruction:\n", "assistant": "### Response:\n"}
@@ -357,33 +355,17 @@ class LmData:
 
 def load_lm_data(config: TrainConfig) -> LmData:
     """Read every split and check its record shape before anything is written."""
-    if config.dataset:
-        raw = data.load_hub_dataset(config.dataset, config.dataset_config)
-        description = f"hub dataset `{config.dataset}`"
-    elif config.train_file:
-        files = {"train": config.train_file, "validation": config.validation_file, "test": config.test_file}
-        raw = {split: data.read_table(path, encoding=config.encoding, role=f"{split} file")
-               for split, path in files.items() if path}
-        description = ", ".join(f"{split}: `{path}`" for split, path in files.items() if path)
-    else:
-        if config.validation_file or config.test_file:
-            raise LorafitError("--validation-file and --test-file need --train-file too")
-        raw = load_builtin_instruct()
-        description = "lorafit's built-in instruction set (to-do items from requests)"
-    if "train" not in raw:
-        raise LorafitError(f"no training split found (splits: {', '.join(raw)}); pass --train-file")
-    limits = {"train": config.max_train_samples, "validation": config.max_eval_samples}
+    raw = read_splits(config, builtin="instruct")
     splits = {}
-    for split, table in raw.items():
-        if split not in ("train", "validation", "test"):
+    for split, table in raw.tables.items():
+        if split not in SPLITS:
             continue
         try:
             detect_format(table.column_names)
         except LorafitError as err:
             raise LorafitError(f"{split} data: {err}") from None
-        records = table.to_list()
-        splits[split] = records[: limits.get(split)] if limits.get(split) else records
-    return LmData(splits, description)
+        splits[split] = table.to_list()
+    return LmData(splits, raw.description)
 
 
 def describe_lm_data(lm: LmData, tokenized: dict[str, list[dict]], config: TrainConfig) -> str:
@@ -395,20 +377,6 @@ def describe_lm_data(lm: LmData, tokenized: dict[str, list[dict]], config: Train
             line += f", packed into {len(tokenized[split])} sequences of up to {config.max_length} tokens"
         lines.append(line)
     return "\n".join(lines)
-
-
-def load_builtin_instruct() -> dict:
-    """The shipped LLM quickstart set as {"train": Dataset, "validation": Dataset}."""
-    folder = resources.files("lorafit") / "builtin_data" / "instruct"
-    splits = {}
-    for split in ("train", "validation"):
-        resource = folder / f"{split}.jsonl"
-        if not resource.is_file():
-            raise LorafitError(f"the built-in instruction data is missing from this installation ({resource}); "
-                               "reinstall lorafit or pass --train-file")
-        with resources.as_file(resource) as file:
-            splits[split] = data.read_table(file)
-    return splits
 
 
 def tokenize_split(records: list[dict], tokenizer, *, split: str, max_length: int, train_on_prompt: bool = False,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from lorafit.data import classification as data
 from lorafit.fast.cpu_kernels import shape_free_kernels
+from lorafit.data.sources import read_splits
 from lorafit.errors import LorafitError
 from lorafit.training.metrics import classification_report
 from lorafit.model import LoraModel
@@ -35,30 +35,10 @@ class ClassificationData:
 
 def load_classification_data(config: TrainConfig) -> ClassificationData:
     """Read and validate every split before anything is written; errors name the file and the fix."""
-    if config.dataset:
-        raw = data.load_hub_dataset(config.dataset, config.dataset_config)
-        if _unlabelled(raw.get("test"), config.label_column):
-            del raw["test"]  # GLUE-style hidden test labels (all -1): nothing to score it against
-        sources = {split: f"{config.dataset}/{split}" for split in raw}
-        description = f"hub dataset `{config.dataset}`" + (f" (`{config.dataset_config}`)" if config.dataset_config else "")
-    elif config.train_file:
-        files = {"train": config.train_file, "validation": config.validation_file, "test": config.test_file}
-        raw = {split: data.read_table(path, encoding=config.encoding, role=f"{split} file")
-               for split, path in files.items() if path}
-        sources = {split: Path(path).name for split, path in files.items() if path}
-        description = ", ".join(f"{split}: `{path}`" for split, path in files.items() if path)
-    else:
-        if config.validation_file or config.test_file:
-            raise LorafitError("--validation-file and --test-file need --train-file too")
-        raw = data.load_builtin_sentiment()
-        sources = {split: f"built-in {split}.jsonl" for split in raw}
-        description = "lorafit's built-in sentiment set"
-    if "train" not in raw:
-        raise LorafitError(f"no training split found (splits: {', '.join(raw)}); pass --train-file")
-    if config.max_train_samples:
-        raw["train"] = raw["train"].select(range(min(config.max_train_samples, len(raw["train"]))))
-    if config.max_eval_samples and "validation" in raw:
-        raw["validation"] = raw["validation"].select(range(min(config.max_eval_samples, len(raw["validation"]))))
+    read = read_splits(config, builtin="sentiment")
+    raw, sources = read.tables, read.sources
+    if config.dataset and _unlabelled(raw.get("test"), config.label_column):
+        del raw["test"]  # GLUE-style hidden test labels (all -1): nothing to score it against
     roles = {"train": "training", "validation": "validation", "test": "test"}
     for split, role in roles.items():
         if split in raw and len(raw[split]) == 0:  # before the labels are read: an empty list has none
@@ -71,7 +51,7 @@ def load_classification_data(config: TrainConfig) -> ClassificationData:
                                                text_column=config.text_column,
                                                text_pair_column=config.text_pair_column,
                                                label_column=config.label_column, labels=labels)
-    return ClassificationData(splits, labels, description)
+    return ClassificationData(splits, labels, read.description)
 
 
 def describe_data(task_data: ClassificationData, shown: int = 12) -> str:
