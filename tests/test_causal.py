@@ -19,7 +19,7 @@ from lorafit.tasks import causal_lm as causal
 from lorafit.data import chat as lm_data
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
-from lorafit.tasks.pipeline import run_train
+from lorafit.tasks.pipeline import lora_targets, run_train
 from lorafit.inference.loading import load_adapter_for_inference
 from lorafit.model import LoraModel, get_lora_model
 from lorafit.training.settings import TrainConfig
@@ -338,9 +338,9 @@ def test_training_starts_by_saying_what_was_loaded(tmp_path, capsys, pack):
 
 
 def test_all_linear_flag_becomes_the_keyword():
-    assert causal.lora_targets(TrainConfig(task="causal-lm", target_modules=["all-linear"])) == "all-linear"
-    assert causal.lora_targets(TrainConfig(task="causal-lm", target_modules=["q_proj", "v_proj"])) == ["q_proj", "v_proj"]
-    assert causal.lora_targets(TrainConfig(task="causal-lm")) is None
+    assert lora_targets(TrainConfig(task="causal-lm", target_modules=["all-linear"])) == "all-linear"
+    assert lora_targets(TrainConfig(task="causal-lm", target_modules=["q_proj", "v_proj"])) == ["q_proj", "v_proj"]
+    assert lora_targets(TrainConfig(task="causal-lm")) is None
 
 
 # --- the real model -----------------------------------------------------------------------------------
