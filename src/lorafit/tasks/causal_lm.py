@@ -17,6 +17,7 @@ from lorafit.errors import LorafitError
 from lorafit.fast.prefix_sharing import body_hidden
 from lorafit.inference.base_models import load_causal_lm
 from lorafit.tasks.task import Task, eval_mode
+from lorafit.training.settings import DEFAULT_MAX_LENGTH
 
 SAMPLE_COUNT = 3
 HELDOUT_LIMIT = 100  # generating for every row of a large validation set would dwarf training time
@@ -251,7 +252,7 @@ def evaluate_causal_file(loaded, table, args) -> dict:
         lm_data.detect_format(table.column_names)
     except LorafitError as err:
         raise LorafitError(f"--data: {err}") from None
-    max_length = args.max_length or loaded.info.get("max_length") or 256
+    max_length = args.max_length or loaded.info.get("max_length") or DEFAULT_MAX_LENGTH["causal-lm"]
     examples = lm_data.tokenize_split(table.to_list(), loaded.tokenizer, split="evaluation", max_length=max_length)
     collate = lm_data.make_lm_collator(loaded.tokenizer.pad_token_id, padding_side="right")
     metrics = evaluate_lm(loaded.model, examples, collate, args.batch_size)
