@@ -279,15 +279,21 @@ def _pad(values: list[int], length: int, fill: int, left: bool) -> list[int]:
     return padding + values if left else values + padding
 
 
+# Length grouping sorts windows of this many shuffled batches, not the whole epoch: a wider window pads
+# less, a narrower one keeps batches more random (sorting the whole epoch would give every epoch nearly
+# the same batches). 50 is the most transformers' length-grouped sampler uses ("mega-batches").
+BATCHES_PER_SORT_WINDOW = 50
+
+
 def length_grouped_order(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[int]:
     """A random permutation whose consecutive ``batch_size`` chunks hold similar lengths, to cut padding."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     order = torch.randperm(len(lengths), generator=generator).tolist()
-    mega = batch_size * 50
+    window = batch_size * BATCHES_PER_SORT_WINDOW
     batches = []
-    for start in range(0, len(order), mega):
-        chunk = sorted(order[start : start + mega], key=lambda i: lengths[i], reverse=True)
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     # A partial batch must stay last: anywhere else it would shift every later chunk off its batch.
     tail = batches.pop() if batches and len(batches[-1]) < batch_size else []
