@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafit.data import classification as data
+from lorafit.data import classification as text_data
 from lorafit.data.sources import read_splits
 from lorafit.errors import LorafitError
 from lorafit.fast.cpu_kernels import shape_free_kernels
@@ -31,8 +31,8 @@ EXAMPLE_SENTENCES = [
 
 @dataclass
 class ClassificationData:
-    splits: dict[str, "data.datasets.Dataset"]  # prepared: text, [text_pair], label
-    labels: data.LabelSpace
+    splits: dict[str, "text_data.datasets.Dataset"]  # prepared: text, [text_pair], label
+    labels: text_data.LabelSpace
     description: str
 
 
@@ -46,11 +46,11 @@ def load_classification_data(config: TrainConfig) -> ClassificationData:
     for split, role in roles.items():
         if split in raw and len(raw[split]) == 0:  # before the labels are read: an empty list has none
             raise LorafitError(f"{role} file '{sources[split]}' has no rows; add examples to it or pass another file")
-    labels = data.build_label_space(raw["train"], config.label_column, source=sources["train"])
+    labels = text_data.build_label_space(raw["train"], config.label_column, source=sources["train"])
     splits = {}
     for split, role in roles.items():
         if split in raw:
-            splits[split] = data.prepare_split(raw[split], split=role, source=sources[split],
+            splits[split] = text_data.prepare_split(raw[split], split=role, source=sources[split],
                                                text_column=config.text_column,
                                                text_pair_column=config.text_pair_column,
                                                label_column=config.label_column, labels=labels)
@@ -121,9 +121,9 @@ def evaluate_classifier(model, examples, collate, batch_size: int, names: list[s
 def predict_texts(model, tokenizer, texts: list[str], *, max_length: int, truncation_side: str = "right",
                   batch_size: int = 64, pairs: list[str] | None = None) -> torch.Tensor:
     """Class probabilities for raw texts, batched."""
-    ds = data.datasets.Dataset.from_dict({"text": texts, **({"text_pair": pairs} if pairs else {})})
-    encoded = data.tokenize(ds, tokenizer, max_length=max_length, truncation_side=truncation_side)
-    logits, _ = predict_logits(model, encoded, data.make_collator(tokenizer), batch_size)
+    ds = text_data.datasets.Dataset.from_dict({"text": texts, **({"text_pair": pairs} if pairs else {})})
+    encoded = text_data.tokenize(ds, tokenizer, max_length=max_length, truncation_side=truncation_side)
+    logits, _ = predict_logits(model, encoded, text_data.make_collator(tokenizer), batch_size)
     return logits.softmax(-1)
 
 
@@ -152,7 +152,7 @@ class ClassificationTask(Task):
         self.description = self.data.description
 
     def tokenize(self, tokenizer) -> dict:
-        return {split: data.tokenize(ds, tokenizer, max_length=self.config.max_length,
+        return {split: text_data.tokenize(ds, tokenizer, max_length=self.config.max_length,
                                      truncation_side=self.config.truncation_side)
                 for split, ds in self.data.splits.items()}
 
@@ -168,7 +168,7 @@ class ClassificationTask(Task):
         first_token_last_layer(model)  # the head reads [CLS] alone: the last layer computes only that row
 
     def collator(self, tokenizer):
-        return data.make_collator(tokenizer)
+        return text_data.make_collator(tokenizer)
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         return classification_loss(model, batch)
