@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import tiny_gpt2, tiny_llama
+import lorafit
 from lorafit.tasks import causal_lm as causal
 from lorafit.data import chat as lm_data
 from lorafit.config import LoraConfig
@@ -351,7 +352,7 @@ def test_short_real_run_on_smollm2(tmp_path):
 
     from lorafit.inference.base_models import resolve_model
 
-    records = [json.loads(line) for line in (Path(causal.__file__).parent / "builtin_data" / "instruct" /
+    records = [json.loads(line) for line in (Path(lorafit.__file__).parent / "builtin_data" / "instruct" /
                                              "train.jsonl").read_text().splitlines()]
     config = TrainConfig(task="causal-lm", train_file=write_jsonl(tmp_path / "train.jsonl", records[:16]),
                          validation_file=write_jsonl(tmp_path / "validation.jsonl", records[16:20]),
