@@ -195,7 +195,6 @@ class CausalLmTask(Task):
 
     name = "causal-lm"
     lora_task_type = "CAUSAL_LM"
-    builtin_data = "instruct"
     counts_tokens = True
 
     def load_data(self) -> None:

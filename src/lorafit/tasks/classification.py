@@ -38,7 +38,7 @@ class ClassificationData:
 
 def load_classification_data(config: TrainConfig) -> ClassificationData:
     """Read and validate every split before anything is written; errors name the file and the fix."""
-    read = read_splits(config, builtin=ClassificationTask.builtin_data)
+    read = read_splits(config, builtin="sentiment")
     raw, sources = read.tables, read.sources
     if config.dataset and _unlabelled(raw.get("test"), config.label_column):
         del raw["test"]  # GLUE-style hidden test labels (all -1): nothing to score it against
@@ -145,7 +145,6 @@ class ClassificationTask(Task):
 
     name = "classification"
     lora_task_type = "SEQ_CLS"
-    builtin_data = "sentiment"
 
     def load_data(self) -> None:
         self.data = load_classification_data(self.config)

@@ -34,7 +34,6 @@ class Task:
 
     name: ClassVar[str]  # --task, and the task named in lorafit.json and the model card
     lora_task_type: ClassVar[str]  # PEFT's task_type in adapter_config.json
-    builtin_data: ClassVar[str]  # the shipped set trained on when no data is given (data/sources.py)
     counts_tokens: ClassVar[bool] = False  # quote training speed in tokens too (an LM sample's size varies a lot)
 
     def __init__(self, config: TrainConfig) -> None:
