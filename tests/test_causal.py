@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import types
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,10 @@ import torch
 
 from conftest import tiny_gpt2, tiny_llama
 from lorafit.tasks import causal_lm as causal
+from lorafit.data import chat as lm_data
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
-from lorafit.tasks.pipeline import run_train
+from lorafit.tasks.pipeline import lora_targets, run_train
 from lorafit.inference.loading import load_adapter_for_inference
 from lorafit.model import LoraModel, get_lora_model
 from lorafit.training.settings import TrainConfig
@@ -309,7 +311,7 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, records, targets, 
 def test_cut_examples_are_reported(tmp_path, capsys):
     tokenizer = build_tokenizer(chat=True)
     records = todo_records()[:4] + [{"prompt": "Ann must buy milk.", "response": "TODO(ann): " + "buy milk, " * 20}]
-    examples = causal.tokenize_split(records, tokenizer, split="train", max_length=40)
+    examples = lm_data.tokenize_split(records, tokenizer, split="train", max_length=40)
     assert len(examples) == 5 and max(len(e["input_ids"]) for e in examples) == 40
     assert "1 of 5 training examples were longer than --max-length 40 and were cut" in capsys.readouterr().err
 
@@ -337,9 +339,9 @@ def test_training_starts_by_saying_what_was_loaded(tmp_path, capsys, pack):
 
 
 def test_all_linear_flag_becomes_the_keyword():
-    assert causal.lora_targets(TrainConfig(task="causal-lm", target_modules=["all-linear"])) == "all-linear"
-    assert causal.lora_targets(TrainConfig(task="causal-lm", target_modules=["q_proj", "v_proj"])) == ["q_proj", "v_proj"]
-    assert causal.lora_targets(TrainConfig(task="causal-lm")) is None
+    assert lora_targets(TrainConfig(task="causal-lm", target_modules=["all-linear"])) == "all-linear"
+    assert lora_targets(TrainConfig(task="causal-lm", target_modules=["q_proj", "v_proj"])) == ["q_proj", "v_proj"]
+    assert lora_targets(TrainConfig(task="causal-lm")) is None
 
 
 # --- the real model -----------------------------------------------------------------------------------
@@ -350,8 +352,8 @@ def test_short_real_run_on_smollm2(tmp_path):
 
     from lorafit.inference.base_models import resolve_model
 
-    records = [json.loads(line) for line in (Path(causal.__file__).parent / "builtin_data" / "instruct" /
-                                             "train.jsonl").read_text().splitlines()]
+    builtin = resources.files("lorafit") / "builtin_data" / "instruct" / "train.jsonl"
+    records = [json.loads(line) for line in builtin.read_text(encoding="utf-8").splitlines()]
     config = TrainConfig(task="causal-lm", train_file=write_jsonl(tmp_path / "train.jsonl", records[:16]),
                          validation_file=write_jsonl(tmp_path / "validation.jsonl", records[16:20]),
                          max_length=128, batch_size=4, max_steps=6, eval_strategy="steps", eval_steps=3, lr=2e-3,
