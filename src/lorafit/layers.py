@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorafit.config import lora_scaling
 from lorafit.fast.dropout import FastDropout
 from lorafit.errors import LorafitError
 
@@ -93,7 +94,7 @@ class LoraLayer(nn.Module):
 
     def register_scaling(self, name: str, r: int, alpha: float, use_rslora: bool) -> None:
         self.r[name], self.lora_alpha[name] = r, alpha
-        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling[name] = lora_scaling(alpha, r, use_rslora)
 
     def delete_adapter(self, name: str) -> None:
         still_merged = [n for n in self.merged_adapters if n != name]
