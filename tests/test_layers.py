@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from conftest import make_batch, tiny_bert_cls, tiny_llama
-from lorafit import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear, get_lora_model
+from lorafit import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear, LorafitError, get_lora_model
 from lorafit.fast.dropout import FastDropout
 
 
@@ -271,3 +271,14 @@ def test_scaled_embedding_scales_the_update_too():
         torch.testing.assert_close(layer(ids), expected)
         lora.merge_adapter()
         torch.testing.assert_close(layer(ids), expected)
+
+
+def test_layer_safe_merge_checks_every_adapter_before_merging_any():
+    lora, layer = _wrapped(nn.Linear(10, 6), init_lora_weights=False)
+    lora.add_adapter("bad", LoraConfig(target_modules=["proj"], init_lora_weights=False))
+    with torch.no_grad():
+        layer.lora_B["bad"].weight[0, 0] = float("inf")
+    before = layer.base_layer.weight.detach().clone()
+    with pytest.raises(LorafitError, match="NaN or inf"):
+        layer.merge(["default", "bad"], safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, before) and not layer.merged

@@ -118,20 +118,32 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Add each adapter's update into the base weight; adapters already merged are skipped."""
+        """Add each adapter's update into the base weight; adapters already merged are skipped.
+
+        ``safe_merge`` runs ``check_merge`` first, so an update with NaN or inf leaves the layer as it was.
+        """
         weight = self.base_layer.weight
-        for name in names if names is not None else [self.active_adapter]:
-            if name is None or name in self.merged_adapters or name not in self.r:
-                continue
-            delta = self.delta_weight(name).to(weight.dtype)
-            if safe_merge:
-                merged = weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"adapter {name!r} would put NaN or inf into {self.base_name}; not merged")
-                weight.data.copy_(merged)
-            else:
-                weight.data += delta
+        names = self._unmerged(names if names is not None else [self.active_adapter])
+        if safe_merge:
+            self.check_merge(names)
+        for name in names:
+            weight.data += self.delta_weight(name).to(weight.dtype)
             self.merged_adapters.append(name)
+
+    def check_merge(self, names: list[str]) -> None:
+        """The safe-merge check: raise, changing nothing, if merging ``names`` would put NaN or inf into the
+        base weight."""
+        merged = self.base_layer.weight.data.clone()
+        for name in self._unmerged(names):
+            merged += self.delta_weight(name).to(merged.dtype)
+        if not torch.isfinite(merged).all():
+            raise LorafitError(f"merging {', '.join(map(repr, names))} would put NaN or inf into the base weights "
+                               f"(of a {self.base_name}); the model is unchanged: the adapter's weights are not "
+                               "finite or too large (did training diverge?)")
+
+    def _unmerged(self, names: list[str | None]) -> list[str]:
+        """Those of ``names`` this layer has and has not merged yet, each once."""
+        return [n for n in dict.fromkeys(names) if n is not None and n in self.r and n not in self.merged_adapters]
 
     def unmerge(self) -> None:
         """Subtract merged updates again, newest first."""

@@ -207,17 +207,9 @@ class LoraModel(nn.Module):
         for name in names:
             self._require(name)
         layers = lora_layers(self.model)
-        if safe_merge:
-            # check every layer before touching any, so a bad adapter leaves the whole model as it was
+        if safe_merge:  # every layer checked before any changes, so a bad adapter leaves the whole model as it was
             for layer in layers:
-                weight = layer.base_layer.weight.data.clone()
-                for name in names:
-                    if name in layer.r and name not in layer.merged_adapters:
-                        weight += layer.delta_weight(name).to(weight.dtype)
-                if not torch.isfinite(weight).all():
-                    raise LorafitError(f"merging {', '.join(map(repr, names))} would put NaN or inf into the base "
-                                       "weights; the model is unchanged: the adapter's weights are not finite or "
-                                       "too large (did training diverge?)")
+                layer.check_merge(names)
         for layer in layers:
             layer.merge(names)
 
