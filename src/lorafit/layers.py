@@ -25,6 +25,9 @@ from lorafit.errors import LorafitError
 
 BASE_ADAPTER = "__base__"
 """In a mixed batch, the name for rows that use no adapter at all."""
+ADAPTER_PREFIX = "lora_"
+"""How every per-adapter container of a LoRA layer is named (PEFT's rule): parameter names and file keys
+with a ``.lora_`` part belong to an adapter, not to the base model."""
 
 
 @dataclass
@@ -69,7 +72,17 @@ class BatchRouting:
 
 
 class LoraLayer(nn.Module):
-    """What every LoRA layer shares: adapters by name, which are active, merging, mixed batches."""
+    """What every LoRA layer shares: adapters by name, which are active, merging, mixed batches.
+
+    A layer keeps whatever it has per adapter in ModuleDicts/ParameterDicts keyed by the adapter's name
+    (PEFT's layout), and ``adapter_shapes`` declares which of those tensors make up an adapter. Saving,
+    loading, checking files, freezing, counting and deleting go by that declaration, so a LoRA variant
+    with a further tensor (DoRA's magnitude vector) declares it there, creates it in ``add_adapter``, and
+    needs nothing else.
+    """
+
+    fan_in_fan_out = False
+    """True when the base weight is stored (in, out), as transformers' Conv1D stores it."""
 
     def __init__(self, base_layer: nn.Module, routing: BatchRouting) -> None:
         super().__init__()
@@ -92,6 +105,27 @@ class LoraLayer(nn.Module):
         dtype = self.base_layer.weight.dtype
         return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
+    @classmethod
+    def adapter_shapes(cls, base_layer: nn.Module, r: int, fan_in_fan_out: bool = False) -> dict[str, tuple[int, ...]]:
+        """The tensors an adapter of rank ``r`` around ``base_layer`` has, with their shapes, by file key.
+
+        A key ``<container>.<attribute>`` (or ``<container>``) is the tensor ``<container>[adapter].<attribute>``;
+        its parameter name puts the adapter's name after the container (``lora_A.default.weight``), and its key
+        in adapter files leaves it out, as in PEFT. Container names start with ``ADAPTER_PREFIX``.
+        """
+        raise NotImplementedError
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s live tensors under the keys of ``adapter_shapes``."""
+        tensors = {}
+        for key in self.adapter_shapes(self.base_layer, self.r[name], self.fan_in_fan_out):
+            container, *attributes = key.split(".")
+            tensor = getattr(self, container)[name]
+            for attribute in attributes:
+                tensor = getattr(tensor, attribute)
+            tensors[key] = tensor
+        return tensors
+
     def register_scaling(self, name: str, r: int, alpha: float, use_rslora: bool) -> None:
         self.r[name], self.lora_alpha[name] = r, alpha
         self.scaling[name] = lora_scaling(alpha, r, use_rslora)
@@ -102,10 +136,9 @@ class LoraLayer(nn.Module):
             self.unmerge()
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name, None)
-        for attr in self.adapter_attribute_names:
-            container = getattr(self, attr)  # ModuleDict/ParameterDict.pop takes no default
-            if name in container:
-                del container[name]
+        for container in self.children():  # every per-adapter dict, declared tensors and the rest (dropout)
+            if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and name in container:
+                del container[name]  # their pop takes no default
         self._stack_cache = None
         if self.active_adapter == name:
             self.active_adapter = None
@@ -189,8 +222,6 @@ def in_place_ok(result: torch.Tensor, dtype: torch.dtype) -> bool:
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2 stores the weight as (in, out))."""
 
-    adapter_attribute_names = ("lora_A", "lora_B", "lora_dropout")
-
     def __init__(self, base_layer: nn.Module, routing: BatchRouting, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer, routing)
         self.fan_in_fan_out = stored_transposed(base_layer, fan_in_fan_out)
@@ -198,6 +229,11 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+
+    @classmethod
+    def adapter_shapes(cls, base_layer: nn.Module, r: int, fan_in_fan_out: bool = False) -> dict[str, tuple[int, ...]]:
+        in_features, out_features = linear_features(base_layer, fan_in_fan_out)
+        return {"lora_A.weight": (r, in_features), "lora_B.weight": (out_features, r)}
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool) -> None:
         self._stack_cache = None
@@ -285,13 +321,17 @@ class LoraEmbedding(LoraLayer):
     As in the original loralib, A starts at zero and B random, so the update again starts at zero.
     """
 
-    adapter_attribute_names = ("lora_embedding_A", "lora_embedding_B", "lora_dropout")
-
-    def __init__(self, base_layer: nn.Embedding, routing: BatchRouting) -> None:
+    def __init__(self, base_layer: nn.Embedding, routing: BatchRouting, fan_in_fan_out: bool = False) -> None:
+        # fan_in_fan_out means nothing for an embedding (PEFT ignores it too); taken so every kind is built alike
         super().__init__(base_layer, routing)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+
+    @classmethod
+    def adapter_shapes(cls, base_layer: nn.Module, r: int, fan_in_fan_out: bool = False) -> dict[str, tuple[int, ...]]:
+        num_embeddings, dim = base_layer.weight.shape
+        return {"lora_embedding_A": (r, num_embeddings), "lora_embedding_B": (dim, r)}
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool) -> None:
         num_embeddings, dim = self.base_layer.weight.shape
@@ -353,10 +393,17 @@ def linear_features(layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
     return in_features, out_features
 
 
+LAYER_KINDS: dict[type[nn.Module], type[LoraLayer]] = {nn.Linear: LoraLinear, Conv1D: LoraLinear,
+                                                       nn.Embedding: LoraEmbedding}
+"""The LoRA layer class that wraps each type of base module (subclasses included)."""
+
+
+def layer_kind(module: nn.Module) -> type[LoraLayer] | None:
+    """The LoRA layer class for a base module, or None when LoRA has no variant for its type."""
+    return next((kind for base, kind in LAYER_KINDS.items() if isinstance(module, base)), None)
+
+
 def wrap_layer(module: nn.Module, routing: BatchRouting, fan_in_fan_out: bool) -> LoraLayer | None:
     """The LoRA layer for a base module, or None when LoRA has no variant for its type."""
-    if isinstance(module, (nn.Linear, Conv1D)):
-        return LoraLinear(module, routing, fan_in_fan_out)
-    if isinstance(module, nn.Embedding):
-        return LoraEmbedding(module, routing)
-    return None
+    kind = layer_kind(module)
+    return None if kind is None else kind(module, routing, fan_in_fan_out)
