@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -242,7 +243,7 @@ def test_resume_with_no_checkpoint_starts_over_without_stale_metrics(tmp_path):
 def test_leftover_temporary_checkpoint_is_ignored_and_removed(tmp_path):
     config = _steps_config(max_steps=4)
     _train(tmp_path, config)
-    leftover = tmp_path / ".checkpoint-6.k3j2"  # a save killed half-way through
+    leftover = tmp_path / ".checkpoint-6.k3j2.tmp"  # a save killed half-way through
     (leftover / "adapter").mkdir(parents=True)
     (leftover / "optimizer.safetensors").write_bytes(b"half")
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
@@ -263,12 +264,13 @@ def test_without_validation_the_training_loss_is_still_logged(tmp_path):
 
 
 def test_best_adapter_survives_a_kill_while_it_was_being_replaced(tmp_path):
-    """replace_dir_atomically renames best/ to .best.old, then the new folder to best/: a kill in
-    between leaves no best/. Resuming puts the previous one back rather than losing it."""
+    """Where the file system cannot swap two folders in one step, files.replace_dir renames best/ to .best.old,
+    then the new folder to best/: a kill in between leaves no best/. Resuming puts the previous one back
+    rather than losing it."""
     _train(tmp_path, _steps_config(max_steps=4, eval_steps=2, metric="accuracy"),
            evaluate=_scripted("accuracy", [0.9, 0.5]))
     (tmp_path / "best").rename(tmp_path / ".best.old")
-    (tmp_path / ".best.k2j3").mkdir()  # the half-written replacement
+    (tmp_path / ".best.k2j3.tmp").mkdir()  # the half-written replacement
     _train(tmp_path, _steps_config(max_steps=6, eval_steps=2, metric="accuracy", resume=True),
            evaluate=_scripted("accuracy", [0.4]))  # nothing better after resuming: best/ is not rewritten
     assert sorted(p.name for p in tmp_path.glob(".*")) == []

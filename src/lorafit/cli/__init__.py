@@ -35,10 +35,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field of a config dataclass, its help text taken from the field's docstring."""
     from lorafit.training.settings import field_docs
@@ -109,7 +105,7 @@ offline in a few minutes. Examples:
 
 def _run_train(args: argparse.Namespace) -> int:
     from lorafit.tasks.pipeline import run_train
-    from lorafit.output_paths import check_output_dir
+    from lorafit.files import check_output_dir
     from lorafit.training.settings import build_config, load_yaml_config
 
     settings = load_yaml_config(args.config) if args.config else {}
@@ -161,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lorafit {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return getattr(err, "exit_code", 130)
     except Exception as err:  # a full disk, a read-only folder: the environment, not a bug to trace
-        from lorafit.output_paths import as_os_error, describe_os_error
+        from lorafit.files import as_os_error, describe_os_error
 
         os_error = as_os_error(err)
         if os_error is None:

@@ -22,7 +22,6 @@ import torch
 from lorafit.errors import LorafitError
 
 IGNORE_INDEX = -100
-FORMATS = ("prompt-response", "messages", "text")
 _SHAPES = '{"prompt", "response"}, {"messages": [{"role", "content"}, ...]} or {"text"}'
 _FALLBACK_HEADERS = {"user": "### Instruction:\n", "assistant": "### Response:\n"}
 

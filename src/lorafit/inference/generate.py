@@ -29,9 +29,9 @@ from lorafit.layers import BASE_ADAPTER
 from lorafit.data.chat import encode_prompt, leading_special_ids, render_messages, text_prefix_ids, tokenize_text
 from lorafit.inference.loading import LoadedAdapter, adapter_task, check_adapter_dir, load_adapter_for_inference
 from lorafit.model import DEFAULT_ADAPTER, LoraModel
-from lorafit.output_paths import check_output_file
+from lorafit.files import atomic_path, check_output_file
 from lorafit.training.run_dir import load_adapter_info
-from lorafit.serialization import atomic_path, read_adapter_config
+from lorafit.serialization import read_adapter_config
 from lorafit.training.settings import check_number, check_positive_int, check_seed
 
 NAME = "generate"

@@ -16,8 +16,7 @@ from lorafit.tasks.classification import predict_texts
 from lorafit.errors import LorafitError
 from lorafit.fast.first_token import first_token_last_layer
 from lorafit.inference.loading import add_adapter_arguments, load_adapter_for_inference
-from lorafit.output_paths import check_output_file
-from lorafit.serialization import atomic_path
+from lorafit.files import atomic_path, check_output_file
 from lorafit.training.settings import check_positive_int
 
 NAME = "predict"

@@ -22,12 +22,13 @@ from lorafit.data import classification as data
 from lorafit.data import chat as lm_data
 from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.errors import LorafitError
+from lorafit.files import write_text
 from lorafit.tasks.pipeline import _num, _print_summary, default_output_dir, peak_rss_mb
 from lorafit.inject import check_each_target_matches
 from lorafit.model import get_lora_model
 from lorafit.inference.base_models import load_causal_lm, load_tokenizer, model_reference, resolve_model
 from lorafit.fast.prefix_sharing import body_hidden
-from lorafit.training.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info, write_text
+from lorafit.training.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info
 from lorafit.training.loop import restore_best, run_training, seed_everything
 from lorafit.training.settings import TrainConfig
 
@@ -35,6 +36,8 @@ SAMPLE_COUNT = 3
 HELDOUT_LIMIT = 100  # generating for every row of a large validation set would dwarf training time
 NEW_TOKEN_MARGIN = 8
 GENERATION_BATCH = 32
+# perplexity is exp(loss): a diverged run would overflow exp() (past ~709); e**50 already reads as "diverged"
+MAX_LOG_PERPLEXITY = 50.0
 _ROLE = {"train": "training", "test": "test", "validation": "validation"}
 # Models whose logits are not plain head(hidden): their loss goes through the full forward.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -194,7 +197,7 @@ def evaluate_lm(model, examples: list[dict], collate, batch_size: int) -> dict:
         total, count = total + nll.item(), count + int(n)
     model.train(was_training)
     loss = total / max(1, count)
-    return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50.0)), 4), "tokens": count}
+    return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, MAX_LOG_PERPLEXITY)), 4), "tokens": count}
 
 
 # --- generation ---------------------------------------------------------------------------------------

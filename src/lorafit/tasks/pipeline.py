@@ -16,11 +16,11 @@ from lorafit.tasks.classification import (ClassificationData, classification_los
                               load_classification_data, print_predictions)
 from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.fast.first_token import first_token_last_layer
+from lorafit.files import write_text
 from lorafit.inject import check_each_target_matches
 from lorafit.model import get_lora_model
 from lorafit.inference.base_models import load_classifier, load_tokenizer, model_reference, resolve_model
-from lorafit.training.run_dir import (model_card, plot_curves, prepare_run_dir, release_run_dirs, save_adapter_info,
-                             write_text)
+from lorafit.training.run_dir import model_card, plot_curves, prepare_run_dir, release_run_dirs, save_adapter_info
 from lorafit.training.loop import restore_best, run_training, seed_everything
 from lorafit.training.settings import TrainConfig
 

@@ -157,8 +157,8 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise LorafitError(f"--{name.replace('_', '-')} must be one of {shown}; got {value!r}")
 
 
-# torch accepts seeds up to 2**64 - 1, but numpy (seeded by `generate --seed`) stops at 2**32 - 1 and
-# the data order's generator takes seed * 1000 + epoch; one range that every command accepts
+# torch accepts seeds up to 2**64 - 1, but numpy (seeded by `generate --seed`) stops at 2**32 - 1, and the
+# data order's seed (training.loop.data_order_seed) must stay below 2**64; one range that every command accepts
 MAX_SEED = 2 ** 32 - 1
 _RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1,
            "in (0, 1]": lambda v: 0 < v <= 1}
