@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorafit.config import lora_scaling
 from lorafit.fast.dropout import FastDropout
 from lorafit.errors import LorafitError
+from lorafit.config import lora_scaling
 
 BASE_ADAPTER = "__base__"
 """In a mixed batch, the name for rows that use no adapter at all."""
