@@ -344,7 +344,7 @@ class Killed(BaseException):
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory, tiny_bert_dir):
     """A run stopped during step 3 of 6, after checkpoint-2: (run folder, command without --output-dir)."""
-    from lorafit.tasks import pipeline as finetune
+    from lorafit.tasks import classification
     from lorafit.tasks.classification import classification_loss
     from lorafit.cli import main
     from test_cli import single_thread
@@ -363,7 +363,7 @@ def killed_run(tmp_path_factory, tiny_bert_dir):
         return classification_loss(model, batch)
 
     with pytest.MonkeyPatch.context() as patch, single_thread():
-        patch.setattr(finetune, "classification_loss", crash_at_3)
+        patch.setattr(classification, "classification_loss", crash_at_3)
         with pytest.raises(Killed):
             main([*command, "--output-dir", str(root / "run")])
     assert (root / "run" / "checkpoint-2").is_dir() and not (root / "run" / "checkpoint-4").exists()

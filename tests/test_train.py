@@ -280,7 +280,7 @@ def test_best_adapter_survives_a_kill_while_it_was_being_replaced(tmp_path):
 def test_resume_needs_only_the_output_dir(tmp_path, capsys, monkeypatch, tiny_bert_dir):
     """`lorafit train --output-dir DIR --resume` (as --help shows it) continues the run with its own
     settings, not the defaults (built-in data and model)."""
-    from lorafit.tasks import pipeline as finetune
+    from lorafit.tasks import classification
 
     train = write_rows(tmp_path / "train.jsonl", make_rows(24, seed=23))
     common = ["train", "--model", str(tiny_bert_dir), "--train-file", str(train), "--validation-file", str(train),
@@ -289,7 +289,7 @@ def test_resume_needs_only_the_output_dir(tmp_path, capsys, monkeypatch, tiny_be
     code, _, err = run_cli(capsys, *common, "--output-dir", tmp_path / "reference")
     assert code == 0, err
     with monkeypatch.context() as patch:
-        patch.setattr(finetune, "classification_loss", _crash_at(3))
+        patch.setattr(classification, "classification_loss", _crash_at(3))
         with pytest.raises(Killed):
             run_cli(capsys, *common, "--output-dir", tmp_path / "run")
     code, out, err = run_cli(capsys, "train", "--output-dir", tmp_path / "run", "--resume")
@@ -490,13 +490,13 @@ def _interrupt_at(step: int):
 
 
 def test_ctrl_c_says_where_training_stopped_and_how_to_resume(tmp_path, capsys, monkeypatch, tiny_bert_dir):
-    from lorafit.tasks import pipeline as finetune
+    from lorafit.tasks import classification
 
     train = write_rows(tmp_path / "train.jsonl", make_rows(24, seed=23))
     common = ["train", "--model", str(tiny_bert_dir), "--train-file", str(train), "--max-length", "32",
               "--batch-size", "4", "--epochs", "1", "--eval-strategy", "steps", "--eval-steps", "2",
               "--output-dir", tmp_path / "run"]
-    monkeypatch.setattr(finetune, "classification_loss", _interrupt_at(4))
+    monkeypatch.setattr(classification, "classification_loss", _interrupt_at(4))
     code, _, err = run_cli(capsys, *common)
     assert code == 130
     assert "Traceback" not in err

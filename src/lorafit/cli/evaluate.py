@@ -16,7 +16,7 @@ from lorafit.tasks.classification import evaluate_classifier
 from lorafit.fast.first_token import first_token_last_layer
 from lorafit.inference.loading import add_adapter_arguments, load_adapter_for_inference
 from lorafit.training.metrics import format_report
-from lorafit.training.settings import check_positive_int
+from lorafit.training.settings import DEFAULT_MAX_LENGTH, check_positive_int
 
 NAME = "eval"
 HELP = "score an adapter on a labelled data file"
@@ -60,7 +60,8 @@ def _evaluate_classifier(loaded, table, args) -> dict:
         text_column=args.text_column or info.get("text_column", "text"),
         text_pair_column=args.text_pair_column or info.get("text_pair_column"),
         label_column=args.label_column or info.get("label_column", "label"), labels=labels)
-    encoded = data.tokenize(prepared, loaded.tokenizer, max_length=args.max_length or info.get("max_length", 512),
+    max_length = args.max_length or info.get("max_length") or DEFAULT_MAX_LENGTH["classification"]
+    encoded = data.tokenize(prepared, loaded.tokenizer, max_length=max_length,
                             truncation_side=info.get("truncation_side", "right"))
     metrics = evaluate_classifier(loaded.model, encoded, data.make_collator(loaded.tokenizer), args.batch_size,
                                   list(labels.names))

@@ -17,7 +17,7 @@ from lorafit.errors import LorafitError
 from lorafit.fast.first_token import first_token_last_layer
 from lorafit.inference.loading import add_adapter_arguments, load_adapter_for_inference
 from lorafit.files import atomic_path, check_output_file
-from lorafit.training.settings import check_positive_int
+from lorafit.training.settings import DEFAULT_MAX_LENGTH, check_positive_int
 
 NAME = "predict"
 HELP = "label texts with a trained classifier adapter"
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     texts, pairs = read_texts(args, loaded.info.get("text_column") or "text", pair_column)
     id2label = loaded.model.config.id2label
     probabilities = predict_texts(loaded.model, loaded.tokenizer, texts,
-                                  max_length=loaded.info.get("max_length", 512),
+                                  max_length=loaded.info.get("max_length") or DEFAULT_MAX_LENGTH["classification"],
                                   truncation_side=loaded.info.get("truncation_side", "right"),
                                   batch_size=args.batch_size, pairs=pairs)
     rows = [{"text": text, **({"text_pair": pairs[i]} if pairs else {}), "label": id2label[int(p.argmax())],

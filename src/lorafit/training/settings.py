@@ -19,6 +19,9 @@ from lorafit.errors import LorafitError
 
 TASKS = ("classification", "causal-lm")
 STRATEGIES = ("epoch", "steps", "no")
+# Tokens per example (text, text pair or conversation) when --max-length is not given; every command
+# that tokenizes for a task (train, eval, predict) falls back to its task's value.
+DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 256}
 
 
 @dataclass
@@ -139,7 +142,7 @@ class TrainConfig:
         causal = self.task == "causal-lm"
         defaults = {
             "model": "smollm2" if causal else "minilm",
-            "max_length": 256 if causal else 128,
+            "max_length": DEFAULT_MAX_LENGTH[self.task],
             # causal-lm: measured on the built-in quickstart (SmolLM2, 2 CPU cores): exact match 0 -> ~90%
             "lr": 3e-3 if causal else 1e-3,
             "epochs": 2 if causal else 3,
