@@ -10,7 +10,7 @@ import torch
 
 from lorafit.cli import main
 from lorafit.config import LoraConfig
-from lorafit.inference.generate import stop_token_ids
+from lorafit.cli.generate import stop_token_ids
 from lorafit.data.chat import encode_prompt, leading_special_ids, render_messages, text_prefix_ids, tokenize_text
 from lorafit.model import LoraModel, get_lora_model
 from lorafit.inference.base_models import load_tokenizer
