@@ -34,10 +34,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field of a config dataclass, its help text taken from the field's docstring."""
     from lorafit.training.settings import field_docs
@@ -62,6 +58,17 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if default is not None and default is not dataclasses.MISSING and kind is not bool:
             kwargs["help"] += f" (default: {default})"
         parser.add_argument(flag, **kwargs)
+
+
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """--adapter and --model, as every single-adapter command spells them."""
+    parser.add_argument("--adapter", required=True, help="adapter directory (a run's best/ folder)")
+    parser.add_argument("--model", help="base model, if not the one the adapter was trained on")
+
+
+def settings_from_args(args: argparse.Namespace, cls: type):
+    """The config dataclass of the flags ``add_dataclass_flags`` made; fields not given keep their defaults."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,30 +15,24 @@ Prompts get the chat template (or lorafit's plain template) as in training, unle
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from lorafit.cli import add_dataclass_flags, settings_from_args
 from lorafit.data import classification as data
 from lorafit.errors import LorafitError
-from lorafit.layers import BASE_ADAPTER
-from lorafit.data.chat import encode_prompt, leading_special_ids, render_messages, text_prefix_ids, tokenize_text
+from lorafit.inference.generate import GenerationSettings, check_context, encode_prompt, generate_from_ids
 from lorafit.inference.loading import LoadedAdapter, adapter_task, check_adapter_dir, load_adapter_for_inference
+from lorafit.layers import BASE_ADAPTER
 from lorafit.model import DEFAULT_ADAPTER, LoraModel
 from lorafit.output_paths import check_output_file
-from lorafit.training.run_dir import load_adapter_info
 from lorafit.serialization import atomic_path, read_adapter_config
-from lorafit.training.settings import check_number, check_positive_int, check_seed
+from lorafit.training.run_dir import load_adapter_info
 
 NAME = "generate"
 HELP = "generate text with causal-LM adapters"
-
-# chat models end a turn with a token of their own that the generation config may not list
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 
 @dataclass
@@ -59,19 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="column of --input holding the prompts (default: prompt)")
     parser.add_argument("--encoding", help="encoding of --input when not UTF-8")
     parser.add_argument("--output", help="write JSON Lines here instead of streaming to the terminal")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: 8)")
-    parser.add_argument("--max-new-tokens", type=int, default=128,
-                        help="most tokens generated per prompt (default: 128)")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="above 0 samples instead of decoding greedily (default: 0)")
-    parser.add_argument("--top-p", type=float, default=1.0,
-                        help="sample from the likeliest tokens holding this probability (default: 1.0)")
-    parser.add_argument("--top-k", type=int, default=50,
-                        help="sample among the k likeliest tokens, 0 for all (default: 50)")
-    parser.add_argument("--seed", type=int, help="random seed (0 to 4294967295), for reproducible sampling")
-    parser.add_argument("--system", help="system prompt put before every prompt")
-    parser.add_argument("--no-chat-template", dest="chat_template", action="store_false",
-                        help="feed prompts as raw text, without the chat or instruction template")
+    add_dataclass_flags(parser, GenerationSettings)
 
 
 def parse_adapter_specs(values: list[str]) -> dict[str, Path]:
@@ -126,41 +108,8 @@ def load_adapters(specs: dict[str, Path], model: str | None) -> LoadedAdapter:
     return loaded
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """Ids that end a reply: the generation config's eos ids, the tokenizer's eos, a chat end-of-turn token."""
-    configured = model.generation_config.eos_token_id
-    ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
-    ids.append(tokenizer.eos_token_id)
-    special = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}))
-    ids += [tokenizer.convert_tokens_to_ids(token) for token in _END_OF_TURN_TOKENS if token in special]
-    return list(dict.fromkeys(i for i in ids if i is not None))
-
-
-def build_generation_config(args: argparse.Namespace, model, tokenizer):
-    """The model's generation config with lorafit's decoding settings on top."""
-    config = copy.deepcopy(model.generation_config)
-    config.max_new_tokens = args.max_new_tokens
-    config.eos_token_id = stop_token_ids(model, tokenizer)
-    config.pad_token_id = tokenizer.pad_token_id
-    config.num_beams = 1
-    config.do_sample = args.temperature > 0
-    if config.do_sample:
-        config.temperature, config.top_p, config.top_k = args.temperature, args.top_p, args.top_k
-    else:
-        config.temperature = config.top_p = config.top_k = None
-    return config
-
-
-def check_settings(args: argparse.Namespace) -> None:
-    """Refuse numbers generation cannot use, naming the flag."""
-    check_positive_int("batch_size", args.batch_size)
-    check_positive_int("max_new_tokens", args.max_new_tokens)
-    check_number("temperature", args.temperature, ">= 0")
-    check_number("top_p", args.top_p, "in (0, 1]")
-    if args.top_k < 0:
-        raise LorafitError(f"--top-k must be 0 (off) or a positive integer, got {args.top_k}")
-    if args.seed is not None:
-        check_seed("seed", args.seed)
+def check_inputs(args: argparse.Namespace) -> None:
+    """Refuse a missing or doubled source of prompts, and an --output that cannot be written."""
     if args.prompts and args.input:
         raise LorafitError("pass prompts as arguments or --input FILE, not both")
     if not args.prompts and not args.input:
@@ -169,38 +118,27 @@ def check_settings(args: argparse.Namespace) -> None:
         check_output_file(args.output, "--output", "responses.jsonl", args.input, "prompts")
 
 
-def check_context(model_config, requests: list[Request], max_new_tokens: int) -> None:
-    """Refuse a prompt plus --max-new-tokens longer than the positions the model has."""
-    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
-    if not context:
-        return
-    longest = max(len(r.input_ids) for r in requests)
-    if longest >= context:
-        raise LorafitError(f"a prompt of {longest} tokens fills the model's context of {context} tokens; shorten it")
-    if longest + max_new_tokens > context:
-        raise LorafitError(f"--max-new-tokens {max_new_tokens} plus the longest prompt ({longest} tokens) exceeds "
-                           f"the model's context of {context} tokens; pass --max-new-tokens {context - longest} or less")
-
-
-def read_requests(args: argparse.Namespace, adapters: list[str]) -> list[Request]:
+def read_requests(args: argparse.Namespace, adapters: list[str], chat_template: bool) -> list[Request]:
     """The prompts from the arguments or --input, checked, each with the adapter it runs on."""
     if args.prompts:
         rows = [{args.prompt_column: prompt} for prompt in args.prompts]
-        return [_request(row, f"prompt argument {i + 1}", adapters, args) for i, row in enumerate(rows)]
+        return [_request(row, f"prompt argument {i + 1}", adapters, args.prompt_column, chat_template)
+                for i, row in enumerate(rows)]
     table = data.read_table(args.input, encoding=args.encoding, role="input file")
     if args.prompt_column not in table.column_names and "messages" not in table.column_names:
         raise LorafitError(f"input file '{args.input}' has no '{args.prompt_column}' column (found: "
                            f"{', '.join(table.column_names)}); pass --prompt-column NAME or give chat 'messages'")
     if len(table) == 0:
         raise LorafitError(f"nothing to generate: input file '{args.input}' has no rows")
-    return [_request(row, f"row {i + 1} of '{args.input}'", adapters, args) for i, row in enumerate(table.to_list())]
+    return [_request(row, f"row {i + 1} of '{args.input}'", adapters, args.prompt_column, chat_template)
+            for i, row in enumerate(table.to_list())]
 
 
-def _request(row: dict, where: str, adapters: list[str], args: argparse.Namespace) -> Request:
+def _request(row: dict, where: str, adapters: list[str], prompt_column: str, chat_template: bool) -> Request:
     adapter = _row_adapter(row.get("adapter"), where, adapters)
-    prompt = row.get(args.prompt_column)
+    prompt = row.get(prompt_column)
     if prompt is None and row.get("messages") is not None:
-        if not args.chat_template:
+        if not chat_template:
             raise LorafitError("--no-chat-template feeds raw prompts, but the input has chat 'messages'; "
                                "drop --no-chat-template or give a prompt column")
         messages = conversation_of(row["messages"], where)
@@ -234,51 +172,7 @@ def conversation_of(value, where: str) -> list[dict]:
     return messages
 
 
-def encode_request(tokenizer, request: Request, args: argparse.Namespace) -> list[int]:
-    """Token ids of a prompt or conversation, ending where the assistant's reply starts.
-
-    Built as training builds prompts (same template, same prefix ids), or from the raw text
-    with --no-chat-template.
-    """
-    if request.messages is not None:
-        messages = request.messages
-        if args.system is not None and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": args.system}, *messages]
-        text = render_messages(tokenizer, messages, add_generation_prompt=True)
-        return text_prefix_ids(tokenizer) + tokenize_text(tokenizer, text)
-    if args.chat_template:
-        return encode_prompt(tokenizer, request.prompt, args.system)
-    return leading_special_ids(tokenizer) + tokenize_text(tokenizer, request.prompt)
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask with the padding on the left, so every row ends where generation starts."""
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in sequences])
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in sequences])
-    return input_ids, attention_mask
-
-
-def new_tokens(sequence: torch.Tensor, prompt_width: int, stop_ids: list[int]) -> list[int]:
-    """The generated ids of one row, cut before its first stop token."""
-    generated = sequence[prompt_width:].tolist()
-    ends = [i for i, token in enumerate(generated) if token in stop_ids]
-    return generated[:ends[0]] if ends else generated
-
-
-@torch.inference_mode()
-def generate_batch(loaded: LoadedAdapter, requests: list[Request], config, streamer=None) -> list[str]:
-    """Responses to ``requests``, run as one batch with each row on its own adapter."""
-    input_ids, attention_mask = left_pad([r.input_ids for r in requests], loaded.tokenizer.pad_token_id)
-    device = loaded.model.device
-    output = loaded.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                   adapter_names=[r.adapter for r in requests], generation_config=config,
-                                   streamer=streamer)
-    return [loaded.tokenizer.decode(new_tokens(row, input_ids.shape[1], config.eos_token_id),
-                                    skip_special_tokens=True) for row in output]
-
-
-def stream_responses(loaded: LoadedAdapter, requests: list[Request], config) -> None:
+def stream_responses(loaded: LoadedAdapter, requests: list[Request], settings: GenerationSettings) -> None:
     """Print each response token by token as it is generated, a blank line between responses."""
     from transformers import TextStreamer
 
@@ -286,26 +180,28 @@ def stream_responses(loaded: LoadedAdapter, requests: list[Request], config) -> 
         if i:
             print()
         streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        generate_batch(loaded, [request], config, streamer=streamer)
+        generate_from_ids(loaded.model, loaded.tokenizer, [request.input_ids], settings, [request.adapter], streamer)
 
 
-def response_rows(loaded: LoadedAdapter, requests: list[Request], config, batch_size: int,
+def response_rows(loaded: LoadedAdapter, requests: list[Request], settings: GenerationSettings,
                   show_adapter: bool) -> list[dict]:
-    """One output row per request, generated ``batch_size`` at a time."""
-    rows = []
-    for start in range(0, len(requests), batch_size):
-        batch = requests[start:start + batch_size]
-        for request, response in zip(batch, generate_batch(loaded, batch, config)):
-            row = {"prompt": request.prompt, "response": response}
-            if request.messages is not None:
-                row["messages"] = request.messages
-            if show_adapter:
-                row["adapter"] = request.adapter
-            rows.append(row)
+    """One output row per request, in their order (progress shown on a terminal)."""
+    def show_progress(done: int) -> None:
         if sys.stderr.isatty():
-            print(f"\rgenerated {len(rows)}/{len(requests)}", end="", file=sys.stderr, flush=True)
+            print(f"\rgenerated {done}/{len(requests)}", end="", file=sys.stderr, flush=True)
+
+    responses = generate_from_ids(loaded.model, loaded.tokenizer, [r.input_ids for r in requests], settings,
+                                  [r.adapter for r in requests], progress=show_progress)
     if sys.stderr.isatty():
         print(file=sys.stderr)
+    rows = []
+    for request, response in zip(requests, responses):
+        row = {"prompt": request.prompt, "response": response}
+        if request.messages is not None:
+            row["messages"] = request.messages
+        if show_adapter:
+            row["adapter"] = request.adapter
+        rows.append(row)
     return rows
 
 
@@ -321,21 +217,18 @@ def write_rows(rows: list[dict], output: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_settings(args)
+    settings = settings_from_args(args, GenerationSettings)
+    check_inputs(args)
     specs = parse_adapter_specs(args.adapter)
-    requests = read_requests(args, list(specs))  # bad input fails before the slow model load
+    requests = read_requests(args, list(specs), settings.chat_template)  # bad input fails before the slow load
     loaded = load_adapters(specs, args.model)
     for request in requests:
-        request.input_ids = encode_request(loaded.tokenizer, request, args)
-    check_context(loaded.model.get_base_model().config, requests, args.max_new_tokens)
-    config = build_generation_config(args, loaded.model.get_base_model(), loaded.tokenizer)
-    if args.seed is not None:
-        from transformers import set_seed
-
-        set_seed(args.seed)
+        prompt = request.messages if request.messages is not None else request.prompt
+        request.input_ids = encode_prompt(loaded.tokenizer, prompt, settings)
+    check_context(loaded.model.get_base_model().config, [r.input_ids for r in requests], settings.max_new_tokens)
     if args.input is None and args.output is None:
-        stream_responses(loaded, requests, config)
+        stream_responses(loaded, requests, settings)
         return 0
     show_adapter = len(specs) > 1 or any(r.adapter != next(iter(specs)) for r in requests)
-    write_rows(response_rows(loaded, requests, config, args.batch_size, show_adapter), args.output)
+    write_rows(response_rows(loaded, requests, settings, show_adapter), args.output)
     return 0

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorafit.cli import add_adapter_arguments
 from lorafit.errors import LorafitError
-from lorafit.inference.loading import add_adapter_arguments, load_adapter_for_inference
+from lorafit.inference.loading import load_adapter_for_inference
 from lorafit.output_paths import check_output_dir
 from lorafit.training.run_dir import replace_dir_atomically
 

@@ -20,12 +20,6 @@ class LoadedAdapter:
     task: str
 
 
-def add_adapter_arguments(parser) -> None:
-    """--adapter and --model, as every single-adapter command spells them."""
-    parser.add_argument("--adapter", required=True, help="adapter directory (a run's best/ folder)")
-    parser.add_argument("--model", help="base model, if not the one the adapter was trained on")
-
-
 def adapter_task(adapter_dir: Path, info: dict) -> str:
     """classification or causal-lm, from lorafit's info file or the adapter's PEFT task_type."""
     if "task" in info:

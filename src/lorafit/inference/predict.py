@@ -1,0 +1,68 @@
+"""Labelling texts with a loaded classifier adapter: the library side of `lorafit predict`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafit.data import classification as data
+from lorafit.errors import LorafitError
+from lorafit.fast.first_token import first_token_last_layer
+from lorafit.inference.loading import LoadedAdapter
+from lorafit.tasks.classification import predict_texts
+from lorafit.training.settings import check_positive_int
+
+
+@dataclass
+class PredictSettings:
+    """How texts are read and labelled. Every field is also a `lorafit predict` flag."""
+
+    batch_size: int = 64
+    """Texts per forward pass."""
+    text_column: str | None = None
+    """Column of --input holding the texts (default: as in training, else text)."""
+    text_pair_column: str | None = None
+    """Column of --input holding the second texts, for an adapter trained on text pairs (default: as in training)."""
+
+    def __post_init__(self) -> None:
+        check_positive_int("batch_size", self.batch_size)
+
+
+def pair_column_of(loaded: LoadedAdapter, settings: PredictSettings) -> str | None:
+    """The second-text column, when the adapter classifies text pairs."""
+    return settings.text_pair_column or loaded.info.get("text_pair_column")
+
+
+def read_texts(texts: list[str], input_file: str | None, settings: PredictSettings, default_column: str,
+               pair_column: str | None = None, encoding: str | None = None) -> tuple[list[str], list[str] | None]:
+    """The texts to classify (given, or read from ``input_file``), and their second texts for a pair adapter."""
+    if texts and input_file:
+        raise LorafitError("pass texts as arguments or --input FILE, not both")
+    if texts:
+        if pair_column:  # scoring the first texts alone would give confident nonsense
+            raise LorafitError(f"this adapter classifies text pairs (training columns {default_column!r} and "
+                               f"{pair_column!r}); pass --input FILE with both columns")
+        return list(texts), None
+    if not input_file:
+        raise LorafitError("nothing to predict: pass texts as arguments or --input FILE")
+    column = settings.text_column or default_column
+    table = data.read_table(input_file, encoding=encoding, role="input file")
+    prepared = data.prepare_split(table, split="input", source=Path(input_file).name, text_column=column,
+                                  text_pair_column=pair_column, label_column=None, labels=None)
+    return list(prepared["text"]), (list(prepared["text_pair"]) if pair_column else None)
+
+
+def predict_rows(loaded: LoadedAdapter, texts: list[str], pairs: list[str] | None,
+                 settings: PredictSettings) -> list[dict]:
+    """One row per text: the text (and its pair), the label and every class's probability."""
+    if loaded.task != "classification":
+        raise LorafitError(f"this is a {loaded.task} adapter; use `lorafit generate` for it")
+    first_token_last_layer(loaded.model)
+    id2label = loaded.model.config.id2label
+    probabilities = predict_texts(loaded.model, loaded.tokenizer, texts,
+                                  max_length=loaded.info.get("max_length", 512),
+                                  truncation_side=loaded.info.get("truncation_side", "right"),
+                                  batch_size=settings.batch_size, pairs=pairs)
+    return [{"text": text, **({"text_pair": pairs[i]} if pairs else {}), "label": id2label[int(p.argmax())],
+             "probabilities": {id2label[k]: round(float(v), 6) for k, v in enumerate(p)}}
+            for i, (text, p) in enumerate(zip(texts, probabilities))]
