@@ -199,3 +199,15 @@ def test_pair_adapter_reads_both_columns(tmp_path, capsys, pair_run):
     alone = predict_texts(loaded.model, loaded.tokenizer, [r["premise"] for r in rows], max_length=32)
     together = torch.tensor([list(p["probabilities"].values()) for p in predictions])
     assert not torch.allclose(alone, together, atol=1e-3)
+
+
+def test_causal_lm_adapter_points_to_generate(tmp_path, capsys):
+    from test_generate import build_base, build_tokenizer, save_adapter
+
+    tokenizer = build_tokenizer()
+    build_base(len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    adapter = save_adapter(tmp_path / "base", tmp_path / "adapter", seed=1)
+    code, out, err = run_cli(capsys, "predict", "--adapter", adapter, "good")
+    assert_one_line_error(code, err, f"'{adapter}' is a causal-lm adapter", "lorafit generate")
+    assert out == ""

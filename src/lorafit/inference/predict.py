@@ -54,9 +54,7 @@ def read_texts(texts: list[str], input_file: str | None, settings: PredictSettin
 
 def predict_rows(loaded: LoadedAdapter, texts: list[str], pairs: list[str] | None,
                  settings: PredictSettings) -> list[dict]:
-    """One row per text: the text (and its pair), the label and every class's probability."""
-    if loaded.task != "classification":
-        raise LorafitError(f"this is a {loaded.task} adapter; use `lorafit generate` for it")
+    """One row per text of a classifier adapter: the text (and its pair), the label and every class's probability."""
     first_token_last_layer(loaded.model)
     id2label = loaded.model.config.id2label
     probabilities = predict_texts(loaded.model, loaded.tokenizer, texts,
