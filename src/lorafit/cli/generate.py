@@ -24,12 +24,11 @@ from lorafit.cli import add_dataclass_flags, settings_from_args
 from lorafit.data import classification as data
 from lorafit.errors import LorafitError
 from lorafit.inference.generate import GenerationSettings, check_context, encode_prompt, generate_from_ids
-from lorafit.inference.loading import LoadedAdapter, adapter_task, check_adapter_dir, load_adapter_for_inference
+from lorafit.inference.loading import LoadedAdapter, check_adapter_dir, load_adapters
 from lorafit.layers import BASE_ADAPTER
-from lorafit.model import DEFAULT_ADAPTER, LoraModel
+from lorafit.model import DEFAULT_ADAPTER
 from lorafit.output_paths import check_output_file
-from lorafit.serialization import atomic_path, read_adapter_config
-from lorafit.training.run_dir import load_adapter_info
+from lorafit.serialization import atomic_path
 
 NAME = "generate"
 HELP = "generate text with causal-LM adapters"
@@ -71,41 +70,6 @@ def parse_adapter_specs(values: list[str]) -> dict[str, Path]:
             raise LorafitError(f"two adapters are named {name!r}; give each --adapter its own name: NAME=DIR")
         specs[name] = check_adapter_dir(directory)
     return specs
-
-
-def check_adapters(specs: dict[str, Path], model: str | None) -> None:
-    """Refuse classification adapters and adapters trained on different bases, before loading anything."""
-    bases: dict[str, str] = {}
-    for name, directory in specs.items():
-        info = load_adapter_info(directory)
-        task = adapter_task(directory, info)
-        if task != "causal-lm":
-            raise LorafitError(f"'{directory}' is a {task} adapter; use `lorafit predict` for it")
-        base = info.get("base_model") or read_adapter_config(directory).base_model_name_or_path
-        if base:
-            bases[name] = _same_base_key(base)
-    if model is None and len(set(bases.values())) > 1:
-        listing = ", ".join(f"{name}: {base}" for name, base in bases.items())
-        raise LorafitError(f"the adapters were trained on different base models ({listing}); "
-                           "load only adapters of one base model, or pass --model to use one for all")
-
-
-def _same_base_key(base: str) -> str:
-    path = Path(base).expanduser()
-    return str(path.resolve()) if path.is_dir() else base
-
-
-def load_adapters(specs: dict[str, Path], model: str | None) -> LoadedAdapter:
-    """The base model with every adapter loaded under its name, ready for left-padded batches."""
-    check_adapters(specs, model)
-    loaded = load_adapter_for_inference(next(iter(specs.values())), model, padding_side="left")
-    if list(specs) != [DEFAULT_ADAPTER]:
-        # load_adapter_for_inference names its one adapter "default": start again with the names given
-        loaded.model = LoraModel(loaded.model.unload())
-        for name, directory in specs.items():
-            loaded.model.load_adapter(directory, name)
-    loaded.model.eval()
-    return loaded
 
 
 def check_inputs(args: argparse.Namespace) -> None:
