@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import types
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -361,8 +362,8 @@ def test_short_real_run_on_smollm2(tmp_path):
 
     from lorafit.inference.base_models import resolve_model
 
-    records = [json.loads(line) for line in (Path(causal.__file__).parent / "builtin_data" / "instruct" /
-                                             "train.jsonl").read_text().splitlines()]
+    builtin = resources.files("lorafit") / "builtin_data" / "instruct" / "train.jsonl"
+    records = [json.loads(line) for line in builtin.read_text(encoding="utf-8").splitlines()]
     config = TrainConfig(task="causal-lm", train_file=write_jsonl(tmp_path / "train.jsonl", records[:16]),
                          validation_file=write_jsonl(tmp_path / "validation.jsonl", records[16:20]),
                          max_length=128, batch_size=4, max_steps=6, eval_strategy="steps", eval_steps=3, lr=2e-3,
