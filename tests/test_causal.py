@@ -356,7 +356,7 @@ def test_all_linear_flag_becomes_the_keyword():
 
 # --- the real model -----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_short_real_run_on_smollm2(tmp_path):
+def test_short_real_run_on_smollm2(tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -372,7 +372,17 @@ def test_short_real_run_on_smollm2(tmp_path):
     history = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert history[-1]["loss"] < history[0]["loss"]
     assert "heldout_exact_match_after" in final
+    # the held-out replies train showed are the ones `lorafit generate` gives (same batch, same budget)
+    shown = re.findall(r"generated: (.*?)\nexpected:", capsys.readouterr().out.split("after training")[1], re.S)
     loaded = load_adapter_for_inference(tmp_path / "out" / "best")
+    budget = max(len(loaded.tokenizer(r["response"], add_special_tokens=False)["input_ids"])
+                 for r in records[16:20]) + 8
+    from lorafit.cli import main
+
+    assert main(["generate", "--adapter", str(tmp_path / "out" / "best"), "--input", config.validation_file,
+                 "--output", str(tmp_path / "replies.jsonl"), "--max-new-tokens", str(budget)]) == 0
+    generated = [json.loads(line)["response"] for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
+    assert len(shown) == 3 and shown == [reply.strip() for reply in generated[:3]]
     replies = generate_replies(loaded.model, loaded.tokenizer, [records[30]["prompt"]], GenerationSettings(max_new_tokens=16))
     assert replies[0].strip()
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model("smollm2")),
