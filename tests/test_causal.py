@@ -17,10 +17,11 @@ import torch
 
 from conftest import tiny_gpt2, tiny_llama
 from lorafit.tasks import causal_lm as causal
+from lorafit.data import chat as lm_data
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
-from lorafit.tasks.pipeline import run_train
 from lorafit.inference.generate import GenerationSettings, decode_reply, generate_replies, stop_token_ids
+from lorafit.tasks.pipeline import lora_targets, run_train
 from lorafit.inference.loading import load_adapter_for_inference
 from lorafit.model import LoraModel, get_lora_model
 from lorafit.training.settings import TrainConfig
@@ -321,7 +322,7 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, records, targets, 
 def test_cut_examples_are_reported(tmp_path, capsys):
     tokenizer = build_tokenizer(chat=True)
     records = todo_records()[:4] + [{"prompt": "Ann must buy milk.", "response": "TODO(ann): " + "buy milk, " * 20}]
-    examples = causal.tokenize_split(records, tokenizer, split="train", max_length=40)
+    examples = lm_data.tokenize_split(records, tokenizer, split="train", max_length=40)
     assert len(examples) == 5 and max(len(e["input_ids"]) for e in examples) == 40
     assert "1 of 5 training examples were longer than --max-length 40 and were cut" in capsys.readouterr().err
 
@@ -349,9 +350,9 @@ def test_training_starts_by_saying_what_was_loaded(tmp_path, capsys, pack):
 
 
 def test_all_linear_flag_becomes_the_keyword():
-    assert causal.lora_targets(TrainConfig(task="causal-lm", target_modules=["all-linear"])) == "all-linear"
-    assert causal.lora_targets(TrainConfig(task="causal-lm", target_modules=["q_proj", "v_proj"])) == ["q_proj", "v_proj"]
-    assert causal.lora_targets(TrainConfig(task="causal-lm")) is None
+    assert lora_targets(TrainConfig(task="causal-lm", target_modules=["all-linear"])) == "all-linear"
+    assert lora_targets(TrainConfig(task="causal-lm", target_modules=["q_proj", "v_proj"])) == ["q_proj", "v_proj"]
+    assert lora_targets(TrainConfig(task="causal-lm")) is None
 
 
 # --- the real model -----------------------------------------------------------------------------------

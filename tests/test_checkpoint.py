@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 from conftest import make_batch, tiny_bert_cls
 from lorafit.training import checkpoint
-from lorafit.training.checkpoint import (STATE_NAME, TrainState, list_checkpoints, load_checkpoint, remove_temporaries,
-                                save_checkpoint)
+from lorafit.training.checkpoint import STATE_NAME, TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from lorafit.config import LoraConfig
+from lorafit import files
 from lorafit.errors import LorafitError
 from lorafit.model import get_lora_model
 from lorafit.training.run_dir import read_metrics
@@ -172,8 +172,8 @@ def test_list_checkpoints_numeric_order_and_only_complete_ones(tmp_path):
         (tmp_path / name / "adapter").mkdir(parents=True)
         (tmp_path / name / STATE_NAME).write_text("{}")
     (tmp_path / "checkpoint-50" / "adapter").mkdir(parents=True)  # no trainer_state.json: not complete
-    (tmp_path / ".checkpoint-200.abc").mkdir()  # an interrupted save
-    (tmp_path / ".checkpoint-200.abc" / STATE_NAME).write_text("{}")
+    (tmp_path / ".checkpoint-200.abc.tmp").mkdir()  # an interrupted save
+    (tmp_path / ".checkpoint-200.abc.tmp" / STATE_NAME).write_text("{}")
     (tmp_path / "checkpoint-last").mkdir()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-9", "checkpoint-10",
                                                             "checkpoint-100"]
@@ -193,9 +193,13 @@ def test_pruning_leaves_checkpoint_folders_lorafit_did_not_write(tmp_path):
         STATE_NAME: "theirs", "optimizer.pt": "theirs", "adapter_model.safetensors": "theirs"}
 
 
-def test_replacing_a_checkpoint_always_leaves_a_complete_one_in_place(tmp_path, monkeypatch):
+@pytest.mark.parametrize("swap", [True, False], ids=["swap", "no-swap"])
+def test_replacing_a_checkpoint_always_leaves_a_complete_one_in_place(tmp_path, monkeypatch, swap):
     """At every rename and delete while checkpoint-3/ is written again, it or the previous one set aside
-    (.checkpoint-3.old, which remove_temporaries puts back) is complete."""
+    (.checkpoint-3.old, which run_dir.recover_run_dir puts back) is complete, also where the file system
+    cannot swap two folders in one step."""
+    if not swap:
+        monkeypatch.setattr(files, "_swap", lambda new, target: False)
     model, optimizer, scheduler = _setup()
     save_checkpoint(tmp_path, model, optimizer, scheduler, _state(3), keep=2)
     final, aside = tmp_path / "checkpoint-3", tmp_path / ".checkpoint-3.old"
@@ -216,23 +220,30 @@ def test_replacing_a_checkpoint_always_leaves_a_complete_one_in_place(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
 
 
-def test_remove_temporaries_clears_every_leftover_and_puts_back_set_aside_folders(tmp_path):
-    (tmp_path / ".checkpoint-4.x1" / "adapter").mkdir(parents=True)  # checkpoints being built
-    (tmp_path / ".checkpoint-6.x2").mkdir()
-    (tmp_path / ".best.k2j3").mkdir()  # best/ being built
-    (tmp_path / ".checkpoint-8.old").mkdir()  # set aside, its replacement never arrived: put back
-    (tmp_path / ".checkpoint-8.old" / STATE_NAME).write_text("8")
-    (tmp_path / ".best.old").mkdir()  # set aside, but best/ was replaced: dropped
-    for name in ("curves.png", "README.md", "config.yaml", "metrics.jsonl"):  # files being written (atomic_path)
-        (tmp_path / f".{name}.a1b2c3.tmp").write_text("half")
-    (tmp_path / "checkpoint-2").mkdir()
-    (tmp_path / "best").mkdir()
-    for name in (".gitignore", ".lorafit.lock", ".notes.old", "notes.tmp"):  # not lorafit's temporaries
-        (tmp_path / name).write_text("keep")
-    remove_temporaries(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".gitignore", ".lorafit.lock", ".notes.old", "best",
-                                                          "checkpoint-2", "checkpoint-8", "notes.tmp"]
-    assert (tmp_path / "checkpoint-8" / STATE_NAME).read_text() == "8"
+def test_replacing_a_checkpoint_never_leaves_its_name_empty(tmp_path, monkeypatch):
+    """Where the file system can swap two folders in one step (Linux), checkpoint-3/ itself is complete at
+    every rename and delete while it is written again: a reader never finds the name missing."""
+    model, optimizer, scheduler = _setup()
+    save_checkpoint(tmp_path, model, optimizer, scheduler, _state(3), keep=2)
+    final = tmp_path / "checkpoint-3"
+    seen = []
+
+    def watched(function):
+        def run(*args, **kwargs):
+            result = function(*args, **kwargs)
+            seen.append((final / STATE_NAME).is_file())
+            return result
+        return run
+
+    monkeypatch.setattr(os, "rename", watched(os.rename))
+    monkeypatch.setattr(shutil, "rmtree", watched(shutil.rmtree))
+    changed = _state(3)
+    changed.best_metric = 0.9
+    save_checkpoint(tmp_path, model, optimizer, scheduler, changed, keep=2)
+    monkeypatch.undo()
+    assert seen and all(seen), seen
+    assert json.loads((final / STATE_NAME).read_text())["state"]["best_metric"] == 0.9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])

@@ -14,13 +14,13 @@ from lorafit.data.classification import (
     LabelSpace,
     build_label_space,
     length_grouped_order,
-    load_builtin_sentiment,
-    load_hub_dataset,
     make_collator,
     prepare_split,
     read_table,
     tokenize,
 )
+from lorafit.data import sources
+from lorafit.data.sources import load_builtin, load_hub_dataset
 from lorafit.errors import LorafitError
 
 
@@ -178,19 +178,19 @@ def test_unknown_extension_and_missing_file(tmp_path):
 def test_builtin_sentiment_from_folder(tmp_path, monkeypatch):
     for split in ("train", "validation"):
         write(tmp_path, f"{split}.jsonl", '{"text": "good", "label": "positive"}\n')
-    monkeypatch.setattr(data, "_builtin_folder", lambda: tmp_path)
-    splits = load_builtin_sentiment()
+    monkeypatch.setattr(sources, "_builtin_folder", lambda name: tmp_path)
+    splits = load_builtin("sentiment")
     assert set(splits) == {"train", "validation"}
     assert splits["train"].column_names == ["text", "label"]
-    monkeypatch.setattr(data, "_builtin_folder", lambda: tmp_path / "missing")
+    monkeypatch.setattr(sources, "_builtin_folder", lambda name: tmp_path / "missing")
     with pytest.raises(LorafitError, match="built-in sentiment data is missing"):
-        load_builtin_sentiment()
+        load_builtin("sentiment")
 
 
 def test_builtin_sentiment_shipped():
-    if not (data._builtin_folder() / "validation.jsonl").is_file():
+    if not (sources._builtin_folder("sentiment") / "validation.jsonl").is_file():
         pytest.skip("built-in data not written yet")
-    splits = load_builtin_sentiment()
+    splits = load_builtin("sentiment")
     labels = build_label_space(splits["train"], "label")
     assert len(labels.names) >= 2
     for split, ds in splits.items():

@@ -222,7 +222,7 @@ def _write(name: str, text: str):
 
 
 def _temps(target: Path) -> list:
-    return list(target.parent.glob(f".{target.name}.tmp-*"))
+    return list(target.parent.glob(f".{target.name}.*.tmp"))
 
 
 def test_cached_dir_is_built_once(tmp_path):
@@ -249,12 +249,12 @@ def test_failed_build_leaves_nothing(tmp_path):
 
 def test_stale_temp_from_a_crash_is_pruned(tmp_path):
     target = tmp_path / "m"
-    stale = tmp_path / ".m.tmp-crashed"
+    stale = tmp_path / ".m.crashed.tmp"
     stale.mkdir()
     (stale / "half.bin").write_bytes(b"x")
     old = time.time() - 2 * models._STALE_TEMP_SECONDS
     os.utime(stale, (old, old))
-    fresh = tmp_path / ".m.tmp-running"  # another converter still at work: left alone
+    fresh = tmp_path / ".m.running.tmp"  # another converter still at work: left alone
     fresh.mkdir()
     build_cached_dir(target, _write("a.txt", "ok"))
     assert (target / "a.txt").read_text() == "ok"

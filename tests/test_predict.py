@@ -211,3 +211,27 @@ def test_causal_lm_adapter_points_to_generate(tmp_path, capsys):
     code, out, err = run_cli(capsys, "predict", "--adapter", adapter, "good")
     assert_one_line_error(code, err, f"'{adapter}' is a causal-lm adapter", "lorafit generate")
     assert out == ""
+
+
+def test_adapter_without_lorafit_json_reads_texts_with_the_task_default_max_length(tmp_path, capsys, trained_run,
+                                                                                    monkeypatch):
+    """An adapter saved by another tool has no lorafit.json; its texts are cut at the classification default
+    that `lorafit train` uses, not at a length of predict's own."""
+    import shutil
+
+    from lorafit.inference import predict
+    from lorafit.training.settings import TrainConfig
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_run.best, adapter)
+    (adapter / "lorafit.json").unlink()
+    lengths = []
+
+    def recording(model, tokenizer, texts, *, max_length, **options):
+        lengths.append(max_length)
+        return torch.full((len(texts), 3), 1 / 3)
+
+    monkeypatch.setattr(predict, "predict_texts", recording)
+    code, _, err = run_cli(capsys, "predict", "--adapter", adapter, "a great film")
+    assert code == 0, err
+    assert lengths == [TrainConfig(task="classification").resolved().max_length] == [128]

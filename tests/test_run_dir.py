@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +12,10 @@ import pytest
 import yaml
 
 from lorafit.errors import LorafitError
+from lorafit.training.checkpoint import STATE_NAME
 from lorafit.training.run_dir import (append_metrics, load_adapter_info, lock_run_dir, model_card, plot_curves,
-                             prepare_run_dir, read_metrics, release_run_dirs, replace_dir_atomically,
-                             rewrite_metrics, save_adapter_info, write_text)
+                                     prepare_run_dir, read_metrics, recover_run_dir, release_run_dirs,
+                                     rewrite_metrics, save_adapter_info)
 from lorafit.training.settings import TrainConfig
 from test_cli import (FAST, FIELDS, adapter_tensors, assert_one_line_error, make_rows, read_jsonl,  # noqa: F401
                       run_cli, small_run, snapshot, tensors_equal, tiny_bert_dir, trained_run, tiny_bert3_dir,
@@ -288,20 +287,23 @@ def test_metrics_append_read_rewrite(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
 
 
-def test_replace_dir_atomically(tmp_path):
-    target = tmp_path / "best"
-    replace_dir_atomically(target, lambda tmp: (tmp / "v").write_text("1"))
-    replace_dir_atomically(target, lambda tmp: (tmp / "v").write_text("2"))
-    assert (target / "v").read_text() == "2"
-
-    def failing(tmp):
-        (tmp / "v").write_text("3")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        replace_dir_atomically(target, failing)
-    assert (target / "v").read_text() == "2"  # the old folder is untouched
-    assert [p.name for p in tmp_path.iterdir()] == ["best"]  # and no temporary is left
+def test_recover_run_dir_clears_every_leftover_and_puts_back_set_aside_folders(tmp_path):
+    (tmp_path / ".checkpoint-4.x1.tmp" / "adapter").mkdir(parents=True)  # checkpoints being built
+    (tmp_path / ".checkpoint-6.x2.tmp").mkdir()
+    (tmp_path / ".best.k2j3.tmp").mkdir()  # best/ being built
+    (tmp_path / ".checkpoint-8.old").mkdir()  # set aside, its replacement never arrived: put back
+    (tmp_path / ".checkpoint-8.old" / STATE_NAME).write_text("8")
+    (tmp_path / ".best.old").mkdir()  # set aside, but best/ was replaced: dropped
+    for name in ("curves.png", "README.md", "config.yaml", "metrics.jsonl"):  # files being written (files.atomic_path)
+        (tmp_path / f".{name}.a1b2c3.tmp").write_text("half")
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "best").mkdir()
+    for name in (".gitignore", ".lorafit.lock", ".notes.old", "notes.tmp", ".notes.k2j3.tmp"):  # not a run's temporaries
+        (tmp_path / name).write_text("keep")
+    recover_run_dir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".gitignore", ".lorafit.lock", ".notes.k2j3.tmp", ".notes.old",
+                                                          "best", "checkpoint-2", "checkpoint-8", "notes.tmp"]
+    assert (tmp_path / "checkpoint-8" / STATE_NAME).read_text() == "8"
 
 
 def test_adapter_info_round_trip(tmp_path):
@@ -333,45 +335,6 @@ def test_model_card_for_a_causal_lm(tmp_path):
     assert "per_class" not in card
 
 
-def test_replace_dir_atomically_stopped_between_its_renames_keeps_the_old_folder(tmp_path, monkeypatch):
-    """Ctrl-C or SIGTERM arrive as exceptions: after best/ was set aside, before the new one was renamed in."""
-    target = tmp_path / "best"
-    replace_dir_atomically(target, lambda tmp: (tmp / "v").write_text("1"))
-    real_rename = os.rename
-
-    def interrupted_rename(src, dst):
-        if Path(dst) == target and not Path(src).name.endswith(".old"):  # the new folder, not the old put back
-            raise KeyboardInterrupt
-        real_rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", interrupted_rename)
-    with pytest.raises(KeyboardInterrupt):
-        replace_dir_atomically(target, lambda tmp: (tmp / "v").write_text("2"))
-    monkeypatch.undo()
-    assert (target / "v").read_text() == "1"
-    assert [p.name for p in tmp_path.iterdir()] == ["best"]
-
-
-@pytest.mark.parametrize("umask", [0o022, 0o027])
-def test_files_and_folders_get_the_users_permissions(tmp_path, umask):
-    """Temporary files are created 0600 and folders 0700; what they become must not keep those modes."""
-    from lorafit.inference.base_models import build_cached_dir
-    from lorafit.serialization import write_json
-
-    before = os.umask(umask)
-    try:
-        write_text(tmp_path / "README.md", "card")
-        write_json(tmp_path / "predictions.json", [1])
-        replace_dir_atomically(tmp_path / "best", lambda tmp: (tmp / "v").write_text("1"))
-        build_cached_dir(tmp_path / "cache" / "model", lambda tmp: (tmp / "w").write_text("1"))
-    finally:
-        os.umask(before)
-    for name in ("README.md", "predictions.json", "best/v", "cache/model/w"):
-        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
-    for name in ("best", "cache/model"):
-        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o777 & ~umask, name
-
-
 # --- the command line on run folders ---------------------------------------------------------------------
 
 class Killed(BaseException):
@@ -381,7 +344,7 @@ class Killed(BaseException):
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory, tiny_bert_dir):
     """A run stopped during step 3 of 6, after checkpoint-2: (run folder, command without --output-dir)."""
-    from lorafit.tasks import pipeline as finetune
+    from lorafit.tasks import classification
     from lorafit.tasks.classification import classification_loss
     from lorafit.cli import main
     from test_cli import single_thread
@@ -400,7 +363,7 @@ def killed_run(tmp_path_factory, tiny_bert_dir):
         return classification_loss(model, batch)
 
     with pytest.MonkeyPatch.context() as patch, single_thread():
-        patch.setattr(finetune, "classification_loss", crash_at_3)
+        patch.setattr(classification, "classification_loss", crash_at_3)
         with pytest.raises(Killed):
             main([*command, "--output-dir", str(root / "run")])
     assert (root / "run" / "checkpoint-2").is_dir() and not (root / "run" / "checkpoint-4").exists()

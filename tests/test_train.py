@@ -243,7 +243,7 @@ def test_resume_with_no_checkpoint_starts_over_without_stale_metrics(tmp_path):
 def test_leftover_temporary_checkpoint_is_ignored_and_removed(tmp_path):
     config = _steps_config(max_steps=4)
     _train(tmp_path, config)
-    leftover = tmp_path / ".checkpoint-6.k3j2"  # a save killed half-way through
+    leftover = tmp_path / ".checkpoint-6.k3j2.tmp"  # a save killed half-way through
     (leftover / "adapter").mkdir(parents=True)
     (leftover / "optimizer.safetensors").write_bytes(b"half")
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
@@ -264,12 +264,13 @@ def test_without_validation_the_training_loss_is_still_logged(tmp_path):
 
 
 def test_best_adapter_survives_a_kill_while_it_was_being_replaced(tmp_path):
-    """replace_dir_atomically renames best/ to .best.old, then the new folder to best/: a kill in
-    between leaves no best/. Resuming puts the previous one back rather than losing it."""
+    """Where the file system cannot swap two folders in one step, files.replace_dir renames best/ to .best.old,
+    then the new folder to best/: a kill in between leaves no best/. Resuming puts the previous one back
+    rather than losing it."""
     _train(tmp_path, _steps_config(max_steps=4, eval_steps=2, metric="accuracy"),
            evaluate=_scripted("accuracy", [0.9, 0.5]))
     (tmp_path / "best").rename(tmp_path / ".best.old")
-    (tmp_path / ".best.k2j3").mkdir()  # the half-written replacement
+    (tmp_path / ".best.k2j3.tmp").mkdir()  # the half-written replacement
     _train(tmp_path, _steps_config(max_steps=6, eval_steps=2, metric="accuracy", resume=True),
            evaluate=_scripted("accuracy", [0.4]))  # nothing better after resuming: best/ is not rewritten
     assert sorted(p.name for p in tmp_path.glob(".*")) == []
@@ -279,7 +280,7 @@ def test_best_adapter_survives_a_kill_while_it_was_being_replaced(tmp_path):
 def test_resume_needs_only_the_output_dir(tmp_path, capsys, monkeypatch, tiny_bert_dir):
     """`lorafit train --output-dir DIR --resume` (as --help shows it) continues the run with its own
     settings, not the defaults (built-in data and model)."""
-    from lorafit.tasks import pipeline as finetune
+    from lorafit.tasks import classification
 
     train = write_rows(tmp_path / "train.jsonl", make_rows(24, seed=23))
     common = ["train", "--model", str(tiny_bert_dir), "--train-file", str(train), "--validation-file", str(train),
@@ -288,7 +289,7 @@ def test_resume_needs_only_the_output_dir(tmp_path, capsys, monkeypatch, tiny_be
     code, _, err = run_cli(capsys, *common, "--output-dir", tmp_path / "reference")
     assert code == 0, err
     with monkeypatch.context() as patch:
-        patch.setattr(finetune, "classification_loss", _crash_at(3))
+        patch.setattr(classification, "classification_loss", _crash_at(3))
         with pytest.raises(Killed):
             run_cli(capsys, *common, "--output-dir", tmp_path / "run")
     code, out, err = run_cli(capsys, "train", "--output-dir", tmp_path / "run", "--resume")
@@ -489,13 +490,13 @@ def _interrupt_at(step: int):
 
 
 def test_ctrl_c_says_where_training_stopped_and_how_to_resume(tmp_path, capsys, monkeypatch, tiny_bert_dir):
-    from lorafit.tasks import pipeline as finetune
+    from lorafit.tasks import classification
 
     train = write_rows(tmp_path / "train.jsonl", make_rows(24, seed=23))
     common = ["train", "--model", str(tiny_bert_dir), "--train-file", str(train), "--max-length", "32",
               "--batch-size", "4", "--epochs", "1", "--eval-strategy", "steps", "--eval-steps", "2",
               "--output-dir", tmp_path / "run"]
-    monkeypatch.setattr(finetune, "classification_loss", _interrupt_at(4))
+    monkeypatch.setattr(classification, "classification_loss", _interrupt_at(4))
     code, _, err = run_cli(capsys, *common)
     assert code == 130
     assert "Traceback" not in err

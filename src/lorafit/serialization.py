@@ -7,13 +7,10 @@ under the original module's name (``...classifier.dense.weight``). Only safetens
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -23,6 +20,7 @@ from torch import nn
 from lorafit.adapter_state import KEY_PREFIX, adapter_state_dict
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
+from lorafit.files import atomic_path, write_json
 from lorafit.inject import _saved_module_names as saved_module_names
 from lorafit.inject import find_targets, is_saved_module, modules_to_save_for
 from lorafit.layers import LoraLayer, linear_features
@@ -30,42 +28,6 @@ from lorafit.saved_modules import ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` and rename it over ``path`` only once writing succeeded."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, usual_mode())  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def usual_mode(directory: bool = False) -> int:
-    """The mode open() or mkdir() would give under the user's umask (temporary ones are 0600 / 0700)."""
-    return (0o777 if directory else 0o666) & ~_umask()
-
-
-def _umask() -> int:
-    try:  # read without setting: os.umask can only be read by changing it, for every thread at once
-        status = Path("/proc/self/status").read_text(encoding="ascii")
-        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
-    except (OSError, StopIteration, ValueError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
-def write_json(path: str | os.PathLike, data) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def save_adapter(model: nn.Module, adapter_name: str, config: LoraConfig, directory: str | os.PathLike) -> Path:

@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lorafit {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return getattr(err, "exit_code", 130)
     except Exception as err:  # a full disk, a read-only folder: the environment, not a bug to trace
-        from lorafit.output_paths import as_os_error, describe_os_error
+        from lorafit.files import as_os_error, describe_os_error
 
         os_error = as_os_error(err)
         if os_error is None:

@@ -27,8 +27,7 @@ from lorafit.inference.generate import GenerationSettings, check_context, encode
 from lorafit.inference.loading import LoadedAdapter, check_adapter_dir, load_adapters
 from lorafit.layers import BASE_ADAPTER
 from lorafit.model import DEFAULT_ADAPTER
-from lorafit.output_paths import check_output_file
-from lorafit.serialization import atomic_path
+from lorafit.files import atomic_path, check_output_file
 
 NAME = "generate"
 HELP = "generate text with causal-LM adapters"

@@ -15,9 +15,8 @@ from torch import nn
 
 from lorafit.cli import add_adapter_arguments
 from lorafit.errors import LorafitError
+from lorafit.files import check_output_dir, replace_dir
 from lorafit.inference.loading import load_adapter_for_inference
-from lorafit.output_paths import check_output_dir
-from lorafit.training.run_dir import replace_dir_atomically
 
 NAME = "merge"
 HELP = "fold an adapter into its base model and save a plain transformers model"
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
 
-    replace_dir_atomically(output, write)
+    replace_dir(output, write)
     print(f"merged model written to {output}")
     return 0
 

@@ -14,8 +14,7 @@ from lorafit.cli import add_adapter_arguments, add_dataclass_flags, settings_fro
 from lorafit.errors import LorafitError
 from lorafit.inference.loading import load_adapter_for_inference
 from lorafit.inference.predict import PredictSettings, pair_column_of, predict_rows, read_texts
-from lorafit.output_paths import check_output_file
-from lorafit.serialization import atomic_path
+from lorafit.files import atomic_path, check_output_file
 
 NAME = "predict"
 HELP = "label texts with a trained classifier adapter"

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorafit.tasks.pipeline import run_train
-    from lorafit.output_paths import check_output_dir
+    from lorafit.files import check_output_dir
     from lorafit.training.settings import build_config, load_yaml_config
 
     settings = load_yaml_config(args.config) if args.config else {}

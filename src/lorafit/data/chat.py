@@ -15,15 +15,24 @@ match unpacked ones), and flash_attention_2 uses ``position_ids`` the same way. 
 batches drop ``attention_mask`` and pass ``use_cache=False``.
 """
 
+from __future__ import annotations
+
+import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from lorafit.data.sources import SPLITS, read_splits
 from lorafit.errors import LorafitError
 
+if TYPE_CHECKING:
+    from lorafit.training.settings import TrainConfig
+
 IGNORE_INDEX = -100
-FORMATS = ("prompt-response", "messages", "text")
 _SHAPES = '{"prompt", "response"}, {"messages": [{"role", "content"}, ...]} or {"text"}'
+_ROLE = {"train": "training", "test": "test", "validation": "validation"}
 _FALLBACK_HEADERS = {"user": "### Instruction:\n", "assistant": "### Response:\n"}
 
 
@@ -335,3 +344,53 @@ def make_lm_collator(pad_token_id: int, *, padding_side: str = "right") -> Calla
         }
 
     return collate
+
+
+# --- training data: every split read and checked before anything is written -------------------------
+@dataclass
+class LmData:
+    splits: dict[str, list[dict]]  # raw records per split
+    description: str
+
+
+def load_lm_data(config: TrainConfig) -> LmData:
+    """Read every split and check its record shape before anything is written."""
+    raw = read_splits(config, builtin="instruct")
+    splits = {}
+    for split, table in raw.tables.items():
+        if split not in SPLITS:
+            continue
+        try:
+            detect_format(table.column_names)
+        except LorafitError as err:
+            raise LorafitError(f"{split} data: {err}") from None
+        splits[split] = table.to_list()
+    return LmData(splits, raw.description)
+
+
+def describe_lm_data(lm: LmData, tokenized: dict[str, list[dict]], config: TrainConfig) -> str:
+    """What was loaded: examples and record shape per split, so a file read wrongly shows at once."""
+    lines = [f"Data: {lm.description}"]
+    for split, records in lm.splits.items():
+        line = f"  {split}: {len(records)} examples ({detect_format(records[0]) if records else 'none'})"
+        if config.pack and split == "train":
+            line += f", packed into {len(tokenized[split])} sequences of up to {config.max_length} tokens"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def tokenize_split(records: list[dict], tokenizer, *, split: str, max_length: int, train_on_prompt: bool = False,
+                   pack: bool = False) -> list[dict]:
+    """Token ids and response-only labels; warns on stderr about examples cut by max_length."""
+    try:
+        examples, cut = tokenize_lm(records, tokenizer, max_length=max_length,
+                                            train_on_prompt=train_on_prompt, pack=pack)
+    except LorafitError as err:
+        raise LorafitError(f"{split} data: {err}") from None
+    if cut:
+        print(f"lorafit: {cut} of {len(records)} {_ROLE.get(split, split)} examples were longer than --max-length {max_length} "
+              "and were cut", file=sys.stderr)
+    if not examples:
+        raise LorafitError(f"{split} data has no example with a response token within --max-length {max_length}; "
+                           "raise --max-length or check the data")
+    return examples

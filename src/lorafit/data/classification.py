@@ -9,17 +9,15 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 
 import datasets
 import pyarrow as pa
 import torch
-from datasets.exceptions import DatasetNotFoundError
 
 from lorafit.errors import LorafitError
 from lorafit.data.readers import INT_PATTERN, read_table, value_kind
 
-__all__ = ["read_table", "load_builtin_sentiment", "load_hub_dataset", "LabelSpace", "build_label_space",
+__all__ = ["read_table", "LabelSpace", "build_label_space",
            "prepare_split", "tokenize", "make_collator", "length_grouped_order"]
 
 _FLAGS = {"text": "--text-column", "text_pair": "--text-pair-column", "label": "--label-column"}
@@ -30,45 +28,6 @@ _LIKELY = {
     "text_pair": ("text_pair", "sentence2", "hypothesis", "question2", "text2"),
     "label": ("label", "labels", "class", "category", "target", "sentiment", "intent", "y"),
 }
-
-
-
-
-def _builtin_folder():
-    """Where the shipped quickstart data lives inside the installed package."""
-    return resources.files("lorafit") / "builtin_data" / "sentiment"
-
-
-def load_builtin_sentiment() -> dict[str, datasets.Dataset]:
-    """Load the shipped quickstart sentiment set as {"train": ..., "validation": ...}."""
-    splits = {}
-    for split in ("train", "validation"):
-        resource = _builtin_folder() / f"{split}.jsonl"
-        if not resource.is_file():
-            raise LorafitError(f"the built-in sentiment data is missing from this installation ({resource}); "
-                               "reinstall lorafit or pass --train-file")
-        with resources.as_file(resource) as file:
-            splits[split] = read_table(file)
-    return splits
-
-
-def load_hub_dataset(name: str, config: str | None) -> dict[str, datasets.Dataset]:
-    """Download a dataset from the Hugging Face hub and return its splits by name."""
-    try:
-        loaded = datasets.load_dataset(name, config)
-    except DatasetNotFoundError:
-        raise LorafitError(f"dataset '{name}' was not found on the Hugging Face hub (or needs a login); "
-                           "check the name, or pass --train-file with a local file") from None
-    except (ConnectionError, TimeoutError) as exc:
-        raise LorafitError(f"the Hugging Face hub is unreachable ({exc}); pass --train-file with a local file "
-                           "instead") from None
-    except ValueError as exc:
-        if "config" not in str(exc).lower():
-            raise
-        detail = " ".join(str(exc).split("\n")[:2])
-        raise LorafitError(f"dataset '{name}' cannot be loaded with config {config!r} ({detail}); "
-                           "pass one of its config names") from None
-    return dict(loaded)
 
 
 @dataclass(frozen=True)
@@ -320,15 +279,21 @@ def _pad(values: list[int], length: int, fill: int, left: bool) -> list[int]:
     return padding + values if left else values + padding
 
 
+# Length grouping sorts windows of this many shuffled batches, not the whole epoch: a wider window pads
+# less, a narrower one keeps batches more random (sorting the whole epoch would give every epoch nearly
+# the same batches). 50 is the most transformers' length-grouped sampler uses ("mega-batches").
+BATCHES_PER_SORT_WINDOW = 50
+
+
 def length_grouped_order(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[int]:
     """A random permutation whose consecutive ``batch_size`` chunks hold similar lengths, to cut padding."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     order = torch.randperm(len(lengths), generator=generator).tolist()
-    mega = batch_size * 50
+    window = batch_size * BATCHES_PER_SORT_WINDOW
     batches = []
-    for start in range(0, len(order), mega):
-        chunk = sorted(order[start : start + mega], key=lambda i: lengths[i], reverse=True)
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     # A partial batch must stay last: anywhere else it would shift every later chunk off its batch.
     tail = batches.pop() if batches and len(batches[-1]) < batch_size else []

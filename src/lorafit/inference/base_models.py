@@ -10,10 +10,7 @@ import functools
 import importlib.metadata
 import os
 import re
-import shutil
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +18,7 @@ import torch
 from huggingface_hub.errors import EntryNotFoundError
 
 from lorafit.errors import LorafitError
-from lorafit.serialization import usual_mode
+from lorafit.files import create_dir_once
 
 BUILTIN_MODELS: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2, a 22M-parameter BERT encoder for classification "
@@ -79,38 +76,9 @@ def _minilm_dir() -> str:
 
 
 def build_cached_dir(target: Path, build: Callable[[Path], None]) -> Path:
-    """Return ``target``, first creating it with ``build(tmp_dir)`` and an atomic rename if missing.
-
-    A crash mid-build leaves only a temp dir (pruned later), never a half ``target``; if another
-    process finishes first, its copy is kept and ours is discarded.
-    """
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _prune_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        build(tmp)
-        os.chmod(tmp, usual_mode(directory=True))  # mkdtemp makes it 0700
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _prune_stale_temps(target: Path) -> None:
-    """Delete temp dirs of ``target`` left by crashed builds (old enough not to be in progress)."""
-    now = time.time()
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        try:
-            if now - stale.stat().st_mtime > _STALE_TEMP_SECONDS:
-                shutil.rmtree(stale, ignore_errors=True)
-        except OSError:  # another process removed it meanwhile
-            pass
+    """Return ``target``, first creating it with ``build(tmp_dir)`` if missing: a crash mid-build never leaves
+    a half ``target``, and if another process finishes first its copy is kept."""
+    return create_dir_once(target, build, stale_after=_STALE_TEMP_SECONDS)
 
 
 def convert_smollm2(out_dir: Path) -> None:

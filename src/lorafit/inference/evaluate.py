@@ -8,7 +8,7 @@ from lorafit.data import classification as data
 from lorafit.fast.first_token import first_token_last_layer
 from lorafit.inference.loading import LoadedAdapter
 from lorafit.tasks.classification import evaluate_classifier
-from lorafit.training.settings import check_positive_int
+from lorafit.training.settings import DEFAULT_MAX_LENGTH, check_positive_int
 
 
 @dataclass
@@ -46,8 +46,8 @@ def evaluate_adapter(loaded: LoadedAdapter, table, settings: EvalSettings, sourc
         text_column=settings.text_column or info.get("text_column", "text"),
         text_pair_column=settings.text_pair_column or info.get("text_pair_column"),
         label_column=settings.label_column or info.get("label_column", "label"), labels=label_space(loaded))
-    encoded = data.tokenize(prepared, loaded.tokenizer, max_length=settings.max_length or info.get("max_length", 512),
-                            truncation_side=info.get("truncation_side", "right"))
+    max_length = settings.max_length or info.get("max_length") or DEFAULT_MAX_LENGTH["classification"]
+    encoded = data.tokenize(prepared, loaded.tokenizer, max_length=max_length, truncation_side=info.get("truncation_side", "right"))
     return evaluate_classifier(loaded.model, encoded, data.make_collator(loaded.tokenizer), settings.batch_size,
                                list(label_space(loaded).names))
 

@@ -10,7 +10,7 @@ from lorafit.errors import LorafitError
 from lorafit.fast.first_token import first_token_last_layer
 from lorafit.inference.loading import LoadedAdapter
 from lorafit.tasks.classification import predict_texts
-from lorafit.training.settings import check_positive_int
+from lorafit.training.settings import DEFAULT_MAX_LENGTH, check_positive_int
 
 
 @dataclass
@@ -58,7 +58,7 @@ def predict_rows(loaded: LoadedAdapter, texts: list[str], pairs: list[str] | Non
     first_token_last_layer(loaded.model)
     id2label = loaded.model.config.id2label
     probabilities = predict_texts(loaded.model, loaded.tokenizer, texts,
-                                  max_length=loaded.info.get("max_length", 512),
+                                  max_length=loaded.info.get("max_length") or DEFAULT_MAX_LENGTH["classification"],
                                   truncation_side=loaded.info.get("truncation_side", "right"),
                                   batch_size=settings.batch_size, pairs=pairs)
     return [{"text": text, **({"text_pair": pairs[i]} if pairs else {}), "label": id2label[int(p.argmax())],

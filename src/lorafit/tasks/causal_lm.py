@@ -9,117 +9,26 @@ every row shares runs once (prefix_sharing.py). Held-out replies come from infer
 from __future__ import annotations
 
 import math
-import sys
-import time
-from dataclasses import asdict, dataclass
-from importlib import resources
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lorafit.data import classification as data
-
 from lorafit.data import chat as lm_data
-from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.errors import LorafitError
-from lorafit.tasks.pipeline import _num, _print_summary, default_output_dir, peak_rss_mb
-from lorafit.inject import check_each_target_matches
-from lorafit.model import get_lora_model
-from lorafit.inference.base_models import load_causal_lm, load_tokenizer, model_reference, resolve_model
 from lorafit.fast.prefix_sharing import body_hidden
+from lorafit.inference.base_models import load_causal_lm
 from lorafit.inference.generate import GenerationSettings, generate_replies
-from lorafit.training.run_dir import model_card, plot_curves, prepare_run_dir, save_adapter_info, write_text
-from lorafit.training.loop import restore_best, run_training, seed_everything
-from lorafit.training.settings import TrainConfig
+from lorafit.tasks.task import Task, eval_mode
+from lorafit.training.settings import DEFAULT_MAX_LENGTH
 
 SAMPLE_COUNT = 3
 HELDOUT_LIMIT = 100  # generating for every row of a large validation set would dwarf training time
 NEW_TOKEN_MARGIN = 8
 GENERATION_BATCH = 32
-_ROLE = {"train": "training", "test": "test", "validation": "validation"}
+# perplexity is exp(loss): a diverged run would overflow exp() (past ~709); e**50 already reads as "diverged"
+MAX_LOG_PERPLEXITY = 50.0
 # Models whose logits are not plain head(hidden): their loss goes through the full forward.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-@dataclass
-class LmData:
-    splits: dict[str, list[dict]]  # raw records per split
-    description: str
-
-
-# --- data ------------------------------------------------------------------------------------------
-def load_lm_data(config: TrainConfig) -> LmData:
-    """Read every split and check its record shape before anything is written."""
-    if config.dataset:
-        raw = data.load_hub_dataset(config.dataset, config.dataset_config)
-        description = f"hub dataset `{config.dataset}`"
-    elif config.train_file:
-        files = {"train": config.train_file, "validation": config.validation_file, "test": config.test_file}
-        raw = {split: data.read_table(path, encoding=config.encoding, role=f"{split} file")
-               for split, path in files.items() if path}
-        description = ", ".join(f"{split}: `{path}`" for split, path in files.items() if path)
-    else:
-        if config.validation_file or config.test_file:
-            raise LorafitError("--validation-file and --test-file need --train-file too")
-        raw = load_builtin_instruct()
-        description = "lorafit's built-in instruction set (to-do items from requests)"
-    if "train" not in raw:
-        raise LorafitError(f"no training split found (splits: {', '.join(raw)}); pass --train-file")
-    limits = {"train": config.max_train_samples, "validation": config.max_eval_samples}
-    splits = {}
-    for split, table in raw.items():
-        if split not in ("train", "validation", "test"):
-            continue
-        try:
-            lm_data.detect_format(table.column_names)
-        except LorafitError as err:
-            raise LorafitError(f"{split} data: {err}") from None
-        records = table.to_list()
-        splits[split] = records[: limits.get(split)] if limits.get(split) else records
-    return LmData(splits, description)
-
-
-def describe_lm_data(lm: LmData, tokenized: dict[str, list[dict]], config: TrainConfig) -> str:
-    """What was loaded: examples and record shape per split, so a file read wrongly shows at once."""
-    lines = [f"Data: {lm.description}"]
-    for split, records in lm.splits.items():
-        line = f"  {split}: {len(records)} examples ({lm_data.detect_format(records[0]) if records else 'none'})"
-        if config.pack and split == "train":
-            line += f", packed into {len(tokenized[split])} sequences of up to {config.max_length} tokens"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def load_builtin_instruct() -> dict:
-    """The shipped LLM quickstart set as {"train": Dataset, "validation": Dataset}."""
-    folder = resources.files("lorafit") / "builtin_data" / "instruct"
-    splits = {}
-    for split in ("train", "validation"):
-        resource = folder / f"{split}.jsonl"
-        if not resource.is_file():
-            raise LorafitError(f"the built-in instruction data is missing from this installation ({resource}); "
-                               "reinstall lorafit or pass --train-file")
-        with resources.as_file(resource) as file:
-            splits[split] = data.read_table(file)
-    return splits
-
-
-def tokenize_split(records: list[dict], tokenizer, *, split: str, max_length: int, train_on_prompt: bool = False,
-                   pack: bool = False) -> list[dict]:
-    """Token ids and response-only labels; warns on stderr about examples cut by max_length."""
-    try:
-        examples, cut = lm_data.tokenize_lm(records, tokenizer, max_length=max_length,
-                                            train_on_prompt=train_on_prompt, pack=pack)
-    except LorafitError as err:
-        raise LorafitError(f"{split} data: {err}") from None
-    if cut:
-        print(f"lorafit: {cut} of {len(records)} {_ROLE.get(split, split)} examples were longer than --max-length {max_length} "
-              "and were cut", file=sys.stderr)
-    if not examples:
-        raise LorafitError(f"{split} data has no example with a response token within --max-length {max_length}; "
-                           "raise --max-length or check the data")
-    return examples
 
 
 def heldout_pairs(records: list[dict]) -> list[tuple[list[dict], str]]:
@@ -185,18 +94,16 @@ def causal_loss(model, batch: dict) -> torch.Tensor:
 @torch.inference_mode()
 def evaluate_lm(model, examples: list[dict], collate, batch_size: int) -> dict:
     """Token-weighted loss and perplexity over the response tokens of ``examples``."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # less padding
     total, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start:start + batch_size]])
-        nll, n = response_nll(model, {k: v.to(device) for k, v in batch.items()})
-        total, count = total + nll.item(), count + int(n)
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            batch = collate([examples[i] for i in order[start:start + batch_size]])
+            nll, n = response_nll(model, {k: v.to(device) for k, v in batch.items()})
+            total, count = total + nll.item(), count + int(n)
     loss = total / max(1, count)
-    return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50.0)), 4), "tokens": count}
+    return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, MAX_LOG_PERPLEXITY)), 4), "tokens": count}
 
 
 # --- generation ---------------------------------------------------------------------------------------
@@ -225,102 +132,59 @@ def score_heldout(title: str, model, tokenizer, pairs: list[tuple[list[dict], st
     return score
 
 
-# --- training -----------------------------------------------------------------------------------------
-def lora_targets(config: TrainConfig) -> list[str] | str | None:
-    """--target-modules as LoraConfig wants it: the single word all-linear is a keyword, not a module name."""
-    targets = config.target_modules
-    if targets and len(targets) == 1 and targets[0].lower() == ALL_LINEAR:
-        return ALL_LINEAR
-    return targets
+# --- the task -----------------------------------------------------------------------------------------
+class CausalLmTask(Task):
+    """Instruction-tuning a causal LM: loss on the response tokens, greedy replies to held-out prompts."""
 
+    name = "causal-lm"
+    lora_task_type = "CAUSAL_LM"
+    counts_tokens = True
 
-def train_causal_lm(config: TrainConfig) -> dict:
-    """Instruction-tune a causal LM end to end (config already resolved); returns the final metrics."""
-    started = time.perf_counter()
-    lm = load_lm_data(config)
-    model_path = resolve_model(config.model)
-    tokenizer = load_tokenizer(model_path)
-    tokenized = {split: tokenize_split(records, tokenizer, split=split, max_length=config.max_length,
-                                       train_on_prompt=config.train_on_prompt, pack=config.pack and split == "train")
-                 for split, records in lm.splits.items()}
-    pairs = heldout_pairs(lm.splits.get("validation", []))[:HELDOUT_LIMIT]
-    run_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
-    model = build_model(config, model_path, tokenizer)
-    # only now that the data, model and adapter settings have all been checked is anything written
-    prepare_run_dir(run_dir, config)
-    print(describe_lm_data(lm, tokenized, config))
-    model.print_trainable_parameters()
-    final: dict = {}
-    if pairs:
-        final["heldout_exact_match_before"] = score_heldout("Sample generations before training", model, tokenizer, pairs)
-    collate = lm_data.make_lm_collator(tokenizer.pad_token_id, padding_side="right")
-    counted = {"tokens": 0}
+    def load_data(self) -> None:
+        self.data = lm_data.load_lm_data(self.config)
+        self.description = self.data.description
 
-    def collate_counting(features: list[dict]) -> dict:
-        batch = collate(features)
-        counted["tokens"] += int(batch["attention_mask"].sum())
-        return batch
+    def tokenize(self, tokenizer) -> dict:
+        config = self.config
+        tokenized = {split: lm_data.tokenize_split(records, tokenizer, split=split, max_length=config.max_length,
+                                                   train_on_prompt=config.train_on_prompt,
+                                                   pack=config.pack and split == "train")
+                     for split, records in self.data.splits.items()}
+        # after tokenizing, whose errors name the split of a malformed record
+        self.pairs = heldout_pairs(self.data.splits.get("validation", []))[:HELDOUT_LIMIT]
+        return tokenized
 
-    validation = tokenized.get("validation")
+    def describe_data(self, tokenized: dict) -> str:
+        return lm_data.describe_lm_data(self.data, tokenized, self.config)
 
-    def evaluate() -> dict:
-        metrics = evaluate_lm(model, validation, collate, config.eval_batch_size)
+    def load_base(self, model_path: str, tokenizer):
+        base = load_causal_lm(model_path)
+        if base.generation_config.pad_token_id is None:
+            base.generation_config.pad_token_id = tokenizer.pad_token_id
+        return base
+
+    def collator(self, tokenizer):
+        return lm_data.make_lm_collator(tokenizer.pad_token_id, padding_side="right")
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return causal_loss(model, batch)
+
+    def table_metric(self) -> str:
+        return "perplexity"
+
+    def evaluate(self, model, examples, collate) -> dict:
+        metrics = evaluate_lm(model, examples, collate, self.config.eval_batch_size)
         return {"loss": metrics["loss"], "perplexity": metrics["perplexity"]}
 
-    print(f"\n{'Epoch':>6} {'Step':>6} {'Training Loss':>14} {'Validation Loss':>16} {'Perplexity':>11}")
+    def demo(self, stage: str, model, tokenizer) -> dict:
+        if not self.pairs:
+            return {}
+        title = f"Sample generations {stage} training"
+        return {f"heldout_exact_match_{stage}": score_heldout(title, model, tokenizer, self.pairs)}
 
-    def show(record: dict) -> None:
-        print(f"{record['epoch']:>6.2f} {record['step']:>6d} {_num(record['train_loss']):>14} "
-              f"{_num(record.get('loss')):>16} {_num(record.get('perplexity')):>11}", flush=True)
-
-    result = run_training(model, tokenized["train"], collate_counting, causal_loss,
-                          evaluate if validation is not None else None, config, run_dir, show)
-    if not restore_best(model, run_dir):
-        model.save_pretrained(run_dir / "best")
-    info = {"task": "causal-lm", "base_model": model_reference(config.model), "max_length": config.max_length,
-            "chat": lm_data.has_chat_template(tokenizer), "train_on_prompt": config.train_on_prompt}
-    save_adapter_info(run_dir / "best", info)
-    tokenizer.save_pretrained(run_dir / "best" / "tokenizer")
-    if pairs:
-        final["heldout_exact_match_after"] = score_heldout("Sample generations after training", model, tokenizer, pairs)
-    final.update(run_figures(result, counted["tokens"]))
-    for split in ("validation", "test"):
-        if split in tokenized:
-            metrics = evaluate_lm(model, tokenized[split], collate, config.eval_batch_size)
-            final.update({f"{split}_loss": metrics["loss"], f"{split}_perplexity": metrics["perplexity"]})
-    plot_curves(run_dir, result.state.history, "perplexity")
-    write_text(run_dir / "README.md", model_card(base_model=config.model, data=lm.description, config=asdict(config),
-                                                 metrics=final, run_dir=run_dir, task="causal-lm"))
-    final["total_seconds"] = round(time.perf_counter() - started, 1)
-    _print_summary(final, run_dir)
-    return final
-
-
-def build_model(config: TrainConfig, model_path: str, tokenizer):
-    """The fp32 base model with a fresh LoRA adapter, seeded, optionally gradient-checkpointed."""
-    # before the load: a base saved without its LM head (or any other weight) gets new random ones
-    seed_everything(config.seed)
-    base = load_causal_lm(model_path)
-    if base.generation_config.pad_token_id is None:
-        base.generation_config.pad_token_id = tokenizer.pad_token_id
-    lora_config = LoraConfig(task_type="CAUSAL_LM", r=config.r, lora_alpha=config.lora_alpha,
-                             lora_dropout=config.lora_dropout, target_modules=lora_targets(config))
-    check_each_target_matches(base, lora_config.target_modules)
-    model = get_lora_model(base, lora_config)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
-    return model
-
-
-def run_figures(result, tokens: int) -> dict:
-    """Speed and memory of the training loop, for the summary and the model card."""
-    figures = {"train_seconds": round(result.seconds, 2),
-               "train_samples_per_second": round(result.samples_per_second, 2),
-               "train_tokens_per_second": round(tokens / result.seconds, 1) if result.seconds else 0.0,
-               "peak_rss_mb": peak_rss_mb()}
-    if result.peak_memory_mb is not None:
-        figures["peak_gpu_memory_mb"] = round(result.peak_memory_mb, 1)
-    return figures
+    def adapter_info(self, tokenizer) -> dict:
+        return {"max_length": self.config.max_length, "chat": lm_data.has_chat_template(tokenizer),
+                "train_on_prompt": self.config.train_on_prompt}
 
 
 # --- lorafit eval -------------------------------------------------------------------------------------
@@ -330,8 +194,8 @@ def evaluate_causal_file(loaded, table, *, batch_size: int, max_length: int | No
         lm_data.detect_format(table.column_names)
     except LorafitError as err:
         raise LorafitError(f"--data: {err}") from None
-    max_length = max_length or loaded.info.get("max_length") or 256
-    examples = tokenize_split(table.to_list(), loaded.tokenizer, split="evaluation", max_length=max_length)
+    max_length = max_length or loaded.info.get("max_length") or DEFAULT_MAX_LENGTH["causal-lm"]
+    examples = lm_data.tokenize_split(table.to_list(), loaded.tokenizer, split="evaluation", max_length=max_length)
     collate = lm_data.make_lm_collator(loaded.tokenizer.pad_token_id, padding_side="right")
     metrics = evaluate_lm(loaded.model, examples, collate, batch_size)
     metrics["examples"] = len(examples)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from lorafit.data import classification as data
-from lorafit.fast.cpu_kernels import shape_free_kernels
+from lorafit.data import classification as text_data
+from lorafit.data.sources import read_splits
 from lorafit.errors import LorafitError
-from lorafit.training.metrics import classification_report
+from lorafit.fast.cpu_kernels import shape_free_kernels
+from lorafit.fast.first_token import first_token_last_layer
+from lorafit.inference.base_models import load_classifier
 from lorafit.model import LoraModel
+from lorafit.tasks.task import Task, eval_mode
+from lorafit.training.metrics import classification_report
 from lorafit.training.settings import TrainConfig
 
 # The article's six example sentences (SST-2 validation style), printed before and after training.
@@ -28,50 +31,30 @@ EXAMPLE_SENTENCES = [
 
 @dataclass
 class ClassificationData:
-    splits: dict[str, "data.datasets.Dataset"]  # prepared: text, [text_pair], label
-    labels: data.LabelSpace
+    splits: dict[str, "text_data.datasets.Dataset"]  # prepared: text, [text_pair], label
+    labels: text_data.LabelSpace
     description: str
 
 
 def load_classification_data(config: TrainConfig) -> ClassificationData:
     """Read and validate every split before anything is written; errors name the file and the fix."""
-    if config.dataset:
-        raw = data.load_hub_dataset(config.dataset, config.dataset_config)
-        if _unlabelled(raw.get("test"), config.label_column):
-            del raw["test"]  # GLUE-style hidden test labels (all -1): nothing to score it against
-        sources = {split: f"{config.dataset}/{split}" for split in raw}
-        description = f"hub dataset `{config.dataset}`" + (f" (`{config.dataset_config}`)" if config.dataset_config else "")
-    elif config.train_file:
-        files = {"train": config.train_file, "validation": config.validation_file, "test": config.test_file}
-        raw = {split: data.read_table(path, encoding=config.encoding, role=f"{split} file")
-               for split, path in files.items() if path}
-        sources = {split: Path(path).name for split, path in files.items() if path}
-        description = ", ".join(f"{split}: `{path}`" for split, path in files.items() if path)
-    else:
-        if config.validation_file or config.test_file:
-            raise LorafitError("--validation-file and --test-file need --train-file too")
-        raw = data.load_builtin_sentiment()
-        sources = {split: f"built-in {split}.jsonl" for split in raw}
-        description = "lorafit's built-in sentiment set"
-    if "train" not in raw:
-        raise LorafitError(f"no training split found (splits: {', '.join(raw)}); pass --train-file")
-    if config.max_train_samples:
-        raw["train"] = raw["train"].select(range(min(config.max_train_samples, len(raw["train"]))))
-    if config.max_eval_samples and "validation" in raw:
-        raw["validation"] = raw["validation"].select(range(min(config.max_eval_samples, len(raw["validation"]))))
+    read = read_splits(config, builtin="sentiment")
+    raw, sources = read.tables, read.sources
+    if config.dataset and _unlabelled(raw.get("test"), config.label_column):
+        del raw["test"]  # GLUE-style hidden test labels (all -1): nothing to score it against
     roles = {"train": "training", "validation": "validation", "test": "test"}
     for split, role in roles.items():
         if split in raw and len(raw[split]) == 0:  # before the labels are read: an empty list has none
             raise LorafitError(f"{role} file '{sources[split]}' has no rows; add examples to it or pass another file")
-    labels = data.build_label_space(raw["train"], config.label_column, source=sources["train"])
+    labels = text_data.build_label_space(raw["train"], config.label_column, source=sources["train"])
     splits = {}
     for split, role in roles.items():
         if split in raw:
-            splits[split] = data.prepare_split(raw[split], split=role, source=sources[split],
+            splits[split] = text_data.prepare_split(raw[split], split=role, source=sources[split],
                                                text_column=config.text_column,
                                                text_pair_column=config.text_pair_column,
                                                label_column=config.label_column, labels=labels)
-    return ClassificationData(splits, labels, description)
+    return ClassificationData(splits, labels, read.description)
 
 
 def describe_data(task_data: ClassificationData, shown: int = 12) -> str:
@@ -106,13 +89,11 @@ def predict_logits(model, examples, collate, batch_size: int) -> tuple[torch.Ten
     Batches are formed longest first, so each pads to nearly its own length (an evaluation set in
     file order pads short texts to their neighbours' length); the logits go back to input order.
     """
-    was_training = model.training
-    model.eval()
     chunks, loss_sum, count = [], 0.0, 0
     device = next(model.parameters()).device
     ids = examples["input_ids"] if hasattr(examples, "column_names") else [e["input_ids"] for e in examples]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
-    with shape_free_kernels(model):
+    with eval_mode(model), shape_free_kernels(model):
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}
@@ -121,7 +102,6 @@ def predict_logits(model, examples, collate, batch_size: int) -> tuple[torch.Ten
             if "labels" in batch:
                 loss_sum += out.loss.item() * len(batch["labels"])
                 count += len(batch["labels"])
-    model.train(was_training)
     if not chunks:
         return torch.empty(0), None
     in_batch_order = torch.cat(chunks)
@@ -141,9 +121,9 @@ def evaluate_classifier(model, examples, collate, batch_size: int, names: list[s
 def predict_texts(model, tokenizer, texts: list[str], *, max_length: int, truncation_side: str = "right",
                   batch_size: int = 64, pairs: list[str] | None = None) -> torch.Tensor:
     """Class probabilities for raw texts, batched."""
-    ds = data.datasets.Dataset.from_dict({"text": texts, **({"text_pair": pairs} if pairs else {})})
-    encoded = data.tokenize(ds, tokenizer, max_length=max_length, truncation_side=truncation_side)
-    logits, _ = predict_logits(model, encoded, data.make_collator(tokenizer), batch_size)
+    ds = text_data.datasets.Dataset.from_dict({"text": texts, **({"text_pair": pairs} if pairs else {})})
+    encoded = text_data.tokenize(ds, tokenizer, max_length=max_length, truncation_side=truncation_side)
+    logits, _ = predict_logits(model, encoded, text_data.make_collator(tokenizer), batch_size)
     return logits.softmax(-1)
 
 
@@ -153,3 +133,59 @@ def print_predictions(title: str, model: LoraModel, tokenizer, id2label: dict[in
     print(f"\n{title}:\n" + "-" * (len(title) + 1))
     for text, p in zip(EXAMPLE_SENTENCES, probabilities):
         print(f"{text} - {id2label[int(p.argmax())]}")
+
+
+def is_sentiment(id2label: dict[int, str]) -> bool:
+    """The article's example sentences only make sense for a sentiment classifier."""
+    return {name.lower() for name in id2label.values()} == {"negative", "positive"}
+
+
+class ClassificationTask(Task):
+    """A text (or text-pair) classifier: a sequence-classification head over the base model."""
+
+    name = "classification"
+    lora_task_type = "SEQ_CLS"
+
+    def load_data(self) -> None:
+        self.data = load_classification_data(self.config)
+        self.description = self.data.description
+
+    def tokenize(self, tokenizer) -> dict:
+        return {split: text_data.tokenize(ds, tokenizer, max_length=self.config.max_length,
+                                     truncation_side=self.config.truncation_side)
+                for split, ds in self.data.splits.items()}
+
+    def describe_data(self, tokenized: dict) -> str:
+        return describe_data(self.data)
+
+    def load_base(self, model_path: str, tokenizer):
+        labels = self.data.labels
+        return load_classifier(model_path, num_labels=len(labels.names), id2label=labels.id2label,
+                               label2id=labels.label2id, pad_token_id=tokenizer.pad_token_id)
+
+    def prepare_model(self, model) -> None:
+        first_token_last_layer(model)  # the head reads [CLS] alone: the last layer computes only that row
+
+    def collator(self, tokenizer):
+        return text_data.make_collator(tokenizer)
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return classification_loss(model, batch)
+
+    def table_metric(self) -> str:
+        return self.config.metric
+
+    def evaluate(self, model, examples, collate) -> dict:
+        return evaluate_classifier(model, examples, collate, self.config.eval_batch_size, list(self.data.labels.names))
+
+    def demo(self, stage: str, model, tokenizer) -> dict:
+        if is_sentiment(self.data.labels.id2label):
+            title = "Untrained model predictions" if stage == "before" else "Trained model predictions"
+            print_predictions(title, model, tokenizer, self.data.labels.id2label, self.config.max_length)
+        return {}
+
+    def adapter_info(self, tokenizer) -> dict:
+        config = self.config
+        return {"id2label": self.data.labels.id2label, "max_length": config.max_length,
+                "truncation_side": config.truncation_side, "text_column": config.text_column,
+                "text_pair_column": config.text_pair_column, "label_column": config.label_column}

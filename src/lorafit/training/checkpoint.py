@@ -1,7 +1,7 @@
 """Training checkpoints: adapter, optimizer, scheduler, RNG and data-order state, written atomically.
 
-A checkpoint is assembled in a hidden temporary folder and renamed into place in one step, so a
-run killed at any moment leaves either a complete ``checkpoint-<step>/`` or none. Everything is
+A checkpoint is assembled in a temporary folder and swapped into place (files.replace_dir), so a run
+killed at any moment leaves either a complete ``checkpoint-<step>/`` or none. Everything is
 safetensors or JSON: resuming never unpickles anything.
 """
 
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
-import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
@@ -23,15 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafit.errors import LorafitError
+from lorafit.files import replace_dir
 from lorafit.model import LoraModel
-from lorafit.training.run_dir import checkpoint_dirs, replace_dir_atomically
+from lorafit.training.run_dir import checkpoint_dirs
 
 STATE_NAME = "trainer_state.json"
-# What killed writes leave in a run folder: folders being built (.best.<random>, .checkpoint-<step>.<random>),
-# files being written (.curves.png.<random>.tmp, from serialization.atomic_path), and a previous folder set
-# aside while its replacement was renamed in (.best.old), which is put back if the replacement never arrived.
-_REPLACED = re.compile(r"\.(best|checkpoint-\d+)\.old")
-_LEFTOVER = re.compile(r"\.(best|checkpoint-\d+)\..+|\.(config\.yaml|metrics\.jsonl|curves\.png|README\.md)\..+\.tmp")
 
 
 @dataclass
@@ -106,7 +100,7 @@ def save_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler, state
         }
         (tmp / STATE_NAME).write_text(json.dumps({"state": asdict(state), **extra}), encoding="utf-8")
 
-    replace_dir_atomically(final, write)
+    replace_dir(final, write)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -192,16 +186,3 @@ def load_newest_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler
                            "start the run again with another --output-dir")
     return None
 
-
-def remove_temporaries(run_dir: Path) -> None:
-    """Clear what killed writes left behind, first putting back a folder whose replacement never arrived."""
-    for old in run_dir.glob(".*.old"):
-        match = _REPLACED.fullmatch(old.name)
-        if match and old.is_dir() and not (run_dir / match.group(1)).exists():
-            os.rename(old, run_dir / match.group(1))
-    for leftover in run_dir.glob(".*"):
-        if _LEFTOVER.fullmatch(leftover.name):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)

@@ -22,12 +22,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lorafit.fast.cpu_kernels import shape_free_kernels
-from lorafit.training.checkpoint import TrainState, load_newest_checkpoint, remove_temporaries, save_checkpoint
+from lorafit.training.checkpoint import TrainState, load_newest_checkpoint, save_checkpoint
 from lorafit.data.classification import length_grouped_order
 from lorafit.fast.dropout import fast_dropouts
 from lorafit.errors import Interrupted
+from lorafit.files import replace_dir
 from lorafit.model import LoraModel
-from lorafit.training.run_dir import append_metrics, replace_dir_atomically, rewrite_metrics
+from lorafit.training.run_dir import append_metrics, recover_run_dir, rewrite_metrics
 from lorafit.training.settings import TrainConfig
 
 LossFn = Callable[[LoraModel, dict], torch.Tensor]
@@ -49,9 +50,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Each epoch's data order has its own seed, so a resumed run rebuilds any epoch's batches from (seed, epoch)
+# alone; seeds one apart give unrelated orders for runs of up to this many epochs.
+EPOCHS_PER_SEED = 1000
+
+
+def data_order_seed(seed: int, epoch: int) -> int:
+    return seed * EPOCHS_PER_SEED + epoch
+
+
 def epoch_batches(lengths: Sequence[int], config: TrainConfig, epoch: int) -> list[list[int]]:
     """The batches of one epoch: shuffled (and length-grouped if asked), deterministic per epoch."""
-    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    generator = torch.Generator().manual_seed(data_order_seed(config.seed, epoch))
     if config.group_by_length:
         order = length_grouped_order(list(lengths), config.batch_size, generator)
     else:
@@ -101,7 +111,7 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
     lora_model: LoraModel = accelerator.unwrap_model(model)
 
     state = TrainState()
-    remove_temporaries(run_dir)
+    recover_run_dir(run_dir)
     if config.resume:
         found = load_newest_checkpoint(run_dir, lora_model, optimizer, scheduler)
         if found:
@@ -121,7 +131,7 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
             score = record.get(config.metric)
             if score is not None and _is_better(score, state.best_metric, config.metric):
                 state.best_metric, state.best_step = score, state.step
-                replace_dir_atomically(run_dir / "best", lambda tmp: lora_model.save_pretrained(tmp))
+                replace_dir(run_dir / "best", lambda tmp: lora_model.save_pretrained(tmp))
         state.history.append(record)
         if accelerator.is_main_process:
             append_metrics(run_dir, record)

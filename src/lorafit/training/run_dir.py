@@ -10,15 +10,12 @@ import fcntl
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
 from lorafit.errors import LorafitError
-from lorafit.serialization import atomic_path, usual_mode, write_json
+from lorafit.files import atomic_path, exists_or_set_aside, recover_interrupted, write_json, write_text
 from lorafit.training.settings import TrainConfig, dump_config
 
 METRICS_NAME = "metrics.jsonl"
@@ -89,7 +86,7 @@ def check_resumable(path: Path, config: TrainConfig) -> None:
     if (path / "README.md").is_file() and (path / "best" / INFO_NAME).is_file():  # the last files a run writes
         raise LorafitError(f"--resume: the run in '{path}' is complete (its adapter is in '{path / 'best'}'); "
                            "to train again, pass another --output-dir")
-    if not checkpoint_dirs(path) and any((path / name).exists() for name in ("best", ".best.old")):
+    if not checkpoint_dirs(path) and exists_or_set_aside(path / "best"):
         raise LorafitError(f"--resume: '{path}' has no checkpoint to continue from, and starting over would replace "
                            f"its best/; to start over, pass another --output-dir (or delete '{path}')")
 
@@ -125,11 +122,6 @@ def release_run_dirs() -> None:
         os.close(_LOCKS.popitem()[1])
 
 
-def write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def append_metrics(run_dir: Path, record: dict) -> None:
     with open(run_dir / METRICS_NAME, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -147,23 +139,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def replace_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Build a folder beside ``target`` and swap it in: at every moment ``target``, or the previous one set
-    aside as ``.<name>.old`` (put back by checkpoint.remove_temporaries after a kill), is complete."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    old = target.with_name(f".{target.name}.old")
-    try:
-        write(tmp)
-        os.chmod(tmp, usual_mode(directory=True))  # mkdtemp makes it 0700
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            os.rename(target, old)
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not target.exists():  # stopped (Ctrl-C, SIGTERM) between the two renames
-            os.rename(old, target)
-        shutil.rmtree(old, ignore_errors=True)
+def recover_run_dir(run_dir: Path) -> None:
+    """Finish what a killed run's writes left: a best/ or checkpoint set aside goes back, temporaries go."""
+    recover_interrupted(run_dir, lambda name: name in _RUN_FILES or CHECKPOINT.fullmatch(name) is not None)
+
+
+# what a run writes at the top of its folder, each atomically (checkpoint-<step>/ besides)
+_RUN_FILES = frozenset({"best", CONFIG_NAME, METRICS_NAME, "curves.png", "README.md"})
 
 
 def save_adapter_info(adapter_dir: Path, info: dict) -> None:

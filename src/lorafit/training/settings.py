@@ -19,6 +19,9 @@ from lorafit.errors import LorafitError
 
 TASKS = ("classification", "causal-lm")
 STRATEGIES = ("epoch", "steps", "no")
+# Tokens per example (text, text pair or conversation) when --max-length is not given; every command
+# that tokenizes for a task (train, eval, predict) falls back to its task's value.
+DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 256}
 
 
 @dataclass
@@ -139,7 +142,7 @@ class TrainConfig:
         causal = self.task == "causal-lm"
         defaults = {
             "model": "smollm2" if causal else "minilm",
-            "max_length": 256 if causal else 128,
+            "max_length": DEFAULT_MAX_LENGTH[self.task],
             # causal-lm: measured on the built-in quickstart (SmolLM2, 2 CPU cores): exact match 0 -> ~90%
             "lr": 3e-3 if causal else 1e-3,
             "epochs": 2 if causal else 3,
@@ -157,8 +160,8 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise LorafitError(f"--{name.replace('_', '-')} must be one of {shown}; got {value!r}")
 
 
-# torch accepts seeds up to 2**64 - 1, but numpy (seeded by `generate --seed`) stops at 2**32 - 1 and
-# the data order's generator takes seed * 1000 + epoch; one range that every command accepts
+# torch accepts seeds up to 2**64 - 1, but numpy (seeded by `generate --seed`) stops at 2**32 - 1, and the
+# data order's seed (training.loop.data_order_seed) must stay below 2**64; one range that every command accepts
 MAX_SEED = 2 ** 32 - 1
 _RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1,
            "in (0, 1]": lambda v: 0 < v <= 1}
