@@ -11,6 +11,7 @@ import torch
 
 from lorafit.data import chat
 from lorafit.errors import LorafitError
+from lorafit.tasks.task import eval_mode
 from lorafit.training.settings import check_number, check_positive_int, check_seed
 
 # Found in the rendered template, so the token after it is the template's own end of turn.
@@ -140,12 +141,10 @@ def generate_from_ids(model, tokenizer, encoded: list[list[int]], settings: Gene
         from transformers import set_seed
 
         set_seed(settings.seed)
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # less padding
     replies: list[str] = [""] * len(encoded)
-    with torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for start in range(0, len(order), settings.batch_size):
             rows = order[start:start + settings.batch_size]
             batch = collate([{"input_ids": encoded[i], "attention_mask": [1] * len(encoded[i])} for i in rows])
@@ -157,7 +156,6 @@ def generate_from_ids(model, tokenizer, encoded: list[list[int]], settings: Gene
                 replies[row] = decode_reply(tokenizer, ids, config.eos_token_id)
             if progress is not None:
                 progress(min(start + settings.batch_size, len(order)))
-    model.train(was_training)
     return replies
 
 
