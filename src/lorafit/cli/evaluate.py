@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from lorafit.cli import add_adapter_arguments, add_dataclass_flags, settings_from_args
-from lorafit.data import classification as data
+from lorafit.data.readers import read_table
 from lorafit.inference.evaluate import EvalSettings, evaluate_adapter, label_space
 from lorafit.inference.loading import load_adapter_for_inference
 from lorafit.training.metrics import format_report
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, EvalSettings)
-    table = data.read_table(args.data, encoding=args.encoding, role="data file")
+    table = read_table(args.data, encoding=args.encoding, role="data file")
     loaded = load_adapter_for_inference(args.adapter, args.model)
     metrics = evaluate_adapter(loaded, table, settings, source=Path(args.data).name)
     print(json.dumps(metrics, indent=2) if args.json else describe(metrics, loaded))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit.cli import add_dataclass_flags, settings_from_args
-from lorafit.data import classification as data
+from lorafit.data.readers import read_table
 from lorafit.errors import LorafitError
 from lorafit.inference.generate import GenerationSettings, check_context, encode_prompt, generate_from_ids
 from lorafit.inference.loading import LoadedAdapter, check_adapter_dir, load_adapters
@@ -87,7 +87,7 @@ def read_requests(args: argparse.Namespace, adapters: list[str], chat_template: 
         rows = [{args.prompt_column: prompt} for prompt in args.prompts]
         return [_request(row, f"prompt argument {i + 1}", adapters, args.prompt_column, chat_template)
                 for i, row in enumerate(rows)]
-    table = data.read_table(args.input, encoding=args.encoding, role="input file")
+    table = read_table(args.input, encoding=args.encoding, role="input file")
     if args.prompt_column not in table.column_names and "messages" not in table.column_names:
         raise LorafitError(f"input file '{args.input}' has no '{args.prompt_column}' column (found: "
                            f"{', '.join(table.column_names)}); pass --prompt-column NAME or give chat 'messages'")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorafit.data import classification as data
+from lorafit.data import classification as text_data
 from lorafit.fast.first_token import first_token_last_layer
 from lorafit.inference.loading import LoadedAdapter
 from lorafit.tasks.classification import evaluate_classifier
@@ -41,18 +41,18 @@ def evaluate_adapter(loaded: LoadedAdapter, table, settings: EvalSettings, sourc
         return evaluate_causal_file(loaded, table, batch_size=settings.batch_size, max_length=settings.max_length)
     first_token_last_layer(loaded.model)
     info = loaded.info
-    prepared = data.prepare_split(
+    prepared = text_data.prepare_split(
         table, split="evaluation", source=source,
         text_column=settings.text_column or info.get("text_column", "text"),
         text_pair_column=settings.text_pair_column or info.get("text_pair_column"),
         label_column=settings.label_column or info.get("label_column", "label"), labels=label_space(loaded))
     max_length = settings.max_length or info.get("max_length") or DEFAULT_MAX_LENGTH["classification"]
-    encoded = data.tokenize(prepared, loaded.tokenizer, max_length=max_length, truncation_side=info.get("truncation_side", "right"))
-    return evaluate_classifier(loaded.model, encoded, data.make_collator(loaded.tokenizer), settings.batch_size,
+    encoded = text_data.tokenize(prepared, loaded.tokenizer, max_length=max_length, truncation_side=info.get("truncation_side", "right"))
+    return evaluate_classifier(loaded.model, encoded, text_data.make_collator(loaded.tokenizer), settings.batch_size,
                                list(label_space(loaded).names))
 
 
 def label_space(loaded: LoadedAdapter):
     """A classifier adapter's labels, in class-index order."""
     id2label = loaded.model.config.id2label
-    return data.LabelSpace(tuple(id2label[i] for i in range(len(id2label))))
+    return text_data.LabelSpace(tuple(id2label[i] for i in range(len(id2label))))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafit.data import classification as data
+from lorafit.data import classification as text_data
 from lorafit.errors import LorafitError
 from lorafit.fast.first_token import first_token_last_layer
 from lorafit.inference.loading import LoadedAdapter
@@ -46,8 +46,8 @@ def read_texts(texts: list[str], input_file: str | None, settings: PredictSettin
     if not input_file:
         raise LorafitError("nothing to predict: pass texts as arguments or --input FILE")
     column = settings.text_column or default_column
-    table = data.read_table(input_file, encoding=encoding, role="input file")
-    prepared = data.prepare_split(table, split="input", source=Path(input_file).name, text_column=column,
+    table = text_data.read_table(input_file, encoding=encoding, role="input file")
+    prepared = text_data.prepare_split(table, split="input", source=Path(input_file).name, text_column=column,
                                   text_pair_column=pair_column, label_column=None, labels=None)
     return list(prepared["text"]), (list(prepared["text_pair"]) if pair_column else None)
 
