@@ -24,7 +24,7 @@ from lorafit.training.run_dir import read_metrics
 from lorafit.training.loop import make_optimizer, make_scheduler
 from lorafit.training.settings import TrainConfig
 from test_cli import assert_same_tensors, single_thread
-from test_train import Killed, _crash_at, _final_weights, _steps_config, _train
+from test_loop import Killed, _crash_at, _final_weights, _steps_config, _train
 
 FILES = {"adapter", "optimizer.safetensors", "rng.safetensors", STATE_NAME}
 

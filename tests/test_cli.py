@@ -25,6 +25,10 @@ from safetensors.torch import load_file
 
 import lorafit
 from lorafit.cli import main
+from lorafit.errors import LorafitError
+from lorafit.inference.evaluate import EvalSettings
+from lorafit.inference.generate import GenerationSettings
+from lorafit.inference.predict import PredictSettings
 from lorafit.training.settings import TrainConfig
 
 # --- data ----------------------------------------------------------------------------------------
@@ -469,7 +473,7 @@ def test_train_help_has_examples_and_defaults(capsys):
     assert "option_strings" not in text
 
 
-@pytest.mark.parametrize("command", ["eval", "predict", "merge"])
+@pytest.mark.parametrize("command", ["eval", "predict", "merge", "generate"])
 def test_other_commands_have_help_with_examples(capsys, command):
     text = _help(capsys, command)
     assert f"lorafit {command} --adapter" in text
@@ -479,8 +483,53 @@ def test_other_commands_have_help_with_examples(capsys, command):
 def test_top_level_help_lists_commands(capsys):
     code, out, _ = run_cli(capsys)
     assert code == 2
-    for command in ("train", "eval", "predict", "merge"):
+    for command in ("train", "eval", "predict", "merge", "generate"):
         assert re.search(rf"^\s+{command}\s", out, re.M), command
+
+
+SETTINGS = [("generate", GenerationSettings, ["--adapter", "a", "hi"]),
+            ("eval", EvalSettings, ["--adapter", "a", "--data", "d.csv"]),
+            ("predict", PredictSettings, ["--adapter", "a"])]
+
+
+@pytest.mark.parametrize("command, cls, required", SETTINGS)
+def test_settings_flags_build_their_dataclass_one_field_each(command, cls, required):
+    from lorafit.cli import build_parser, settings_from_args
+
+    parser = build_parser()
+    assert settings_from_args(parser.parse_args([command, *required]), cls) == cls()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = next(a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None))
+        value = {bool: not f.default, int: 7, float: 0.25, str: "x-value"}[kind]
+        flag = "--" + ("no-" if value is False else "") + f.name.replace("_", "-")
+        argv = [command, *required, flag] + ([] if kind is bool else [str(value)])
+        assert settings_from_args(parser.parse_args(argv), cls) == dataclasses.replace(cls(), **{f.name: value})
+
+
+@pytest.mark.parametrize("command, cls, required", SETTINGS)
+def test_settings_help_comes_from_the_field_docstrings(capsys, command, cls, required):
+    from lorafit.training.settings import field_docs
+
+    compact = " ".join(_help(capsys, command).split())
+    docs = field_docs(cls)
+    assert set(docs) == {f.name for f in dataclasses.fields(cls)}
+    for name, doc in docs.items():
+        assert f"--{name.replace('_', '-')}" in compact and doc in compact, name
+
+
+@pytest.mark.parametrize("cls, values, fragment", [
+    (GenerationSettings, {"max_new_tokens": 0}, "--max-new-tokens must be a positive integer, got 0"),
+    (GenerationSettings, {"top_k": -1}, "--top-k must be 0 (off) or a positive integer, got -1"),
+    (GenerationSettings, {"temperature": float("nan")}, "--temperature must be a number >= 0"),
+    (GenerationSettings, {"seed": -1}, "--seed must be an integer from 0 to 4294967295"),
+    (EvalSettings, {"max_length": 0}, "--max-length must be a positive integer, got 0"),
+    (PredictSettings, {"batch_size": 0}, "--batch-size must be a positive integer, got 0"),
+])
+def test_settings_refuse_bad_values_when_built(cls, values, fragment):
+    with pytest.raises(LorafitError) as caught:
+        cls(**values)
+    assert fragment in str(caught.value)
 
 
 def test_version(capsys):

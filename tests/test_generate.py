@@ -22,21 +22,24 @@ WORDS = ("user assistant system hello world good day how are you the a cat dog s
          "wind rain snow cloud sky sea hill road house door window book pen cup tea milk bread").split()
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}")
+# a template whose end-of-turn token is named as no other model names it
+OWN_END_TEMPLATE = CHAT_TEMPLATE.replace("<|im_end|>", "<turn_done>")
 NEW_TOKENS = 6
 
 
-def build_tokenizer():
+def build_tokenizer(chat_template: str = CHAT_TEMPLATE):
     """A whitespace word-level tokenizer whose chat template ends turns with <|im_end|>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+    special = SPECIAL + ["<turn_done>"]
+    vocab = {token: i for i, token in enumerate(special + WORDS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    backend.add_special_tokens(SPECIAL)
+    backend.add_special_tokens(special)
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="[UNK]", chat_template=CHAT_TEMPLATE)
+                                   unk_token="[UNK]", chat_template=chat_template)
 
 
 def build_base(vocab_size: int):
@@ -111,6 +114,31 @@ def test_stop_tokens_include_chat_end_of_turn(setup):
     tokenizer = load_tokenizer(str(setup["model_dir"]))
     model = reference_model(setup)
     assert set(stop_token_ids(model.model, tokenizer)) == {2, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+
+
+def test_stop_tokens_are_the_templates_own_end_of_turn():
+    # training teaches a reply to end with whatever token the template closes a turn with
+    tokenizer = build_tokenizer(OWN_END_TEMPLATE)
+    ids = stop_token_ids(build_base(len(tokenizer)), tokenizer)
+    assert set(ids) == {2, tokenizer.convert_tokens_to_ids("<turn_done>")}
+
+
+def test_stop_tokens_without_a_chat_template_are_the_eos():
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = None
+    assert stop_token_ids(build_base(len(tokenizer)), tokenizer) == [2]
+
+
+@pytest.mark.slow
+def test_smollm2_stops_at_its_end_of_turn_only():
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.inference.base_models import resolve_model
+
+    path = resolve_model("smollm2")
+    tokenizer = load_tokenizer(path)
+    assert stop_token_ids(AutoModelForCausalLM.from_pretrained(path), tokenizer) == [
+        tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
 def test_streaming_matches_greedy_reference(setup, capsys):
@@ -248,3 +276,30 @@ def test_bad_input_is_one_line_error(setup, tmp_path, capsys, case, expected):
     assert expected in err and "Traceback" not in err
     assert not (tmp_path / "out.jsonl").exists()
     assert [r["prompt"] for r in read_jsonl(rows)] == ["hello", "hi"]
+
+
+def test_train_held_out_replies_equal_generate_replies(tmp_path, capsys):
+    """The replies `lorafit train` scores and shows are the ones `lorafit generate` gives for its adapter."""
+    from lorafit.tasks.pipeline import run_train
+    from lorafit.training.settings import TrainConfig
+
+    tokenizer = build_tokenizer(OWN_END_TEMPLATE)
+    model_dir = tmp_path / "base"
+    build_base(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    numbers = WORDS[WORDS.index("one"):WORDS.index("ten") + 1]
+    # one reply for every prompt: a tiny model learns it in a few steps, and its end-of-turn token after it
+    records = [{"prompt": f"{a} {b}", "response": "sun moon star tree"} for a, b in zip(numbers, numbers[::-1])]
+    train = write_jsonl(tmp_path / "train.jsonl", records * 3)
+    validation = write_jsonl(tmp_path / "validation.jsonl", records[:3])
+    config = TrainConfig(task="causal-lm", model=str(model_dir), train_file=str(train),
+                         validation_file=str(validation), max_length=32, lr=3e-2, batch_size=6, max_steps=20,
+                         lora_dropout=0.0, target_modules=["all-linear"], output_dir=str(tmp_path / "out"))
+    run_train(config)
+    printed = capsys.readouterr().out.split("Sample generations after training")[1]
+    trained = [line.removeprefix("generated: ") for line in printed.splitlines() if line.startswith("generated: ")]
+    assert len(trained) == 3 and any(trained)
+    budget = max(len(r["response"].split()) for r in records[:3]) + 8  # train's held-out reply budget
+    assert main(["generate", "--adapter", str(tmp_path / "out" / "best"), "--max-new-tokens", str(budget),
+                 *[r["prompt"] for r in records[:3]]]) == 0
+    assert capsys.readouterr().out == "\n\n".join(trained) + "\n"

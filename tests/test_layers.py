@@ -11,8 +11,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from conftest import make_batch, tiny_bert_cls, tiny_llama
-from lorafit import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear, get_lora_model
+from lorafit import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear, LoraModel, LorafitError, get_lora_model
 from lorafit.fast.dropout import FastDropout
+from lorafit.layers import LAYER_KINDS
+from lorafit.serialization import get_peft_model_state_dict, set_peft_model_state_dict
 
 
 
@@ -271,3 +273,77 @@ def test_scaled_embedding_scales_the_update_too():
         torch.testing.assert_close(layer(ids), expected)
         lora.merge_adapter()
         torch.testing.assert_close(layer(ids), expected)
+
+
+# --- what an adapter is made of -----------------------------------------------------------------------
+@pytest.mark.parametrize(("base_factory", "shapes"), [
+    (lambda: nn.Linear(10, 6), {"lora_A.weight": (3, 10), "lora_B.weight": (6, 3)}),
+    (lambda: Conv1D(6, 10), {"lora_A.weight": (3, 10), "lora_B.weight": (6, 3)}),  # nf=out 6, nx=in 10
+    (lambda: nn.Embedding(12, 6), {"lora_embedding_A": (3, 12), "lora_embedding_B": (6, 3)}),
+])
+def test_each_layer_kind_declares_its_adapters_tensors(base_factory, shapes):
+    base = base_factory()
+    _, layer = _wrapped(base, r=3)
+    assert type(layer).adapter_shapes(base, 3) == shapes
+    tensors = layer.adapter_tensors("default")
+    assert {key: tuple(t.shape) for key, t in tensors.items()} == shapes
+    # the declared tensors are exactly the layer's own parameters, none left out
+    own = [p for name, p in layer.named_parameters() if not name.startswith("base_layer.")]
+    assert sorted(map(id, own)) == sorted(map(id, tensors.values()))
+
+
+class MagnitudeLinear(LoraLinear):
+    """A test-only LoRA variant: one extra vector per adapter (as DoRA's magnitude); it only declares it."""
+
+    def __init__(self, base_layer, routing, fan_in_fan_out=False):
+        super().__init__(base_layer, routing, fan_in_fan_out)
+        self.lora_magnitude = nn.ParameterDict()
+
+    @classmethod
+    def adapter_shapes(cls, base_layer, r, fan_in_fan_out=False):
+        shapes = super().adapter_shapes(base_layer, r, fan_in_fan_out)
+        return {**shapes, "lora_magnitude": shapes["lora_B.weight"][:1]}
+
+    def add_adapter(self, name, *args):
+        super().add_adapter(name, *args)
+        self.lora_magnitude[name] = nn.Parameter(torch.ones(self.out_features))
+
+
+def test_a_variant_with_an_extra_tensor_saves_loads_counts_and_deletes_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(LAYER_KINDS, nn.Linear, MagnitudeLinear)
+    torch.manual_seed(0)
+    lora, layer = _wrapped(nn.Linear(10, 6), r=2)
+    assert isinstance(layer, MagnitudeLinear)
+    assert lora.get_nb_trainable_parameters()[0] == 2 * 10 + 6 * 2 + 6  # A, B and the magnitude
+    with torch.no_grad():
+        layer.lora_magnitude["default"].copy_(torch.rand(6))
+    lora.save_pretrained(tmp_path)
+
+    loaded = LoraModel.from_pretrained(Toy(nn.Linear(10, 6)), tmp_path, is_trainable=True)
+    torch.testing.assert_close(loaded.model.proj.lora_magnitude["default"], layer.lora_magnitude["default"])
+    assert loaded.get_nb_trainable_parameters()[0] == 2 * 10 + 6 * 2 + 6
+    state = get_peft_model_state_dict(loaded)
+    assert sorted(state) == [f"base_model.model.proj.{key}" for key in ("lora_A.weight", "lora_B.weight",
+                                                                        "lora_magnitude")]
+    del state["base_model.model.proj.lora_magnitude"]
+    with pytest.raises(LorafitError, match="proj.lora_magnitude"):
+        set_peft_model_state_dict(loaded, state)
+
+    loaded.add_adapter("other", LoraConfig(target_modules=["proj"], r=3))
+    assert not loaded.model.proj.lora_magnitude["other"].requires_grad  # frozen: "default" is the active one
+    assert loaded.model.proj.lora_magnitude["default"].requires_grad
+    loaded.set_requires_grad("other")
+    assert loaded.model.proj.lora_magnitude["other"].requires_grad
+    loaded.delete_adapter("other")
+    assert list(loaded.model.proj.lora_magnitude) == ["default"]
+
+
+def test_layer_safe_merge_checks_every_adapter_before_merging_any():
+    lora, layer = _wrapped(nn.Linear(10, 6), init_lora_weights=False)
+    lora.add_adapter("bad", LoraConfig(target_modules=["proj"], init_lora_weights=False))
+    with torch.no_grad():
+        layer.lora_B["bad"].weight[0, 0] = float("inf")
+    before = layer.base_layer.weight.detach().clone()
+    with pytest.raises(LorafitError, match="NaN or inf"):
+        layer.merge(["default", "bad"], safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, before) and not layer.merged

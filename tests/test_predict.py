@@ -201,6 +201,17 @@ def test_pair_adapter_reads_both_columns(tmp_path, capsys, pair_run):
     assert not torch.allclose(alone, together, atol=1e-3)
 
 
+def test_causal_lm_adapter_points_to_generate(tmp_path, capsys):
+    from test_generate import build_base, build_tokenizer, save_adapter
+
+    tokenizer = build_tokenizer()
+    build_base(len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    adapter = save_adapter(tmp_path / "base", tmp_path / "adapter", seed=1)
+    code, out, err = run_cli(capsys, "predict", "--adapter", adapter, "good")
+    assert_one_line_error(code, err, f"'{adapter}' is a causal-lm adapter", "lorafit generate")
+    assert out == ""
+
 
 def test_adapter_without_lorafit_json_reads_texts_with_the_task_default_max_length(tmp_path, capsys, trained_run,
                                                                                     monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorafit.fast import prefix_sharing
-from test_causal import (assert_checkpointing_keeps_gradients, assert_matches_transformers_loss, lora_wrapped,
+from test_causal_lm import (assert_checkpointing_keeps_gradients, assert_matches_transformers_loss, lora_wrapped,
                          shared_prefix_batch)
 
 

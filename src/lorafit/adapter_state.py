@@ -1,6 +1,6 @@
-"""What an adapter file holds: one adapter's tensors under PEFT's key names, the same set PEFT saves.
+"""An adapter's tensors in a model: which are its own, and what its file holds (the same set PEFT saves).
 
-Keys are the module path inside the base model behind PEFT's ``base_model.model.`` prefix, without the
+File keys are the module path inside the base model behind PEFT's ``base_model.model.`` prefix, without the
 adapter name (``...query.lora_A.weight``); trained copies of saved modules are stored under the
 original module's name (``...classifier.dense.weight``).
 """
@@ -10,32 +10,78 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from lorafit.config import LoraConfig
-from lorafit.layers import LoraEmbedding, LoraLayer, LoraLinear
+from lorafit.layers import LoraLayer
 from lorafit.saved_modules import ModulesToSave
 
 KEY_PREFIX = "base_model.model."
 _EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
+def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's own live tensors under their file keys: what each LoRA layer declares, and the trained
+    copies of saved modules (``model`` is the wrapped transformers model)."""
+    own: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        if adapter_name in _adapters_held(module):
+            own.update({f"{path}.{key}": tensor for key, tensor in module.adapter_tensors(adapter_name).items()})
+    return own
+
+
+def adapter_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
+    """The adapter's own trainable tensors (its saved modules' buffers left out)."""
+    return [t for t in adapter_tensors(model, adapter_name).values() if isinstance(t, nn.Parameter)]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter some module of the model holds, in the order they were added."""
+    names: dict[str, None] = {}
+    for module in model.modules():
+        names.update(dict.fromkeys(_adapters_held(module)))
+    return list(names)
+
+
+def _adapters_held(module: nn.Module) -> Iterable[str]:
+    """The adapters a LoRA layer or saved module holds tensors for; none for any other module."""
+    if isinstance(module, LoraLayer):
+        return module.r
+    return module.modules_to_save if isinstance(module, ModulesToSave) else ()
+
+
+def set_trainable(model: nn.Module, adapter_name: str, trainable: bool, bias: str, reset_biases: bool) -> None:
+    """Train adapter ``adapter_name`` (or freeze it): its own tensors and the base biases its ``bias`` mode
+    trains; every other adapter's tensors frozen. ``reset_biases`` first freezes the base biases that
+    another adapter's bias mode made trainable."""
+    own: set[int] = set()
+    for module in model.modules():
+        for name in _adapters_held(module):
+            for tensor in module.adapter_tensors(name).values():
+                if isinstance(tensor, nn.Parameter):  # a saved module's buffers stay as they are
+                    tensor.requires_grad_(trainable and name == adapter_name)
+                    own.add(id(tensor))
+    if reset_biases or bias == "all":
+        base_biases = [(name, param) for name, param in model.named_parameters()
+                       if name.endswith(".bias") and id(param) not in own]
+        for name, param in base_biases:
+            if reset_biases:
+                param.requires_grad_(False)
+            if bias == "all" and ".original_module." not in name:
+                param.requires_grad_(trainable)
+    if bias == "lora_only":
+        for layer in model.modules():
+            if isinstance(layer, LoraLayer) and getattr(layer.base_layer, "bias", None) is not None:
+                layer.base_layer.bias.requires_grad_(trainable)
+
+
 def adapter_state_dict(model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
     """One adapter's tensors under PEFT's key names, the same set PEFT saves (``model`` is the wrapped
     transformers model)."""
-    state: dict[str, torch.Tensor] = {}
-    for path, module in model.named_modules():
-        if isinstance(module, LoraLinear) and adapter_name in module.r:
-            state[f"{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
-            state[f"{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
-        elif isinstance(module, LoraEmbedding) and adapter_name in module.r:
-            state[f"{path}.lora_embedding_A"] = module.lora_embedding_A[adapter_name]
-            state[f"{path}.lora_embedding_B"] = module.lora_embedding_B[adapter_name]
-        elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
-            for key, tensor in module.modules_to_save[adapter_name].state_dict().items():
-                state[f"{path}.{key}"] = tensor
+    state = adapter_tensors(model, adapter_name)
     state.update(_trainable_biases(model, adapter_name, config))
     state.update(_embedding_layers(model, config))
     out, seen = {}, set()
@@ -56,23 +102,13 @@ def _trainable_biases(model: nn.Module, adapter_name: str, config: LoraConfig) -
                 if isinstance(m, LoraLayer) and getattr(m.base_layer, "bias", None) is not None}
     # PEFT takes every state-dict key ending in "bias" and drops the adapter name, so a saved head also gives
     # 'classifier.modules_to_save.bias' and 'classifier.original_module.bias'; its loader expects that set
-    others = [name for name in _adapter_names(model) if name != adapter_name]
+    others = [name for name in adapter_names(model) if name != adapter_name]
     biases = {}
     for key, tensor in model.state_dict().items():
         if not key.endswith(".bias") or any(f".{o}." in key for o in others):
             continue
         biases[key.replace(f".modules_to_save.{adapter_name}.", ".modules_to_save.")] = tensor
     return biases
-
-
-def _adapter_names(model: nn.Module) -> set[str]:
-    names: set[str] = set()
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            names.update(module.r)
-        elif isinstance(module, ModulesToSave):
-            names.update(module.modules_to_save)
-    return names
 
 
 def _embedding_layers(model: nn.Module, config: LoraConfig) -> dict[str, torch.Tensor]:

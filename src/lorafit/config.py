@@ -39,7 +39,7 @@ _UNSUPPORTED_FEATURES = {
 
 @dataclass
 class LoraConfig:
-    """Which modules get a LoRA update ``h = W0 x + (alpha / r) * B A x``, and its shape.
+    """Which modules get a LoRA update (the equation is in ``lorafit.layers``), its rank and its scale.
 
     Field names and meanings follow PEFT's ``LoraConfig`` so configurations and adapter files move
     between the two libraries unchanged.
@@ -120,8 +120,7 @@ class LoraConfig:
         return self.alpha_pattern[key] if (key := _pattern_key(self.alpha_pattern, module_name)) else self.lora_alpha
 
     def scaling_for(self, module_name: str) -> float:
-        rank = self.rank_for(module_name)
-        return self.alpha_for(module_name) / (math.sqrt(rank) if self.use_rslora else rank)
+        return lora_scaling(self.alpha_for(module_name), self.rank_for(module_name), self.use_rslora)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,6 +156,11 @@ class LoraConfig:
         if unknown:
             raise ValueError(f"adapter_config.json has fields lorafit does not know: {', '.join(sorted(unknown))}")
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """The factor on the low-rank update: lora_alpha / r, or lora_alpha / sqrt(r) with rank-stabilised LoRA."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:

@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.errors import LorafitError
-from lorafit.layers import BatchRouting, LoraLayer, wrap_layer
+from lorafit.layers import BatchRouting, LoraLayer, layer_kind, wrap_layer
 from lorafit.saved_modules import ModulesToSave
 
 CLASSIFIER_HEAD_NAMES = ("classifier", "score")
@@ -108,7 +108,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if _in_saved_module(name, saved):
             continue
-        if not isinstance(module, LoraLayer) and wrap_layer(module, BatchRouting(), False) is None:
+        if not isinstance(module, LoraLayer) and layer_kind(module) is None:
             raise LorafitError(f"target module '{name}' is a {type(module).__name__}; lorafit adapts Linear, "
                                "Conv1D and Embedding layers only: target those inside it instead")
         found.append(name)

@@ -22,9 +22,13 @@ from transformers.pytorch_utils import Conv1D
 from lorafit import fast
 from lorafit.fast.lora_update import linear_update
 from lorafit.errors import LorafitError
+from lorafit.config import lora_scaling
 
 BASE_ADAPTER = "__base__"
 """In a mixed batch, the name for rows that use no adapter at all."""
+ADAPTER_PREFIX = "lora_"
+"""How every per-adapter container of a LoRA layer is named (PEFT's rule): parameter names and file keys
+with a ``.lora_`` part belong to an adapter, not to the base model."""
 
 
 @dataclass
@@ -69,7 +73,17 @@ class BatchRouting:
 
 
 class LoraLayer(nn.Module):
-    """What every LoRA layer shares: adapters by name, which are active, merging, mixed batches."""
+    """What every LoRA layer shares: adapters by name, which are active, merging, mixed batches.
+
+    A layer keeps whatever it has per adapter in ModuleDicts/ParameterDicts keyed by the adapter's name
+    (PEFT's layout), and ``adapter_shapes`` declares which of those tensors make up an adapter. Saving,
+    loading, checking files, freezing, counting and deleting go by that declaration, so a LoRA variant
+    with a further tensor (DoRA's magnitude vector) declares it there, creates it in ``add_adapter``, and
+    needs nothing else.
+    """
+
+    fan_in_fan_out = False
+    """True when the base weight is stored (in, out), as transformers' Conv1D stores it."""
 
     fast_variant = None
     """``fast_variant(layer, x, result)``: a faster ``add_update``/``add_mixed_update`` (see lorafit.fast)."""
@@ -97,9 +111,30 @@ class LoraLayer(nn.Module):
         dtype = self.base_layer.weight.dtype
         return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
+    @classmethod
+    def adapter_shapes(cls, base_layer: nn.Module, r: int, fan_in_fan_out: bool = False) -> dict[str, tuple[int, ...]]:
+        """The tensors an adapter of rank ``r`` around ``base_layer`` has, with their shapes, by file key.
+
+        A key ``<container>.<attribute>`` (or ``<container>``) is the tensor ``<container>[adapter].<attribute>``;
+        its parameter name puts the adapter's name after the container (``lora_A.default.weight``), and its key
+        in adapter files leaves it out, as in PEFT. Container names start with ``ADAPTER_PREFIX``.
+        """
+        raise NotImplementedError
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s live tensors under the keys of ``adapter_shapes``."""
+        tensors = {}
+        for key in self.adapter_shapes(self.base_layer, self.r[name], self.fan_in_fan_out):
+            container, *attributes = key.split(".")
+            tensor = getattr(self, container)[name]
+            for attribute in attributes:
+                tensor = getattr(tensor, attribute)
+            tensors[key] = tensor
+        return tensors
+
     def register_scaling(self, name: str, r: int, alpha: float, use_rslora: bool) -> None:
         self.r[name], self.lora_alpha[name] = r, alpha
-        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling[name] = lora_scaling(alpha, r, use_rslora)
 
     def delete_adapter(self, name: str) -> None:
         still_merged = [n for n in self.merged_adapters if n != name]
@@ -107,10 +142,9 @@ class LoraLayer(nn.Module):
             self.unmerge()
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name, None)
-        for attr in self.adapter_attribute_names:
-            container = getattr(self, attr)  # ModuleDict/ParameterDict.pop takes no default
-            if name in container:
-                del container[name]
+        for container in self.children():  # every per-adapter dict, declared tensors and the rest (dropout)
+            if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and name in container:
+                del container[name]  # their pop takes no default
         self._stack_cache = None
         if self.active_adapter == name:
             self.active_adapter = None
@@ -123,20 +157,32 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Add each adapter's update into the base weight; adapters already merged are skipped."""
+        """Add each adapter's update into the base weight; adapters already merged are skipped.
+
+        ``safe_merge`` runs ``check_merge`` first, so an update with NaN or inf leaves the layer as it was.
+        """
         weight = self.base_layer.weight
-        for name in names if names is not None else [self.active_adapter]:
-            if name is None or name in self.merged_adapters or name not in self.r:
-                continue
-            delta = self.delta_weight(name).to(weight.dtype)
-            if safe_merge:
-                merged = weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"adapter {name!r} would put NaN or inf into {self.base_name}; not merged")
-                weight.data.copy_(merged)
-            else:
-                weight.data += delta
+        names = self._unmerged(names if names is not None else [self.active_adapter])
+        if safe_merge:
+            self.check_merge(names)
+        for name in names:
+            weight.data += self.delta_weight(name).to(weight.dtype)
             self.merged_adapters.append(name)
+
+    def check_merge(self, names: list[str]) -> None:
+        """The safe-merge check: raise, changing nothing, if merging ``names`` would put NaN or inf into the
+        base weight."""
+        merged = self.base_layer.weight.data.clone()
+        for name in self._unmerged(names):
+            merged += self.delta_weight(name).to(merged.dtype)
+        if not torch.isfinite(merged).all():
+            raise LorafitError(f"merging {', '.join(map(repr, names))} would put NaN or inf into the base weights "
+                               f"(of a {self.base_name}); the model is unchanged: the adapter's weights are not "
+                               "finite or too large (did training diverge?)")
+
+    def _unmerged(self, names: list[str | None]) -> list[str]:
+        """Those of ``names`` this layer has and has not merged yet, each once."""
+        return [n for n in dict.fromkeys(names) if n is not None and n in self.r and n not in self.merged_adapters]
 
     def unmerge(self) -> None:
         """Subtract merged updates again, newest first."""
@@ -176,7 +222,6 @@ class LoraLayer(nn.Module):
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2 stores the weight as (in, out))."""
 
-    adapter_attribute_names = ("lora_A", "lora_B", "lora_dropout")
     fast_variant = staticmethod(linear_update)
 
     def __init__(self, base_layer: nn.Module, routing: BatchRouting, fan_in_fan_out: bool = False) -> None:
@@ -186,6 +231,11 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+
+    @classmethod
+    def adapter_shapes(cls, base_layer: nn.Module, r: int, fan_in_fan_out: bool = False) -> dict[str, tuple[int, ...]]:
+        in_features, out_features = linear_features(base_layer, fan_in_fan_out)
+        return {"lora_A.weight": (r, in_features), "lora_B.weight": (out_features, r)}
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool) -> None:
         self._stack_cache = None
@@ -233,13 +283,17 @@ class LoraEmbedding(LoraLayer):
     As in the original loralib, A starts at zero and B random, so the update again starts at zero.
     """
 
-    adapter_attribute_names = ("lora_embedding_A", "lora_embedding_B", "lora_dropout")
-
-    def __init__(self, base_layer: nn.Embedding, routing: BatchRouting) -> None:
+    def __init__(self, base_layer: nn.Embedding, routing: BatchRouting, fan_in_fan_out: bool = False) -> None:
+        # fan_in_fan_out means nothing for an embedding (PEFT ignores it too); taken so every kind is built alike
         super().__init__(base_layer, routing)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+
+    @classmethod
+    def adapter_shapes(cls, base_layer: nn.Module, r: int, fan_in_fan_out: bool = False) -> dict[str, tuple[int, ...]]:
+        num_embeddings, dim = base_layer.weight.shape
+        return {"lora_embedding_A": (r, num_embeddings), "lora_embedding_B": (dim, r)}
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool) -> None:
         num_embeddings, dim = self.base_layer.weight.shape
@@ -301,10 +355,17 @@ def linear_features(layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
     return in_features, out_features
 
 
+LAYER_KINDS: dict[type[nn.Module], type[LoraLayer]] = {nn.Linear: LoraLinear, Conv1D: LoraLinear,
+                                                       nn.Embedding: LoraEmbedding}
+"""The LoRA layer class that wraps each type of base module (subclasses included)."""
+
+
+def layer_kind(module: nn.Module) -> type[LoraLayer] | None:
+    """The LoRA layer class for a base module, or None when LoRA has no variant for its type."""
+    return next((kind for base, kind in LAYER_KINDS.items() if isinstance(module, base)), None)
+
+
 def wrap_layer(module: nn.Module, routing: BatchRouting, fan_in_fan_out: bool) -> LoraLayer | None:
     """The LoRA layer for a base module, or None when LoRA has no variant for its type."""
-    if isinstance(module, (nn.Linear, Conv1D)):
-        return LoraLinear(module, routing, fan_in_fan_out)
-    if isinstance(module, nn.Embedding):
-        return LoraEmbedding(module, routing)
-    return None
+    kind = layer_kind(module)
+    return None if kind is None else kind(module, routing, fan_in_fan_out)

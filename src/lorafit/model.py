@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from lorafit.adapter_state import adapter_parameters, set_trainable
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_adapter, lora_layers, saved_module_wrappers, unwrap_all
@@ -191,8 +192,8 @@ class LoraModel(nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             self._require(name)
-        for param_name, param in self.model.named_parameters():
-            if _adapter_of(param_name) in names:
+        for name in names:
+            for param in adapter_parameters(self.model, name):
                 param.requires_grad_(requires_grad)
 
     @property
@@ -207,17 +208,9 @@ class LoraModel(nn.Module):
         for name in names:
             self._require(name)
         layers = lora_layers(self.model)
-        if safe_merge:
-            # check every layer before touching any, so a bad adapter leaves the whole model as it was
+        if safe_merge:  # every layer checked before any changes, so a bad adapter leaves the whole model as it was
             for layer in layers:
-                weight = layer.base_layer.weight.data.clone()
-                for name in names:
-                    if name in layer.r and name not in layer.merged_adapters:
-                        weight += layer.delta_weight(name).to(weight.dtype)
-                if not torch.isfinite(weight).all():
-                    raise LorafitError(f"merging {', '.join(map(repr, names))} would put NaN or inf into the base "
-                                       "weights; the model is unchanged: the adapter's weights are not finite or "
-                                       "too large (did training diverge?)")
+                layer.check_merge(names)
         for layer in layers:
             layer.merge(names)
 
@@ -291,22 +284,8 @@ class LoraModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     def _set_trainable(self, adapter_name: str, trainable: bool) -> None:
-        for name, param in self.model.named_parameters():
-            if _is_adapter_parameter(name):
-                param.requires_grad_(trainable and _adapter_of(name) == adapter_name)
-        if any(config.bias != "none" for config in self.peft_config.values()):
-            for name, param in self.model.named_parameters():  # biases another adapter's bias mode made trainable
-                if name.endswith(".bias") and not _is_adapter_parameter(name):
-                    param.requires_grad_(False)
-        bias = self.peft_config[adapter_name].bias
-        if bias == "all":
-            for name, param in self.model.named_parameters():
-                if name.endswith(".bias") and ".original_module." not in name and not _is_adapter_parameter(name):
-                    param.requires_grad_(trainable)
-        elif bias == "lora_only":
-            for layer in lora_layers(self.model):
-                if getattr(layer.base_layer, "bias", None) is not None:
-                    layer.base_layer.bias.requires_grad_(trainable)
+        trains_biases = any(config.bias != "none" for config in self.peft_config.values())
+        set_trainable(self.model, adapter_name, trainable, self.peft_config[adapter_name].bias, reset_biases=trains_biases)
 
     @contextlib.contextmanager
     def _undone_on_failure(self, adapter_name: str) -> Iterator[None]:
@@ -378,22 +357,6 @@ class LoraModel(nn.Module):
 
     def activation_checkpointing_disable(self) -> None:
         self.gradient_checkpointing_disable()
-
-
-_ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save")
-
-
-def _adapter_of(name: str) -> str | None:
-    """The adapter a parameter belongs to: the name right after its container ('...lora_A.<adapter>.weight')."""
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part in _ADAPTER_CONTAINERS:
-            return parts[i + 1]
-    return None
-
-
-def _is_adapter_parameter(name: str) -> bool:
-    return _adapter_of(name) is not None
 
 
 def _refuse_wrapped(model: nn.Module) -> None:

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from lorafit.layers import BatchRouting
+from lorafit.layers import ADAPTER_PREFIX, BatchRouting
 
 
 class ModulesToSave(nn.Module):
@@ -29,6 +29,10 @@ class ModulesToSave(nn.Module):
         trainable_copy = copy.deepcopy(self.original_module)
         trainable_copy.requires_grad_(True)
         self.modules_to_save[name] = trainable_copy
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s live tensors: its copy's, keyed as in the original module (and in adapter files)."""
+        return self.modules_to_save[name].state_dict(keep_vars=True)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.modules_to_save:  # ModuleDict.pop takes no default
@@ -59,6 +63,9 @@ class ModulesToSave(nn.Module):
         return outputs
 
 
+_ADAPTER_PARTS = (f".{ADAPTER_PREFIX}", ".modules_to_save.", ".original_module.")
+
+
 class BaseBiases:
     """The base values of the biases ``bias="all"``/``"lora_only"`` trains: those live in the base model
     itself, so a disabled adapter needs them back to be exactly the base model."""
@@ -73,7 +80,7 @@ class BaseBiases:
         known = {id(param) for param, _ in self.saved}
         self.saved += [(param, param.detach().clone()) for name, param in model.named_parameters()
                        if name.endswith(".bias") and id(param) not in known
-                       and not any(part in name for part in (".lora_", ".modules_to_save.", ".original_module."))]
+                       and not any(part in name for part in _ADAPTER_PARTS)]
 
     @torch.no_grad()
     def put(self, values: list[torch.Tensor] | None = None) -> list[torch.Tensor]:

@@ -17,13 +17,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorafit.adapter_state import KEY_PREFIX, adapter_state_dict
+from lorafit.adapter_state import KEY_PREFIX, adapter_state_dict, adapter_tensors
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_path, write_json
 from lorafit.inject import _saved_module_names as saved_module_names
 from lorafit.inject import find_targets, is_saved_module, modules_to_save_for
-from lorafit.layers import LoraLayer, linear_features
+from lorafit.layers import ADAPTER_PREFIX, LoraLayer, layer_kind
 from lorafit.saved_modules import ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
@@ -141,16 +141,11 @@ def expected_adapter_shapes(model: nn.Module, config: LoraConfig) -> dict[str, t
     for path in find_targets(model, config):
         module = model.get_submodule(path)
         base = module.base_layer if isinstance(module, LoraLayer) else module
-        r = config.rank_for(path)
+        kind = type(module) if isinstance(module, LoraLayer) else layer_kind(module)
         # PEFT also saves the full base weight of a targeted embed_tokens / lm_head (save_embedding_layers)
         shapes[f"{path}.base_layer.weight"] = tuple(base.weight.shape)
-        if isinstance(base, nn.Embedding):
-            shapes[f"{path}.lora_embedding_A"] = (r, base.num_embeddings)
-            shapes[f"{path}.lora_embedding_B"] = (base.embedding_dim, r)
-        else:
-            in_f, out_f = linear_features(base, config.fan_in_fan_out)
-            shapes[f"{path}.lora_A.weight"] = (r, in_f)
-            shapes[f"{path}.lora_B.weight"] = (out_f, r)
+        for key, shape in kind.adapter_shapes(base, config.rank_for(path), config.fan_in_fan_out).items():
+            shapes[f"{path}.{key}"] = shape
     for path, module in model.named_modules():
         if is_saved_module(path, modules_to_save_for(model, config)):
             original = module.original_module if isinstance(module, ModulesToSave) else module
@@ -192,7 +187,7 @@ def adapter_tensor_targets(model: nn.Module, adapter_name: str, config: LoraConf
     scaling; other keys go to the base parameter of that name (PEFT's ``original_module`` keys always to
     the frozen original).
     """
-    own = _adapter_parameters(model, adapter_name)
+    own = adapter_tensors(model, adapter_name)
     base = {plain_name(name): param for name, param in model.named_parameters(remove_duplicate=False)
             if not is_adapter_tensor(name)}
     pairs = []
@@ -233,27 +228,12 @@ def copy_all_or_nothing(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
             raise
 
 
-def _adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The adapter's own tensors under their file names (what adapter_state_dict saves), as live parameters."""
-    own = {}
-    for path, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.r:
-            for attr in module.adapter_attribute_names[:2]:
-                entry = getattr(module, attr)[adapter_name]
-                own[f"{path}.{attr}" if isinstance(entry, nn.Parameter) else f"{path}.{attr}.weight"] = \
-                    entry if isinstance(entry, nn.Parameter) else entry.weight
-        elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
-            for key, param in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
-                own[f"{path}.{key}"] = param
-    return own
-
-
 def _check_shape(key: str, tensor: torch.Tensor, shape: tuple[int, ...] | None, source: str) -> None:
     if shape is None:
-        if ".lora_" in key:
-            raise LorafitError(f"adapter '{source}' does not fit this model: it has weights for module "
-                               f"'{key.rsplit('.lora_', 1)[0]}', which this model lacks; load it onto the base "
-                               "model it was trained on")
+        if f".{ADAPTER_PREFIX}" in key:
+            module = key.rsplit(f".{ADAPTER_PREFIX}", 1)[0]
+            raise LorafitError(f"adapter '{source}' does not fit this model: it has weights for module '{module}', "
+                               "which this model lacks; load it onto the base model it was trained on")
         raise LorafitError(f"adapter '{source}' does not fit this model: its tensor '{key}' matches no parameter "
                            "here; load it onto the base model it was trained on")
     if tuple(tensor.shape) != shape:
@@ -268,7 +248,7 @@ def plain_name(key: str) -> str:
 
 def is_adapter_tensor(name: str) -> bool:
     """True for LoRA factors and saved-module copies, in a model's parameter names or a file's keys."""
-    return ".lora_" in name or ".modules_to_save." in name
+    return f".{ADAPTER_PREFIX}" in name or ".modules_to_save." in name
 
 
 def get_peft_model_state_dict(model, state_dict: dict | None = None,

@@ -10,7 +10,6 @@ import signal
 import sys
 import threading
 import typing
-from pathlib import Path
 from typing import Any, Sequence
 
 from lorafit.errors import Interrupted, LorafitError
@@ -61,65 +60,30 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(flag, **kwargs)
 
 
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """--adapter and --model, as every single-adapter command spells them."""
+    parser.add_argument("--adapter", required=True, help="adapter directory (a run's best/ folder)")
+    parser.add_argument("--model", help="base model, if not the one the adapter was trained on")
+
+
+def settings_from_args(args: argparse.Namespace, cls: type):
+    """The config dataclass of the flags ``add_dataclass_flags`` made; fields not given keep their defaults."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from lorafit.cli import evaluate
-    from lorafit.inference import generate
-    from lorafit.cli import merge
-    from lorafit.inference import predict
-    from lorafit.training.settings import TrainConfig
+    from lorafit.cli import evaluate, generate, merge, predict, train
 
     parser = _Parser(prog="lorafit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lorafit {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    train = commands.add_parser(
-        "train", help="fine-tune a model with LoRA", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=TRAIN_DESCRIPTION)
-    train.add_argument("--config", metavar="YAML", help="read settings from a YAML file; flags given here override it")
-    add_dataclass_flags(train, TrainConfig)
-    train.set_defaults(run=_run_train)
-
-    for module in (evaluate, predict, merge, generate):
+    for module in (train, evaluate, predict, merge, generate):
         sub = commands.add_parser(module.NAME, help=module.HELP, description=module.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
-
-
-TRAIN_DESCRIPTION = """\
-Fine-tune a model with LoRA and write a run folder: config.yaml, metrics.jsonl, curves.png,
-checkpoint-<step>/ (resumable), best/ (the adapter with the best validation score) and README.md.
-
-With no arguments it trains the built-in classifier (all-MiniLM-L6-v2 on lorafit's sentiment set)
-offline in a few minutes. Examples:
-
-  lorafit train
-  lorafit train --train-file train.csv --validation-file dev.csv --text-column review --epochs 5
-  lorafit train --model roberta-base --dataset glue --dataset-config sst2 --text-column sentence \\
-                --r 4 --lora-alpha 32 --lora-dropout 0.01 --target-modules query --epochs 5
-  lorafit train --task causal-lm --train-file chats.jsonl --target-modules all-linear
-  lorafit train --config run.yaml --lr 5e-4
-  lorafit train --output-dir runs/a --resume         # continue a killed run"""
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    from lorafit.tasks.pipeline import run_train
-    from lorafit.files import check_output_dir
-    from lorafit.training.settings import build_config, load_yaml_config
-
-    settings = load_yaml_config(args.config) if args.config else {}
-    settings.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "run")})
-    output_dir = settings.get("output_dir")
-    saved = Path(output_dir) / "config.yaml" if isinstance(output_dir, str) and output_dir.strip() else None
-    if settings.get("resume") is True and saved and saved.is_file():
-        # `--output-dir DIR --resume` continues the run as it was set up; settings given now override
-        settings = {**load_yaml_config(saved), **settings}
-    config = build_config(settings)
-    if config.output_dir:
-        check_output_dir(config.output_dir, "--output-dir")
-    run_train(config)
-    return 0
 
 
 def _version() -> str:

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorafit.cli import add_adapter_arguments
 from lorafit.errors import LorafitError
-from lorafit.inference.loading import add_adapter_arguments, load_adapter_for_inference
 from lorafit.files import check_output_dir, replace_dir
+from lorafit.inference.loading import load_adapter_for_inference
 
 NAME = "merge"
 HELP = "fold an adapter into its base model and save a plain transformers model"

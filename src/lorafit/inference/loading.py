@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit.errors import LorafitError
-from lorafit.model import LoraModel
+from lorafit.model import DEFAULT_ADAPTER, LoraModel
 from lorafit.inference.base_models import load_causal_lm, load_classifier, load_tokenizer, resolve_model
 from lorafit.training.run_dir import load_adapter_info
 from lorafit.serialization import CONFIG_NAME, WEIGHTS_NAME, damaged_weights_error, read_adapter_config
@@ -18,12 +18,6 @@ class LoadedAdapter:
     tokenizer: object
     info: dict
     task: str
-
-
-def add_adapter_arguments(parser) -> None:
-    """--adapter and --model, as every single-adapter command spells them."""
-    parser.add_argument("--adapter", required=True, help="adapter directory (a run's best/ folder)")
-    parser.add_argument("--model", help="base model, if not the one the adapter was trained on")
 
 
 def adapter_task(adapter_dir: Path, info: dict) -> str:
@@ -71,6 +65,41 @@ def load_adapter_for_inference(adapter: str | Path, model: str | None = None, pa
     lora_model = LoraModel.from_pretrained(base, adapter_dir)
     lora_model.eval()
     return LoadedAdapter(lora_model, tokenizer, info, task)
+
+
+def check_adapters(specs: dict[str, Path], model: str | None) -> None:
+    """Refuse classification adapters and adapters trained on different bases, before loading anything."""
+    bases: dict[str, str] = {}
+    for name, directory in specs.items():
+        info = load_adapter_info(directory)
+        task = adapter_task(directory, info)
+        if task != "causal-lm":
+            raise LorafitError(f"'{directory}' is a {task} adapter; use `lorafit predict` for it")
+        base = info.get("base_model") or read_adapter_config(directory).base_model_name_or_path
+        if base:
+            bases[name] = _same_base_key(base)
+    if model is None and len(set(bases.values())) > 1:
+        listing = ", ".join(f"{name}: {base}" for name, base in bases.items())
+        raise LorafitError(f"the adapters were trained on different base models ({listing}); "
+                           "load only adapters of one base model, or pass --model to use one for all")
+
+
+def _same_base_key(base: str) -> str:
+    path = Path(base).expanduser()
+    return str(path.resolve()) if path.is_dir() else base
+
+
+def load_adapters(specs: dict[str, Path], model: str | None) -> LoadedAdapter:
+    """The base model with every adapter loaded under its name, ready for left-padded batches."""
+    check_adapters(specs, model)
+    loaded = load_adapter_for_inference(next(iter(specs.values())), model, padding_side="left")
+    if list(specs) != [DEFAULT_ADAPTER]:
+        # load_adapter_for_inference names its one adapter "default": start again with the names given
+        loaded.model = LoraModel(loaded.model.unload())
+        for name, directory in specs.items():
+            loaded.model.load_adapter(directory, name)
+    loaded.model.eval()
+    return loaded
 
 
 def _id2label_from_weights(adapter_dir: Path) -> dict[int, str]:

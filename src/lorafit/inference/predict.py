@@ -1,83 +1,66 @@
-"""Predict labels with a trained classifier adapter.
-
-  lorafit predict --adapter runs/x/best "a wonderful film" "a waste of two hours"
-  lorafit predict --adapter runs/x/best --input texts.csv --output predictions.jsonl
-
-Each prediction is the label name and the probability of every class; --output writes JSON Lines."""
+"""Labelling texts with a loaded classifier adapter: the library side of `lorafit predict`."""
 
 from __future__ import annotations
 
-import argparse
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from lorafit.data import classification as data
-from lorafit.tasks.classification import predict_texts
+from lorafit.data import classification as text_data
 from lorafit.errors import LorafitError
 from lorafit.fast import use_fast_paths
-from lorafit.inference.loading import add_adapter_arguments, load_adapter_for_inference
-from lorafit.files import atomic_path, check_output_file
+from lorafit.inference.loading import LoadedAdapter
+from lorafit.tasks.classification import predict_texts
 from lorafit.training.settings import DEFAULT_MAX_LENGTH, check_positive_int
 
-NAME = "predict"
-HELP = "label texts with a trained classifier adapter"
+
+@dataclass
+class PredictSettings:
+    """How texts are read and labelled. Every field is also a `lorafit predict` flag."""
+
+    batch_size: int = 64
+    """Texts per forward pass."""
+    text_column: str | None = None
+    """Column of --input holding the texts (default: as in training, else text)."""
+    text_pair_column: str | None = None
+    """Column of --input holding the second texts, for an adapter trained on text pairs (default: as in training)."""
+
+    def __post_init__(self) -> None:
+        check_positive_int("batch_size", self.batch_size)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("texts", nargs="*", help="texts to classify (or use --input)")
-    add_adapter_arguments(parser)
-    parser.add_argument("--input", help="file of texts: CSV, TSV, JSON Lines, JSON, Parquet")
-    parser.add_argument("--text-column", help="column of --input holding the texts (default: as in training, else text)")
-    parser.add_argument("--text-pair-column",
-                        help="column of --input holding the second texts, for an adapter trained on text pairs "
-                             "(default: as in training)")
-    parser.add_argument("--output", help="write JSON Lines here instead of printing")
-    parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
-    parser.add_argument("--encoding", help="encoding of --input when not UTF-8")
+def pair_column_of(loaded: LoadedAdapter, settings: PredictSettings) -> str | None:
+    """The second-text column, when the adapter classifies text pairs."""
+    return settings.text_pair_column or loaded.info.get("text_pair_column")
 
 
-def read_texts(args: argparse.Namespace, default_column: str,
-               pair_column: str | None = None) -> tuple[list[str], list[str] | None]:
-    """The texts to classify, and their second texts when the adapter was trained on pairs."""
-    if args.texts and args.input:
+def read_texts(texts: list[str], input_file: str | None, settings: PredictSettings, default_column: str,
+               pair_column: str | None = None, encoding: str | None = None) -> tuple[list[str], list[str] | None]:
+    """The texts to classify (given, or read from ``input_file``), and their second texts for a pair adapter."""
+    if texts and input_file:
         raise LorafitError("pass texts as arguments or --input FILE, not both")
-    if args.texts:
+    if texts:
         if pair_column:  # scoring the first texts alone would give confident nonsense
             raise LorafitError(f"this adapter classifies text pairs (training columns {default_column!r} and "
                                f"{pair_column!r}); pass --input FILE with both columns")
-        return list(args.texts), None
-    if not args.input:
+        return list(texts), None
+    if not input_file:
         raise LorafitError("nothing to predict: pass texts as arguments or --input FILE")
-    column = args.text_column or default_column
-    table = data.read_table(args.input, encoding=args.encoding, role="input file")
-    prepared = data.prepare_split(table, split="input", source=Path(args.input).name, text_column=column,
+    column = settings.text_column or default_column
+    table = text_data.read_table(input_file, encoding=encoding, role="input file")
+    prepared = text_data.prepare_split(table, split="input", source=Path(input_file).name, text_column=column,
                                   text_pair_column=pair_column, label_column=None, labels=None)
     return list(prepared["text"]), (list(prepared["text_pair"]) if pair_column else None)
 
 
-def run(args: argparse.Namespace) -> int:
-    check_positive_int("batch_size", args.batch_size)
-    if args.output:
-        check_output_file(args.output, "--output", "predictions.jsonl", args.input, "texts")
-    loaded = load_adapter_for_inference(args.adapter, args.model)
-    if loaded.task != "classification":
-        raise LorafitError(f"'{args.adapter}' is a {loaded.task} adapter; use `lorafit generate` for it")
+def predict_rows(loaded: LoadedAdapter, texts: list[str], pairs: list[str] | None,
+                 settings: PredictSettings) -> list[dict]:
+    """One row per text of a classifier adapter: the text (and its pair), the label and every class's probability."""
     use_fast_paths(loaded.model)
-    pair_column = getattr(args, "text_pair_column", None) or loaded.info.get("text_pair_column")
-    texts, pairs = read_texts(args, loaded.info.get("text_column") or "text", pair_column)
     id2label = loaded.model.config.id2label
     probabilities = predict_texts(loaded.model, loaded.tokenizer, texts,
                                   max_length=loaded.info.get("max_length") or DEFAULT_MAX_LENGTH["classification"],
                                   truncation_side=loaded.info.get("truncation_side", "right"),
-                                  batch_size=args.batch_size, pairs=pairs)
-    rows = [{"text": text, **({"text_pair": pairs[i]} if pairs else {}), "label": id2label[int(p.argmax())],
+                                  batch_size=settings.batch_size, pairs=pairs)
+    return [{"text": text, **({"text_pair": pairs[i]} if pairs else {}), "label": id2label[int(p.argmax())],
              "probabilities": {id2label[k]: round(float(v), 6) for k, v in enumerate(p)}}
             for i, (text, p) in enumerate(zip(texts, probabilities))]
-    if args.output:
-        with atomic_path(args.output) as tmp:
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        print(f"wrote {len(rows)} predictions to {args.output}")
-    else:
-        for row in rows:
-            print(f"{row['label']}\t{row['probabilities'][row['label']]:.4f}\t{row['text']}")
-    return 0

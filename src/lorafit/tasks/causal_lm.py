@@ -2,7 +2,8 @@
 
 The loss applies the LM head only at positions whose next token is trained (the response), so
 prompt tokens cost the transformer body but not the vocabulary-sized output layer; a prompt prefix
-every row shares runs once (prefix_sharing.py). Generation helpers here are shared with `lorafit generate`.
+every row shares runs once (prefix_sharing.py). Held-out replies come from inference/generate.py, as
+`lorafit generate`'s do.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from lorafit.data import chat as lm_data
 from lorafit.errors import LorafitError
 from lorafit.fast.causal_loss import causal_loss, response_nll
 from lorafit.inference.base_models import load_causal_lm
+from lorafit.inference.generate import GenerationSettings, generate_replies
 from lorafit.tasks.task import Task, eval_mode
 from lorafit.training.settings import DEFAULT_MAX_LENGTH
 
@@ -57,68 +59,6 @@ def evaluate_lm(model, examples: list[dict], collate, batch_size: int) -> dict:
 
 
 # --- generation ---------------------------------------------------------------------------------------
-def encode_messages_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation followed by the assistant's turn header, built as training builds prompts."""
-    text = lm_data.render_messages(tokenizer, messages, add_generation_prompt=True)
-    return lm_data.text_prefix_ids(tokenizer) + lm_data.tokenize_text(tokenizer, text)
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """eos ids plus the chat template's end-of-turn token (e.g. <|im_end|>), which ends every trained reply."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    if lm_data.has_chat_template(tokenizer):
-        marker = "Zq7marker"
-        full = lm_data.render_messages(tokenizer, [{"role": "user", "content": "hi"},
-                                                   {"role": "assistant", "content": marker}])
-        end = full.find(marker) + len(marker)
-        after = lm_data.extend_over_special(tokenizer, full, end)
-        if after > end:
-            ids.add(tokenizer.convert_tokens_to_ids(full[end:after]))
-    return sorted(i for i in ids if i is not None)
-
-
-def generate_responses(model, tokenizer, prompts: list, max_new_tokens: int, adapter_names: list[str] | None = None,
-                       system: str | None = None, batch_size: int = GENERATION_BATCH, **sampling) -> list[str]:
-    """Replies to prompts (strings, or message lists ending before the reply), batched with left padding.
-
-    Greedy unless sampling options (do_sample=True, temperature, top_p, ...) are given;
-    ``adapter_names`` gives one adapter per prompt (LoraModel's mixed batches).
-    """
-    conversations = [lm_data.prompt_messages(p, system) if isinstance(p, str) else list(p) for p in prompts]
-    encoded = [encode_messages_prompt(tokenizer, messages) for messages in conversations]
-    stops = stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    collate = lm_data.make_lm_collator(pad_id, padding_side="left")
-    options = {"do_sample": False, "max_new_tokens": max_new_tokens, "eos_token_id": stops, "pad_token_id": pad_id,
-               **sampling}
-    if not options["do_sample"]:  # silences warnings about sampling settings a model's config may carry
-        options.update(temperature=None, top_p=None, top_k=None)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    replies: list[str] = [""] * len(encoded)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            batch = collate([{"input_ids": encoded[i], "attention_mask": [1] * len(encoded[i])} for i in rows])
-            names = {"adapter_names": [adapter_names[i] for i in rows]} if adapter_names is not None else {}
-            output = model.generate(input_ids=batch["input_ids"].to(device),
-                                    attention_mask=batch["attention_mask"].to(device), **names, **options)
-            for row, ids in zip(rows, output[:, batch["input_ids"].shape[1]:].tolist()):
-                replies[row] = decode_reply(tokenizer, ids, stops)
-    model.train(was_training)
-    return replies
-
-
-def decode_reply(tokenizer, ids: list[int], stops: list[int]) -> str:
-    """Generated ids up to the first stop token, as stripped text."""
-    end = next((i for i, token in enumerate(ids) if token in stops), len(ids))
-    return tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
-
-
 def reply_budget(tokenizer, references: list[str]) -> int:
     """max_new_tokens for held-out generation: the longest reference plus a margin."""
     longest = max((len(lm_data.tokenize_text(tokenizer, ref)) for ref in references), default=0)
@@ -134,10 +74,11 @@ def exact_match(replies: list[str], references: list[str]) -> float:
 def score_heldout(title: str, model, tokenizer, pairs: list[tuple[list[dict], str]]) -> float:
     """Greedy replies to the held-out prompts: print a few samples and return the exact-match score."""
     references = [ref for _, ref in pairs]
-    replies = generate_responses(model, tokenizer, [prompt for prompt, _ in pairs], reply_budget(tokenizer, references))
+    settings = GenerationSettings(batch_size=GENERATION_BATCH, max_new_tokens=reply_budget(tokenizer, references))
+    replies = generate_replies(model, tokenizer, [prompt for prompt, _ in pairs], settings)
     print(f"\n{title}:\n" + "-" * (len(title) + 1))
     for (prompt, reference), reply in list(zip(pairs, replies))[:SAMPLE_COUNT]:
-        print(f"prompt:    {prompt[-1]['content']}\ngenerated: {reply}\nexpected:  {reference}\n")
+        print(f"prompt:    {prompt[-1]['content']}\ngenerated: {reply.strip()}\nexpected:  {reference}\n")
     score = exact_match(replies, references)
     print(f"held-out exact match: {score:.1%} of {len(pairs)}")
     return score
@@ -199,18 +140,15 @@ class CausalLmTask(Task):
 
 
 # --- lorafit eval -------------------------------------------------------------------------------------
-def evaluate_causal_file(loaded, table, args) -> dict:
+def evaluate_causal_file(loaded, table, *, batch_size: int, max_length: int | None = None) -> dict:
     """`lorafit eval` for a causal-LM adapter: loss and perplexity on the file's response tokens."""
     try:
         lm_data.detect_format(table.column_names)
     except LorafitError as err:
         raise LorafitError(f"--data: {err}") from None
-    max_length = args.max_length or loaded.info.get("max_length") or DEFAULT_MAX_LENGTH["causal-lm"]
+    max_length = max_length or loaded.info.get("max_length") or DEFAULT_MAX_LENGTH["causal-lm"]
     examples = lm_data.tokenize_split(table.to_list(), loaded.tokenizer, split="evaluation", max_length=max_length)
     collate = lm_data.make_lm_collator(loaded.tokenizer.pad_token_id, padding_side="right")
-    metrics = evaluate_lm(loaded.model, examples, collate, args.batch_size)
+    metrics = evaluate_lm(loaded.model, examples, collate, batch_size)
     metrics["examples"] = len(examples)
-    if not getattr(args, "json", False):
-        metrics["_text"] = (f"loss {metrics['loss']:.4f}   perplexity {metrics['perplexity']:.2f}   "
-                            f"({metrics['tokens']} response tokens in {len(examples)} examples)")
     return metrics

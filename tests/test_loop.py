@@ -27,7 +27,7 @@ from lorafit.training.run_dir import LOCK_NAME, read_metrics
 from lorafit.training.loop import (_due, _is_better, epoch_batches, make_optimizer, make_scheduler, run_training,
                            total_steps_for)
 from lorafit.training.settings import TrainConfig
-from test_causal import save_tiny_model, todo_records, write_jsonl
+from test_causal_lm import save_tiny_model, todo_records, write_jsonl
 from test_cli import (adapter_tensors, assert_same_tensors, build_tiny_bert, make_rows, read_jsonl, run_cli,  # noqa: F401
                       single_thread, tensors_equal, tiny_bert_dir, write_rows)
 

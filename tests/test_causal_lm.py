@@ -20,6 +20,7 @@ from lorafit.tasks import causal_lm as causal
 from lorafit.data import chat as lm_data
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
+from lorafit.inference.generate import GenerationSettings, decode_reply, generate_replies, stop_token_ids
 from lorafit.tasks.pipeline import lora_targets, run_train
 from lorafit.inference.loading import load_adapter_for_inference
 from lorafit.model import LoraModel, get_lora_model
@@ -197,7 +198,7 @@ def test_wrapped_model_falls_back_to_the_full_forward():
 # --- generation ----------------------------------------------------------------------------------------
 def test_stop_tokens_include_the_chat_templates_end_of_turn():
     tokenizer = build_tokenizer(chat=True)
-    ids = causal.stop_token_ids(tiny_llama(vocab_size=len(tokenizer)), tokenizer)
+    ids = stop_token_ids(tiny_llama(vocab_size=len(tokenizer)), tokenizer)
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids and tokenizer.eos_token_id in ids
 
 
@@ -207,8 +208,9 @@ def test_batched_generation_with_left_padding_matches_one_at_a_time(arch):
     model = lora_wrapped(arch)
     model.model.resize_token_embeddings(len(tokenizer))
     prompts = ["Ann must buy milk.", "Bob must walk the dog on a very long and winding road today.", "Eve must pay rent."]
-    together = causal.generate_responses(model, tokenizer, prompts, max_new_tokens=6)
-    alone = [causal.generate_responses(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    settings = GenerationSettings(max_new_tokens=6, batch_size=32)
+    together = generate_replies(model, tokenizer, prompts, settings)
+    alone = [generate_replies(model, tokenizer, [p], settings)[0] for p in prompts]
     assert together == alone
     assert all(isinstance(reply, str) for reply in together) and any(together)
 
@@ -221,7 +223,7 @@ def test_decode_reply_stops_at_the_first_stop_token():
     tokenizer = build_tokenizer(chat=True)
     ids = tokenizer("TODO(ann): buy milk", add_special_tokens=False)["input_ids"]
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert causal.decode_reply(tokenizer, ids + [end] + ids, [end]) == "TODO(ann): buy milk"
+    assert decode_reply(tokenizer, ids + [end] + ids, [end]) == "TODO(ann): buy milk"
 
 
 # --- lorafit train / eval ----------------------------------------------------------------------------
@@ -287,12 +289,21 @@ def test_eval_scores_response_tokens_of_a_file(tiny_run):
 
     loaded = load_adapter_for_inference(tiny_run.out / "best")
     table = read_table(tiny_run.validation)
-    args = types.SimpleNamespace(batch_size=4, max_length=None, json=False)
-    metrics = causal.evaluate_causal_file(loaded, table, args)
+    metrics = causal.evaluate_causal_file(loaded, table, batch_size=4)
     assert metrics["loss"] == pytest.approx(tiny_run.final["validation_loss"], abs=1e-4)
     assert metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["loss"], rel=1e-3)
-    assert "perplexity" in metrics.pop("_text")
-    assert "_text" not in causal.evaluate_causal_file(loaded, table, types.SimpleNamespace(batch_size=4, max_length=None, json=True))
+    assert metrics["examples"] == len(table) and metrics["tokens"] > 0
+
+
+def test_eval_command_prints_loss_and_perplexity(tiny_run, capsys):
+    from lorafit.cli import main
+
+    argv = ["eval", "--adapter", str(tiny_run.out / "best"), "--data", str(tiny_run.validation), "--batch-size", "4"]
+    assert main(argv) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main([*argv, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["loss"] == pytest.approx(tiny_run.final["validation_loss"], abs=1e-4) and "_text" not in shown
 
 
 @pytest.mark.parametrize("records, targets, message", [
@@ -346,7 +357,7 @@ def test_all_linear_flag_becomes_the_keyword():
 
 # --- the real model -----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_short_real_run_on_smollm2(tmp_path):
+def test_short_real_run_on_smollm2(tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -362,8 +373,18 @@ def test_short_real_run_on_smollm2(tmp_path):
     history = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert history[-1]["loss"] < history[0]["loss"]
     assert "heldout_exact_match_after" in final
+    # the held-out replies train showed are the ones `lorafit generate` gives (same batch, same budget)
+    shown = re.findall(r"generated: (.*?)\nexpected:", capsys.readouterr().out.split("after training")[1], re.S)
     loaded = load_adapter_for_inference(tmp_path / "out" / "best")
-    replies = causal.generate_responses(loaded.model, loaded.tokenizer, [records[30]["prompt"]], max_new_tokens=16)
+    budget = max(len(loaded.tokenizer(r["response"], add_special_tokens=False)["input_ids"])
+                 for r in records[16:20]) + 8
+    from lorafit.cli import main
+
+    assert main(["generate", "--adapter", str(tmp_path / "out" / "best"), "--input", config.validation_file,
+                 "--output", str(tmp_path / "replies.jsonl"), "--max-new-tokens", str(budget)]) == 0
+    generated = [json.loads(line)["response"] for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
+    assert len(shown) == 3 and shown == [reply.strip() for reply in generated[:3]]
+    replies = generate_replies(loaded.model, loaded.tokenizer, [records[30]["prompt"]], GenerationSettings(max_new_tokens=16))
     assert replies[0].strip()
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model("smollm2")),
                                            str(tmp_path / "out" / "best")).eval()

@@ -1,0 +1,58 @@
+"""Scoring a loaded adapter on a labelled table: the library side of `lorafit eval`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lorafit.data import classification as text_data
+from lorafit.fast import use_fast_paths
+from lorafit.inference.loading import LoadedAdapter
+from lorafit.tasks.classification import evaluate_classifier
+from lorafit.training.settings import DEFAULT_MAX_LENGTH, check_positive_int
+
+
+@dataclass
+class EvalSettings:
+    """How an adapter is scored. Every field is also a `lorafit eval` flag; unset ones follow training."""
+
+    batch_size: int = 64
+    """Examples per forward pass."""
+    max_length: int | None = None
+    """Longest input in tokens (default: as in training)."""
+    text_column: str | None = None
+    """Text column (default: as in training)."""
+    text_pair_column: str | None = None
+    """Second text column (default: as in training)."""
+    label_column: str | None = None
+    """Label column (default: as in training)."""
+
+    def __post_init__(self) -> None:
+        check_positive_int("batch_size", self.batch_size)
+        if self.max_length is not None:  # 0 would otherwise read as "not given"
+            check_positive_int("max_length", self.max_length)
+
+
+def evaluate_adapter(loaded: LoadedAdapter, table, settings: EvalSettings, source: str = "data") -> dict:
+    """Numbers only. Classifiers: loss, accuracy, macro-F1, per-class scores, confusion matrix.
+    Causal LMs: loss and perplexity on the response tokens, with token and example counts."""
+    if loaded.task == "causal-lm":
+        from lorafit.tasks.causal_lm import evaluate_causal_file
+
+        return evaluate_causal_file(loaded, table, batch_size=settings.batch_size, max_length=settings.max_length)
+    use_fast_paths(loaded.model)
+    info = loaded.info
+    prepared = text_data.prepare_split(
+        table, split="evaluation", source=source,
+        text_column=settings.text_column or info.get("text_column", "text"),
+        text_pair_column=settings.text_pair_column or info.get("text_pair_column"),
+        label_column=settings.label_column or info.get("label_column", "label"), labels=label_space(loaded))
+    max_length = settings.max_length or info.get("max_length") or DEFAULT_MAX_LENGTH["classification"]
+    encoded = text_data.tokenize(prepared, loaded.tokenizer, max_length=max_length, truncation_side=info.get("truncation_side", "right"))
+    return evaluate_classifier(loaded.model, encoded, text_data.make_collator(loaded.tokenizer), settings.batch_size,
+                               list(label_space(loaded).names))
+
+
+def label_space(loaded: LoadedAdapter):
+    """A classifier adapter's labels, in class-index order."""
+    id2label = loaded.model.config.id2label
+    return text_data.LabelSpace(tuple(id2label[i] for i in range(len(id2label))))
