@@ -83,6 +83,23 @@ def test_replace_dir_keeps_the_folder_in_place_where_it_can_swap(tmp_path, monke
     assert (target / "v").read_text() == "2"
 
 
+@pytest.mark.parametrize("code", [errno.EPERM, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_replace_dir_falls_back_where_the_swap_is_refused(tmp_path, monkeypatch, code):
+    """A sandbox that blocks renameat2 (EPERM), or a kernel or file system without the swap: two renames."""
+    import ctypes
+
+    def refused(*args):
+        ctypes.set_errno(code)
+        return -1
+
+    monkeypatch.setattr(files, "_renameat2", lambda: refused)
+    target = tmp_path / "best"
+    replace_dir(target, lambda tmp: (tmp / "v").write_text("1"))
+    replace_dir(target, lambda tmp: (tmp / "v").write_text("2"))
+    assert (target / "v").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
 def test_replace_dir_stopped_between_its_renames_keeps_the_old_folder(tmp_path, monkeypatch):
     """Without the swap, Ctrl-C or SIGTERM (as exceptions) may arrive after best/ was set aside, before the new
     one was renamed in."""

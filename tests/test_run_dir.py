@@ -423,3 +423,20 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, killed_run)
     assert second.stderr == (f"lorafit train: error: run folder '{run}' is in use by another lorafit process "
                              f"(pid {holder.pid}); wait for it to end or stop it\n")
     assert snapshot(run) == before and second.stdout == ""
+
+
+def test_a_lock_that_fails_for_another_reason_closes_its_file(tmp_path, monkeypatch):
+    """ENOLCK (a network file system) is raised as it is, and the lock file's descriptor is not leaked."""
+    import errno
+    import fcntl
+    import os
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError) as excinfo:
+        lock_run_dir(tmp_path)
+    assert excinfo.value.errno == errno.ENOLCK
+    assert set(os.listdir("/proc/self/fd")) == before

@@ -178,16 +178,18 @@ def _swap(new: Path, target: Path) -> bool:
     if renameat2(at_cwd, os.fsencode(new), at_cwd, os.fsencode(target), exchange) == 0:
         return True
     code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system or kernel without the swap
-        return False
-    raise OSError(code, os.strerror(code), str(target))
+    if code == errno.ENOENT:
+        raise OSError(code, os.strerror(code), str(target))
+    # a kernel or file system without the swap (EINVAL, ENOSYS, EOPNOTSUPP), or a sandbox that blocks the
+    # call (EPERM): the two-rename fallback runs and reports any real failure itself
+    return False
 
 
 @functools.cache
 def _renameat2():
     try:
         return ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):  # not Linux, or a C library without it
+    except (AttributeError, OSError, TypeError):  # not Linux (Windows refuses CDLL(None)), or a C library without it
         return None
 
 

@@ -24,7 +24,7 @@ HELP = "fold an adapter into its base model and save a plain transformers model"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_adapter_arguments(parser)
-    parser.add_argument("--output", required=True, help="directory to write the merged model to (must not exist)")
+    parser.add_argument("--output", required=True, help="directory to write the merged model to (new or empty)")
     parser.add_argument("--no-safe-merge", dest="safe_merge", action="store_false",
                         help="skip the check that merged weights are finite")
 

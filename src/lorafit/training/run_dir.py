@@ -111,6 +111,9 @@ def lock_run_dir(path: Path) -> None:
         os.close(fd)
         raise LorafitError(f"run folder '{path}' is in use by another lorafit process (pid {holder}); "
                            "wait for it to end or stop it") from None
+    except OSError:  # e.g. ENOLCK on a network file system: the descriptor must not leak
+        os.close(fd)
+        raise
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode("ascii"))
     _LOCKS[key] = fd
