@@ -404,6 +404,16 @@ def test_train_into_a_folder_lorafit_did_not_make(tmp_path, capsys, killed_run):
     assert snapshot(out) == {"README.md": b"my notes", "curves.png": b"my plot"}
 
 
+def test_resume_into_a_folder_holding_someone_elses_config_yaml(tmp_path, capsys, killed_run):
+    """Its config.yaml is not read as lorafit settings ("unknown setting(s)"): the folder is named as not lorafit's."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.yaml").write_text("learning_rate: 0.1\n")
+    code, _, err = run_cli(capsys, *killed_run[1], "--output-dir", out, "--resume")
+    assert_one_line_error(code, err, f"'{out}' is not empty and was not made by lorafit")
+    assert snapshot(out) == {"config.yaml": b"learning_rate: 0.1\n"}
+
+
 def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, killed_run):
     """Two real processes: one holds the run folder, a `lorafit train --resume` on it is refused."""
     run = tmp_path / "run"

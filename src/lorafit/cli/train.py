@@ -33,15 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorafit.tasks.pipeline import run_train
     from lorafit.files import check_output_dir
+    from lorafit.training.run_dir import saved_config
     from lorafit.training.settings import build_config, load_yaml_config
 
     settings = load_yaml_config(args.config) if args.config else {}
     settings.update({k: v for k, v in vars(args).items() if k not in ("config", "command", "run")})
     output_dir = settings.get("output_dir")
-    saved = Path(output_dir) / "config.yaml" if isinstance(output_dir, str) and output_dir.strip() else None
-    if settings.get("resume") is True and saved and saved.is_file():
-        # `--output-dir DIR --resume` continues the run as it was set up; settings given now override
-        settings = {**load_yaml_config(saved), **settings}
+    saved = saved_config(Path(output_dir)) if isinstance(output_dir, str) and output_dir.strip() else None
+    if settings.get("resume") is True and saved:
+        # `--output-dir DIR --resume` continues the run as it was set up; settings given now override.
+        # A config.yaml lorafit did not write is left to prepare_run_dir, which names the folder as not ours.
+        settings = {**saved, **settings}
     config = build_config(settings)
     if config.output_dir:
         check_output_dir(config.output_dir, "--output-dir")
