@@ -246,6 +246,8 @@ def _other_base_adapter(setup, tmp_path) -> Path:
     # past the model's context GPT-2 fails with an IndexError and others run on and on
     ("output-is-input", "would replace the prompts"),
     ("past-context", "exceeds the model's context of 128 tokens; pass --max-new-tokens"),
+    ("message-content-null", "row 1 of"),  # the row is named in the message below
+    ("message-content-null", "'messages' must be a list of {\"role\": str, \"content\": str} objects"),
 ])
 def test_bad_input_is_one_line_error(setup, tmp_path, capsys, case, expected):
     a, b = str(setup["a"]), str(setup["b"])
@@ -269,6 +271,8 @@ def test_bad_input_is_one_line_error(setup, tmp_path, capsys, case, expected):
         "seed-negative": ["--adapter", a, "--temperature", "1", "--seed", "-1", "hello"],
         "output-is-input": ["--adapter", a, "--input", str(rows), "--output", str(rows)],
         "past-context": ["--adapter", a, "--max-new-tokens", "10000000000", "hello"],
+        "message-content-null": ["--adapter", a, "--max-new-tokens", "8", "--input", str(write_jsonl(tmp_path / "chat.jsonl", [
+            {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": None}]}]))],
     }[case]
     assert main(["generate", *argv]) == 2
     err = capsys.readouterr().err

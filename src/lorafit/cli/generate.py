@@ -123,14 +123,16 @@ def _row_adapter(value, where: str, adapters: list[str]) -> str:
 
 
 def conversation_of(value, where: str) -> list[dict]:
-    """A row's messages without a trailing assistant turn, checked to be role/content pairs."""
-    if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                              for m in value):
-        raise LorafitError(f"{where}: 'messages' must be a list of {{\"role\", \"content\"}} objects")
+    """A row's messages without a trailing assistant turn, checked to be role/content pairs of text."""
+    if not isinstance(value, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        raise LorafitError(f"{where}: 'messages' must be a list of {{\"role\": str, \"content\": str}} objects; "
+                           "fix that row")
     messages = [{"role": m["role"], "content": m["content"]} for m in value]
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    if not any(str(m["content"] or "").strip() for m in messages):
+    if not any(m["content"].strip() for m in messages):
         raise LorafitError(f"{where}: the conversation is empty; give it at least one user message")
     return messages
 
