@@ -27,7 +27,7 @@ from lorafit.inference.generate import GenerationSettings, check_context, encode
 from lorafit.inference.loading import LoadedAdapter, check_adapter_dir, load_adapters
 from lorafit.layers import BASE_ADAPTER
 from lorafit.model import DEFAULT_ADAPTER
-from lorafit.files import atomic_path, check_output_file
+from lorafit.files import check_output_file, write_text
 
 NAME = "generate"
 HELP = "generate text with causal-LM adapters"
@@ -176,8 +176,7 @@ def write_rows(rows: list[dict], output: str | None) -> None:
     if output is None:
         sys.stdout.write(text)
         return
-    with atomic_path(output) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    write_text(output, text)
     print(f"wrote {len(rows)} responses to {output}")
 
 

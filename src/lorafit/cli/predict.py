@@ -14,7 +14,7 @@ from lorafit.cli import add_adapter_arguments, add_dataclass_flags, settings_fro
 from lorafit.errors import LorafitError
 from lorafit.inference.loading import load_adapter_for_inference
 from lorafit.inference.predict import PredictSettings, pair_column_of, predict_rows, read_texts
-from lorafit.files import atomic_path, check_output_file
+from lorafit.files import check_output_file, write_text
 
 NAME = "predict"
 HELP = "label texts with a trained classifier adapter"
@@ -40,8 +40,7 @@ def run(args: argparse.Namespace) -> int:
                               pair_column_of(loaded, settings), args.encoding)
     rows = predict_rows(loaded, texts, pairs, settings)
     if args.output:
-        with atomic_path(args.output) as tmp:
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        write_text(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(f"wrote {len(rows)} predictions to {args.output}")
     else:
         for row in rows:
