@@ -9,6 +9,11 @@ class LorafitError(ValueError):
     """
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: for one-line errors."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM: the line to show, and the shell's exit code (128 + the signal's number)."""
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, first_line
 
 _TEMPORARY = re.compile(r"\.(?P<target>.+)\.[^./]+\.tmp")
 _SET_ASIDE = re.compile(r"\.(?P<target>.+)\.old")
@@ -244,7 +244,7 @@ def describe_os_error(err: OSError, writing: str | Path | None = None) -> str:
     if writing and temporary and temporary["target"] == Path(writing).name:
         path = writing  # the temporary beside the output, which the user never named
     where = f" ('{path}')" if path else ""
-    reason = err.strerror or (str(err).splitlines() or [type(err).__name__])[0]
+    reason = err.strerror or first_line(err)
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"{reason}{where}; free some space or write elsewhere, then run again"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -19,7 +19,7 @@ from torch import nn
 
 from lorafit.adapter_state import KEY_PREFIX, adapter_state_dict, adapter_tensors
 from lorafit.config import LoraConfig
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, first_line
 from lorafit.files import atomic_path, write_json
 from lorafit.inject import _saved_module_names as saved_module_names
 from lorafit.inject import find_targets, is_saved_module, modules_to_save_for
@@ -66,7 +66,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
 
 
 def damaged_weights_error(path: Path, err: Exception) -> LorafitError:
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    reason = first_line(err)
     return LorafitError(f"'{path}' is damaged ({reason}): save the adapter again, or copy it again from the run "
                         "that trained it")
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorafit.data.sources import SPLITS, read_splits
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, first_line
 
 if TYPE_CHECKING:
     from lorafit.training.settings import TrainConfig
@@ -88,7 +88,7 @@ def render_messages(tokenizer, messages, *, add_generation_prompt: bool = False)
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except Exception as error:  # jinja raises its own types, e.g. for an unsupported role
-        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        reason = first_line(error)
         raise LorafitError(
             f"the tokenizer's chat template rejected a conversation ({reason}); "
             "fix the roles in the data or train on the plain text format"

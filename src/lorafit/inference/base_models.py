@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import EntryNotFoundError
 
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, first_line
 from lorafit.files import create_dir_once
 
 BUILTIN_MODELS: dict[str, str] = {
@@ -214,7 +214,7 @@ def _from_pretrained(loader: Callable, name: str, *, is_model: bool, **kwargs):
     try:
         return loader(path, **kwargs)
     except _LOAD_ERRORS as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         if is_local:
             raise LorafitError(
                 f"model directory '{path}' could not be loaded ({reason}): pass a directory "

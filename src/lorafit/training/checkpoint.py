@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, first_line
 from lorafit.files import replace_dir
 from lorafit.model import LoraModel
 from lorafit.training.run_dir import checkpoint_dirs
@@ -156,7 +156,7 @@ def _reading(checkpoint: Path, file: str) -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        reason = "missing" if not (checkpoint / file).exists() else (str(err).splitlines() or [type(err).__name__])[0]
+        reason = "missing" if not (checkpoint / file).exists() else first_line(err)
         raise CheckpointDamaged(f"{checkpoint.name}/{file} is damaged ({reason[:160]})") from None
 
 
