@@ -26,12 +26,12 @@ _PEFT_DEFAULTS = {
     "ensure_weight_tying": False, "eva_config": None, "kasa_config": None, "layer_replication": None,
     "loftq_config": {}, "lora_bias": False, "lora_ga_config": None, "megatron_config": None,
     "megatron_core": "megatron.core", "monteclora_config": None, "qalora_group_size": 16, "revision": None,
-    "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+    "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None,
     "use_qalora": False, "velora_config": None,
 }
 # Fields that change the method itself: an adapter that sets them is not plain LoRA.
 _UNSUPPORTED_FEATURES = {
-    "use_dora": "DoRA", "lora_bias": "LoRA bias vectors", "use_qalora": "QALoRA",
+    "lora_bias": "LoRA bias vectors", "use_qalora": "QALoRA",
     "layer_replication": "layer replication", "target_parameters": "parameter targeting",
     "trainable_token_indices": "trainable tokens",
 }
@@ -81,6 +81,9 @@ class LoraConfig:
     layers_pattern: list[str] | str | None = None
     """The name of the layer list that layers_to_transform indexes (layers, h, block, ...); a string or a list of
     names, kept as given (PEFT writes it as given)."""
+    use_dora: bool = False
+    """DoRA (Liu et al., 2024): a trained magnitude per output feature scales the direction of W0 + B A (the
+    equation is in ``lorafit.variants.dora``); Linear, Conv1D and Embedding layers."""
     fan_in_fan_out: bool = False
     """True when the base weight is stored (in, out), as in GPT-2's Conv1D; set automatically for Conv1D."""
     base_model_name_or_path: str | None = None
@@ -98,6 +101,8 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.r must be a positive integer (1, 4, 8, ...), got {self.r!r}")
         if not _is_positive_number(self.lora_alpha):
             raise ValueError(f"LoraConfig.lora_alpha must be a number > 0, got {self.lora_alpha!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         self.target_modules = _as_names_or_regex(self.target_modules)

@@ -151,7 +151,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, rout
             layer = wrap_layer(layer, routing, config.fan_in_fan_out)
             _replace(model, name, layer)
         layer.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.lora_dropout,
-                          config.init_lora_weights, config.use_rslora)
+                          config.init_lora_weights, config.use_rslora, use_dora=config.use_dora)
     for name in _saved_module_names(model, config):
         wrapper = model.get_submodule(name)
         if not isinstance(wrapper, ModulesToSave):

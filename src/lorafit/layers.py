@@ -23,6 +23,7 @@ from lorafit import fast
 from lorafit.fast.lora_update import linear_update
 from lorafit.errors import LorafitError
 from lorafit.config import lora_scaling
+from lorafit.variants import dora
 
 BASE_ADAPTER = "__base__"
 """In a mixed batch, the name for rows that use no adapter at all."""
@@ -79,7 +80,8 @@ class LoraLayer(nn.Module):
     (PEFT's layout), and ``adapter_shapes`` declares which of those tensors make up an adapter. Saving,
     loading, checking files, freezing, counting and deleting go by that declaration, so a LoRA variant
     with a further tensor (DoRA's magnitude vector) declares it there, creates it in ``add_adapter``, and
-    needs nothing else.
+    needs nothing else. Adapters with ``use_dora`` hold their magnitude in ``lora_magnitude_vector`` and run
+    their forward and merge through ``lorafit.variants.dora``.
     """
 
     fan_in_fan_out = False
@@ -99,6 +101,8 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._stack_cache: tuple | None = None  # mixed-batch factors, see fast.lora_update.stacked_factors
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, for the adapters that use it
+        self.merged_norms: dict[str, torch.Tensor] = {}  # DoRA's n of each merge, which its unmerge divides by
         # the fast update this layer's forward calls instead of the plain one; None: the plain one
         self.fast_update = self.fast_variant if fast.allowed() else None
 
@@ -112,7 +116,8 @@ class LoraLayer(nn.Module):
         return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
     @classmethod
-    def adapter_shapes(cls, base_layer: nn.Module, r: int, fan_in_fan_out: bool = False) -> dict[str, tuple[int, ...]]:
+    def adapter_shapes(cls, base_layer: nn.Module, r: int, fan_in_fan_out: bool = False,
+                       use_dora: bool = False) -> dict[str, tuple[int, ...]]:
         """The tensors an adapter of rank ``r`` around ``base_layer`` has, with their shapes, by file key.
 
         A key ``<container>.<attribute>`` (or ``<container>``) is the tensor ``<container>[adapter].<attribute>``;
@@ -124,7 +129,8 @@ class LoraLayer(nn.Module):
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter ``name``'s live tensors under the keys of ``adapter_shapes``."""
         tensors = {}
-        for key in self.adapter_shapes(self.base_layer, self.r[name], self.fan_in_fan_out):
+        for key in self.adapter_shapes(self.base_layer, self.r[name], self.fan_in_fan_out,
+                                       use_dora=name in self.lora_magnitude_vector):
             container, *attributes = key.split(".")
             tensor = getattr(self, container)[name]
             for attribute in attributes:
@@ -136,11 +142,15 @@ class LoraLayer(nn.Module):
         self.r[name], self.lora_alpha[name] = r, alpha
         self.scaling[name] = lora_scaling(alpha, r, use_rslora)
 
+    def add_magnitude(self, name: str) -> None:
+        """DoRA: adapter ``name`` (its factors initialised) gets its magnitude m, at the start equal to n."""
+        self.lora_magnitude_vector[name] = dora.initial_magnitude(self, name, self.unmerged_weight())
+
     def delete_adapter(self, name: str) -> None:
         still_merged = [n for n in self.merged_adapters if n != name]
         if name in self.merged_adapters:
             self.unmerge()
-        for table in (self.r, self.lora_alpha, self.scaling):
+        for table in (self.r, self.lora_alpha, self.scaling, self.merged_norms):
             table.pop(name, None)
         for container in self.children():  # every per-adapter dict, declared tensors and the rest (dropout)
             if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and name in container:
@@ -165,16 +175,42 @@ class LoraLayer(nn.Module):
         names = self._unmerged(names if names is not None else [self.active_adapter])
         if safe_merge:
             self.check_merge(names)
+        base = self.unmerged_weight() if any(n in self.lora_magnitude_vector for n in names) else None
         for name in names:
-            weight.data += self.delta_weight(name).to(weight.dtype)
+            self.merge_into(weight.data, name, base)
             self.merged_adapters.append(name)
+
+    def merge_into(self, weight: torch.Tensor, name: str, base: torch.Tensor | None) -> None:
+        """Fold adapter ``name`` into ``weight`` in place; DoRA takes its norm from ``base``, the weight with no
+        adapter merged."""
+        if name in self.lora_magnitude_vector:
+            dora.merge(self, name, weight, base)
+        else:
+            weight += self.delta_weight(name).to(weight.dtype)
+
+    def unmerge_from(self, weight: torch.Tensor, name: str) -> None:
+        """Undo ``merge_into`` in place."""
+        if name in self.lora_magnitude_vector:
+            dora.unmerge(self, name, weight)
+        else:
+            weight -= self.delta_weight(name).to(weight.dtype)
+
+    def unmerged_weight(self) -> torch.Tensor:
+        """The base weight with every merged adapter taken out (a copy when any is merged)."""
+        weight = self.base_layer.weight.data
+        if not self.merged_adapters:
+            return weight
+        weight = weight.clone()
+        for name in reversed(self.merged_adapters):
+            self.unmerge_from(weight, name)
+        return weight
 
     def check_merge(self, names: list[str]) -> None:
         """The safe-merge check: raise, changing nothing, if merging ``names`` would put NaN or inf into the
         base weight."""
-        merged = self.base_layer.weight.data.clone()
+        merged, base = self.base_layer.weight.data.clone(), self.unmerged_weight()
         for name in self._unmerged(names):
-            merged += self.delta_weight(name).to(merged.dtype)
+            self.merge_into(merged, name, base)
         if not torch.isfinite(merged).all():
             raise LorafitError(f"merging {', '.join(map(repr, names))} would put NaN or inf into the base weights "
                                f"(of a {self.base_name}); the model is unchanged: the adapter's weights are not "
@@ -188,7 +224,7 @@ class LoraLayer(nn.Module):
         """Subtract merged updates again, newest first."""
         weight = self.base_layer.weight
         while self.merged_adapters:
-            weight.data -= self.delta_weight(self.merged_adapters.pop()).to(weight.dtype)
+            self.unmerge_from(weight.data, self.merged_adapters.pop())
 
     @property
     def base_name(self) -> str:
@@ -233,11 +269,14 @@ class LoraLinear(LoraLayer):
         self.lora_dropout = nn.ModuleDict()
 
     @classmethod
-    def adapter_shapes(cls, base_layer: nn.Module, r: int, fan_in_fan_out: bool = False) -> dict[str, tuple[int, ...]]:
+    def adapter_shapes(cls, base_layer: nn.Module, r: int, fan_in_fan_out: bool = False,
+                       use_dora: bool = False) -> dict[str, tuple[int, ...]]:
         in_features, out_features = linear_features(base_layer, fan_in_fan_out)
-        return {"lora_A.weight": (r, in_features), "lora_B.weight": (out_features, r)}
+        shapes = {"lora_A.weight": (r, in_features), "lora_B.weight": (out_features, r)}
+        return {**shapes, dora.MAGNITUDE: (out_features,)} if use_dora else shapes
 
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool) -> None:
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool,
+                    use_dora: bool = False) -> None:
         self._stack_cache = None
         kwargs = {"bias": False, "device": self.base_layer.weight.device, "dtype": self.weight_dtype()}
         self.lora_A[name] = nn.Linear(self.in_features, r, **kwargs)
@@ -250,6 +289,8 @@ class LoraLinear(LoraLayer):
             nn.init.normal_(self.lora_A[name].weight, std=1 / r)
         if init is not False:
             nn.init.zeros_(self.lora_B[name].weight)
+        if use_dora:
+            self.add_magnitude(name)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
@@ -261,6 +302,8 @@ class LoraLinear(LoraLayer):
         return (self.lora_dropout[name](x.to(weight_A.dtype)) @ weight_A.T @ weight_B.T) * self.scaling[name]
 
     def add_update(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        if name in self.lora_magnitude_vector:
+            return result + dora.linear_update(self, x, result, name).to(result.dtype)
         return result + self.lora_update(x, name).to(result.dtype)
 
     def add_mixed_update(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -271,7 +314,9 @@ class LoraLinear(LoraLayer):
         update = torch.zeros_like(result, dtype=self.weight_dtype())
         for i, name in enumerate(names):
             rows = (slots == i).nonzero().squeeze(1)
-            if rows.numel():
+            if rows.numel() and name in self.lora_magnitude_vector:
+                update[rows] = dora.linear_update(self, x[rows], result[rows], name, dropout=False)
+            elif rows.numel():
                 weight_A, weight_B = self.lora_A[name].weight, self.lora_B[name].weight
                 update[rows] = (x[rows].to(weight_A.dtype) @ weight_A.T @ weight_B.T) * self.scaling[name]
         return result + update.to(result.dtype)
@@ -291,11 +336,14 @@ class LoraEmbedding(LoraLayer):
         self.lora_dropout = nn.ModuleDict()
 
     @classmethod
-    def adapter_shapes(cls, base_layer: nn.Module, r: int, fan_in_fan_out: bool = False) -> dict[str, tuple[int, ...]]:
+    def adapter_shapes(cls, base_layer: nn.Module, r: int, fan_in_fan_out: bool = False,
+                       use_dora: bool = False) -> dict[str, tuple[int, ...]]:
         num_embeddings, dim = base_layer.weight.shape
-        return {"lora_embedding_A": (r, num_embeddings), "lora_embedding_B": (dim, r)}
+        shapes = {"lora_embedding_A": (r, num_embeddings), "lora_embedding_B": (dim, r)}
+        return {**shapes, dora.MAGNITUDE: (dim,)} if use_dora else shapes
 
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool) -> None:
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool,
+                    use_dora: bool = False) -> None:
         num_embeddings, dim = self.base_layer.weight.shape
         kwargs = {"device": self.base_layer.weight.device, "dtype": self.weight_dtype()}
         self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, num_embeddings, **kwargs))
@@ -304,6 +352,8 @@ class LoraEmbedding(LoraLayer):
         self.register_scaling(name, r, alpha, use_rslora)
         if init is not False:
             nn.init.zeros_(self.lora_embedding_A[name])
+        if use_dora:
+            self.add_magnitude(name)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
@@ -326,17 +376,19 @@ class LoraEmbedding(LoraLayer):
         return float(scale) if isinstance(scale, (int, float)) else 1.0
 
     def add_update(self, ids: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        if name in self.lora_magnitude_vector:
+            return dora.embedding_output(self, ids, result, name).to(result.dtype)
         return result + self.embedding_update(ids, name).to(result.dtype)
 
     def add_mixed_update(self, ids: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         names = list(self.r)
         slots = self.routing.row_slots(names, ids.shape[0], ids.device)
-        update = torch.zeros_like(result, dtype=self.weight_dtype())
+        output = result.to(self.weight_dtype(), copy=True)
         for i, name in enumerate(names):
             rows = (slots == i).nonzero().squeeze(1)
             if rows.numel():
-                update[rows] = self.embedding_update(ids[rows], name)
-        return result + update.to(result.dtype)
+                output[rows] = self.add_update(ids[rows], output[rows], name)
+        return output.to(result.dtype)
 
 
 def stored_transposed(layer: nn.Module, fan_in_fan_out: bool) -> bool:

@@ -119,7 +119,7 @@ _FIELDS = {
     "rank_pattern": ((dict,), (int,), "an object of integer ranks"),
     "alpha_pattern": ((dict,), (int, float), "an object of numbers"),
     "init_lora_weights": ((bool, str), (), "true, false or a method name"),
-    "use_rslora": ((bool,), (), "true or false"),
+    "use_rslora": ((bool,), (), "true or false"), "use_dora": ((bool,), (), "true or false"),
     "fan_in_fan_out": ((bool,), (), "true or false"), "inference_mode": ((bool,), (), "true or false"),
     "base_model_name_or_path": ((str, type(None)), (), "a string or null"),
     "task_type": ((str, type(None)), (), "a task name or null"),
@@ -144,7 +144,8 @@ def expected_adapter_shapes(model: nn.Module, config: LoraConfig) -> dict[str, t
         kind = type(module) if isinstance(module, LoraLayer) else layer_kind(module)
         # PEFT also saves the full base weight of a targeted embed_tokens / lm_head (save_embedding_layers)
         shapes[f"{path}.base_layer.weight"] = tuple(base.weight.shape)
-        for key, shape in kind.adapter_shapes(base, config.rank_for(path), config.fan_in_fan_out).items():
+        for key, shape in kind.adapter_shapes(base, config.rank_for(path), config.fan_in_fan_out,
+                                              use_dora=config.use_dora).items():
             shapes[f"{path}.{key}"] = shape
     for path, module in model.named_modules():
         if is_saved_module(path, modules_to_save_for(model, config)):

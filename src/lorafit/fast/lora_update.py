@@ -5,6 +5,7 @@ full-size update and then a full-size sum. Here one ``addmm`` scales the rank-r 
 in place when no graph is being recorded, which is most of what an unmerged adapter costs at
 inference. A mixed batch (a different adapter per row) runs one batched matmul pair for all rows
 instead of one pair per adapter, on factors stacked once and reused until one of them changes.
+Layers whose adapter uses DoRA take the plain path (``lorafit.variants.dora``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import torch.nn.functional as F
 
 def linear_update(layer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """``result`` plus the LoRA update of ``layer`` (a LoraLinear) for input ``x``."""
-    if layer.routing.adapter_names is not None:
+    mixed = layer.routing.adapter_names is not None
+    if layer.lora_magnitude_vector and (mixed or layer.active_adapter in layer.lora_magnitude_vector):
+        # DoRA rescales the base output by m / n, which no addmm of a rank-r product gives: the plain path
+        return layer.add_mixed_update(x, result) if mixed else layer.add_update(x, result, layer.active_adapter)
+    if mixed:
         return mixed_update(layer, x, result)
     return fused_update(layer, x, result, layer.active_adapter)
 
