@@ -168,7 +168,7 @@ def test_to_peft_dict_is_read_by_peft():
     assert (theirs.r, theirs.lora_alpha, theirs.lora_dropout, theirs.task_type) == (4, 32, 0.1, "SEQ_CLS")
 
 
-@pytest.mark.parametrize(("key", "value"), [("use_dora", True), ("lora_bias", True), ("use_qalora", True),
+@pytest.mark.parametrize(("key", "value"), [("lora_bias", True), ("use_qalora", True),
                                             ("layer_replication", [[0, 1]])])
 def test_from_peft_dict_refuses_lora_variants(key, value):
     data = LoraConfig().to_peft_dict()

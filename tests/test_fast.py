@@ -107,6 +107,34 @@ def test_merged_and_unmerged_layers_match_both_ways():
     torch.testing.assert_close(plain_result[0], plain_result[1], **OUT)
 
 
+def test_dora_layers_bypass_the_fused_update_with_equal_results():
+    """DoRA rescales the base output, which the fused rank-r addmm cannot: its layers run the plain path
+    under both switches, beside a plain adapter that keeps the fast one (single adapter and mixed batch)."""
+    x = torch.randn(3, 5, 12)
+
+    def build():
+        torch.manual_seed(0)
+        lora = get_lora_model(nn.Sequential(nn.Linear(12, 6)), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False, use_dora=True))
+        lora.add_adapter("plain", LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+        return lora
+
+    def run(lora):
+        out = lora.get_base_model()(x)
+        out.square().sum().backward()
+        with torch.no_grad():
+            lora.routing.set(["plain", "default", BASE_ADAPTER])
+            mixed = lora.get_base_model()(x)
+            lora.routing.set(None)
+        return {"out": out.detach(), "mixed": mixed} | lora_grads(lora)
+
+    fast_result, plain_result = both_ways(build, run)
+    assert any("lora_magnitude_vector" in name for name in fast_result)
+    assert_close({k: fast_result[k] for k in ("out", "mixed")}, {k: plain_result[k] for k in ("out", "mixed")})
+    assert_close({k: v for k, v in fast_result.items() if "lora" in k},
+                 {k: v for k, v in plain_result.items() if "lora" in k}, GRAD)
+
+
 # --- mixed-adapter batches ----------------------------------------------------------------------------
 def two_adapters():
     torch.manual_seed(1)

@@ -300,12 +300,12 @@ class MagnitudeLinear(LoraLinear):
         self.lora_magnitude = nn.ParameterDict()
 
     @classmethod
-    def adapter_shapes(cls, base_layer, r, fan_in_fan_out=False):
-        shapes = super().adapter_shapes(base_layer, r, fan_in_fan_out)
+    def adapter_shapes(cls, base_layer, r, fan_in_fan_out=False, use_dora=False):
+        shapes = super().adapter_shapes(base_layer, r, fan_in_fan_out, use_dora)
         return {**shapes, "lora_magnitude": shapes["lora_B.weight"][:1]}
 
-    def add_adapter(self, name, *args):
-        super().add_adapter(name, *args)
+    def add_adapter(self, name, *args, **kwargs):
+        super().add_adapter(name, *args, **kwargs)
         self.lora_magnitude[name] = nn.Parameter(torch.ones(self.out_features))
 
 

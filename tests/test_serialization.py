@@ -313,12 +313,12 @@ def test_incomplete_adapter_file_is_refused(tmp_path):
     _assert_unchanged(base, snapshot)
 
 
-def test_dora_adapter_is_refused(tmp_path):
+def test_dora_config_without_magnitude_vectors_is_refused_as_incomplete(tmp_path):
     _trained("gpt2-conv1d").save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["use_dora"] = True
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(LorafitError, match="DoRA"):
+    with pytest.raises(LorafitError, match="incomplete: no tensor '.*c_attn.lora_magnitude_vector'"):
         LoraModel.from_pretrained(tiny_gpt2(), tmp_path)
 
 

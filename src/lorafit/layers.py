@@ -196,11 +196,8 @@ class LoraLayer(nn.Module):
             weight -= self.delta_weight(name).to(weight.dtype)
 
     def unmerged_weight(self) -> torch.Tensor:
-        """The base weight with every merged adapter taken out (a copy when any is merged)."""
-        weight = self.base_layer.weight.data
-        if not self.merged_adapters:
-            return weight
-        weight = weight.clone()
+        """A copy of the base weight with every merged adapter taken out."""
+        weight = self.base_layer.weight.data.clone()
         for name in reversed(self.merged_adapters):
             self.unmerge_from(weight, name)
         return weight
@@ -208,7 +205,8 @@ class LoraLayer(nn.Module):
     def check_merge(self, names: list[str]) -> None:
         """The safe-merge check: raise, changing nothing, if merging ``names`` would put NaN or inf into the
         base weight."""
-        merged, base = self.base_layer.weight.data.clone(), self.unmerged_weight()
+        merged = self.base_layer.weight.data.clone()
+        base = self.unmerged_weight() if any(n in self.lora_magnitude_vector for n in names) else None
         for name in self._unmerged(names):
             self.merge_into(merged, name, base)
         if not torch.isfinite(merged).all():
