@@ -9,6 +9,7 @@ from lorafit.errors import LorafitError
 from lorafit.layers import BASE_ADAPTER, LoraEmbedding, LoraLayer, LoraLinear
 from lorafit.model import LoraModel, get_lora_model
 from lorafit.serialization import get_peft_model_state_dict, set_peft_model_state_dict
+from lorafit.training.optimizer import create_loraplus_optimizer
 
 __all__ = [
     "BASE_ADAPTER",
@@ -18,6 +19,7 @@ __all__ = [
     "LoraLinear",
     "LoraModel",
     "LorafitError",
+    "create_loraplus_optimizer",
     "get_lora_model",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",

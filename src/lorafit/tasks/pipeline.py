@@ -108,7 +108,8 @@ def build_model(task: Task, model_path: str, tokenizer):
     seed_everything(config.seed)
     base = task.load_base(model_path, tokenizer)
     lora_config = LoraConfig(task_type=task.lora_task_type, r=config.r, lora_alpha=config.lora_alpha,
-                             lora_dropout=config.lora_dropout, target_modules=lora_targets(config))
+                             lora_dropout=config.lora_dropout, target_modules=lora_targets(config),
+                             use_dora=config.use_dora)
     check_each_target_matches(base, lora_config.target_modules)
     model = get_lora_model(base, lora_config)
     use_fast_paths(model, config.fast)  # every speed trick, or none with --no-fast

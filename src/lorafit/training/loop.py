@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from lorafit.fast import fast_section
 from lorafit.training.checkpoint import TrainState, load_newest_checkpoint, save_checkpoint
+from lorafit.training.optimizer import make_optimizer
 from lorafit.data.classification import length_grouped_order
 from lorafit.errors import Interrupted
 from lorafit.files import replace_dir
@@ -66,16 +67,6 @@ def epoch_batches(lengths: Sequence[int], config: TrainConfig, epoch: int) -> li
     else:
         order = torch.randperm(len(lengths), generator=generator).tolist()
     return [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-
-
-def make_optimizer(model: LoraModel, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW on trainable parameters; biases and norm weights get no decay, as transformers' Trainer does."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if name.endswith(".bias") or "norm" in name.lower() else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):

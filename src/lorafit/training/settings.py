@@ -66,12 +66,18 @@ class TrainConfig:
     """LoRA scale numerator: the update is multiplied by lora_alpha / r."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA branch's input."""
+    use_dora: bool = False
+    """DoRA: also train a magnitude per output feature of each adapted layer (PEFT's use_dora)."""
     target_modules: list[str] | None = None
     """Modules to adapt, e.g. query value, or all-linear. Default: all-linear for causal-lm; for
     classification the architecture's query and value projections (query/value, q_proj/v_proj, c_attn).
     Each name must match a module of the model."""
     lr: float | None = None
     """Peak learning rate (AdamW, linear decay). Default: 1e-3 (classification), 3e-3 (causal-lm)."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: train B (and biases, DoRA magnitudes) with this many times --lr, e.g. 16; PEFT's grouping."""
+    loraplus_lr_embedding: float = 1e-6
+    """LoRA+: the learning rate of embedding LoRA factors (PEFT's default 1e-6)."""
     batch_size: int = 16
     """Training examples per optimizer step."""
     eval_batch_size: int = 64
@@ -130,12 +136,13 @@ class TrainConfig:
                 check_positive_int(name, getattr(self, name))
         check_seed("seed", self.seed)
         check_number("lora_alpha", self.lora_alpha, "> 0")
-        for name in ("epochs", "lr"):
+        for name in ("epochs", "lr", "loraplus_lr_ratio"):
             if getattr(self, name) is not None:
                 check_number(name, getattr(self, name), "> 0")
         check_number("lora_dropout", self.lora_dropout, "in [0, 1)")
         check_number("warmup_ratio", self.warmup_ratio, "in [0, 1)")
         check_number("weight_decay", self.weight_decay, ">= 0")
+        check_number("loraplus_lr_embedding", self.loraplus_lr_embedding, "> 0")
         if self.dataset and self.train_file:
             raise LorafitError("pass either --dataset or --train-file, not both")
 
