@@ -126,3 +126,42 @@ def test_adapter_holding_nan_is_one_line_naming_it_and_writes_nothing(tmp_path, 
     assert_one_line_error(code, err, str(adapter), "NaN", "--lr")
     assert not (tmp_path / "out").exists()
     assert snapshot(adapter) == before
+
+
+def test_a_dora_run_with_loraplus_trains_merges_and_predicts(tmp_path, capsys, tiny_bert3_dir):
+    """`lorafit train --use-dora --loraplus-lr-ratio`: the saved adapter is PEFT's DoRA format, `merge` writes a
+    model that scores like base + adapter (and like PEFT's loading of it), `predict` loads it."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lorafit.inference.loading import load_adapter_for_inference
+    from test_cli import make_rows, write_rows
+
+    train = write_rows(tmp_path / "train.jsonl", make_rows(16, ("neg", "neu", "pos"), seed=8))
+    code, _, err = run_cli(capsys, "train", "--model", tiny_bert3_dir, "--train-file", train, "--eval-strategy", "no",
+                           "--max-steps", "2", "--max-length", "32", "--batch-size", "8", "--lr", "0.01",
+                           "--use-dora", "--loraplus-lr-ratio", "4", "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    best = tmp_path / "run" / "best"
+    magnitudes = [k for k in load_file(best / "adapter_model.safetensors") if k.endswith(".lora_magnitude_vector")]
+    assert len(magnitudes) == 4  # query and value of two layers
+
+    code, _, err = run_cli(capsys, "merge", "--adapter", best, "--output", tmp_path / "merged")
+    assert code == 0, err
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    loaded = load_adapter_for_inference(best)
+    adapter_logits = _logits(loaded.model, loaded.tokenizer)
+    assert torch.allclose(_logits(merged, AutoTokenizer.from_pretrained(tmp_path / "merged")), adapter_logits,
+                          atol=1e-5)
+    with single_thread():
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_bert3_dir).eval()
+    assert not torch.allclose(_logits(base, loaded.tokenizer), adapter_logits, atol=1e-4)
+    peft = pytest.importorskip("peft")
+    with single_thread():
+        theirs = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_bert3_dir),
+                                                str(best)).eval()
+    assert torch.allclose(_logits(theirs, loaded.tokenizer), adapter_logits, atol=1e-5)
+
+    code, out, err = run_cli(capsys, "predict", "--adapter", best, "a great film", "dull")
+    assert code == 0, err
+    assert len(out.strip().splitlines()) >= 2
