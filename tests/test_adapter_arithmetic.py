@@ -76,7 +76,8 @@ def combine_both(ours, theirs, seed: int = 7, **kwargs) -> None:
 
 def new_tensors(model, peft_side: bool) -> dict[str, torch.Tensor]:
     if peft_side:
-        return peft.get_peft_model_state_dict(model, adapter_name="new")
+        with _quiet():  # "Setting save_embedding_layers to True" where embed_tokens is adapted
+            return peft.get_peft_model_state_dict(model, adapter_name="new")
     return get_peft_model_state_dict(model, adapter_name="new")
 
 
@@ -215,6 +216,66 @@ def test_modules_to_save_as_in_peft(tmp_path):
         theirs.add_weighted_adapter(["h", "h2"], [1.0, 1.0], "new", combination_type="cat")
     with pytest.raises(LorafitError, match="trains classifier in full"):
         ours.add_weighted_adapter(["h", "h2"], [1.0, 1.0], "new", combination_type="cat")
+
+
+def _saved_bert_adapters(tmp_path, **specs) -> dict:
+    dirs = {}
+    for i, (name, spec) in enumerate(specs.items()):
+        spec = {"target_modules": ["query", "value"], **spec}
+        model = get_lora_model(tiny_bert_cls(0), LoraConfig(init_lora_weights=False, **spec))
+        torch.manual_seed(200 + i)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data.normal_(0, 0.3)
+        model.save_pretrained(tmp_path / name)
+        dirs[name] = tmp_path / name
+    return dirs
+
+
+def test_rslora_adapters_combine_to_the_weighted_sum(tmp_path):
+    """PEFT keeps use_rslora on the new adapter and so scales it by sqrt(r), not 1; lorafit does not."""
+    dirs = _saved_bert_adapters(tmp_path, a=dict(r=4, lora_alpha=8, use_rslora=True),
+                                b=dict(r=4, lora_alpha=4, use_rslora=True))
+    ours, _ = both("bert", dirs, ["a", "b"])
+    ours.add_weighted_adapter(["a", "b"], [1.0, -0.5], "new", combination_type="cat")
+    layer = ours.model.bert.encoder.layer[0].attention.self.query
+    assert layer.scaling["new"] == 1.0 and not ours.peft_config["new"].use_rslora
+    assert torch.allclose(layer.delta_weight("new"), layer.delta_weight("a") - 0.5 * layer.delta_weight("b"),
+                          atol=1e-6)
+
+
+def test_rank_pattern_layers_are_zero_padded_and_load_in_peft(tmp_path):
+    """A layer whose rank_pattern rank is below r gets factors padded to r: the same outputs as PEFT's
+    combination, and, unlike PEFT's (narrower than its r), a file PEFT loads."""
+    dirs = _saved_bert_adapters(tmp_path, a=dict(r=4, rank_pattern={"value": 2}), b=dict(r=4, rank_pattern={"value": 2}))
+    ours, theirs = both("bert", dirs, ["a", "b"])
+    combine_both(ours, theirs, adapters=["a", "b"], weights=[0.5, 0.5], combination_type="linear")
+    assert outputs_diff("bert", ours, theirs) <= ATOL
+    ours.save_pretrained(tmp_path / "saved", selected_adapters=["new"])
+    with _quiet():
+        loaded = peft.PeftModel.from_pretrained(tiny_bert_cls(0), tmp_path / "saved" / "new")
+    assert (logits(ours, make_batch()) - logits(loaded, make_batch())).abs().max() <= ATOL
+
+
+def test_layers_the_first_adapter_leaves_out_are_left_out_with_a_warning_as_in_peft(tmp_path):
+    dirs = _saved_bert_adapters(tmp_path, a=dict(r=4, layers_to_transform=[0]), b=dict(r=4))
+    ours, theirs = both("bert", dirs, ["a", "b"])
+    with pytest.warns(UserWarning, match=r"layer\.1\.attention\.self\.query.* left out"):
+        combine_both(ours, theirs, adapters=["a", "b"], weights=[1.0, 1.0], combination_type="cat")
+    assert "new" not in ours.model.bert.encoder.layer[1].attention.self.query.r
+    assert outputs_diff("bert", ours, theirs) <= ATOL
+
+
+def test_a_layer_no_adapter_adapts_is_refused_and_changes_nothing(tmp_path):
+    dirs = _saved_bert_adapters(tmp_path, a=dict(r=4, target_modules=["query"]),
+                                b=dict(r=4, target_modules=["key"], layers_to_transform=[1]))
+    ours, theirs = both("bert", dirs, ["a", "b"])
+    with pytest.raises(ValueError, match="No matching LoRAs"), _quiet():
+        theirs.add_weighted_adapter(["a", "b"], [1.0, 1.0], "new", combination_type="cat")
+    with pytest.raises(LorafitError, match=r"'bert\.encoder\.layer\.0\.attention\.self\.key' is adapted by the new"):
+        ours.add_weighted_adapter(["a", "b"], [1.0, 1.0], "new", combination_type="cat")
+    assert list(ours.peft_config) == ["a", "b"]
+    assert not [m for m in ours.modules() if "new" in getattr(m, "r", {})]
 
 
 def test_saved_combination_loads_in_peft_with_the_same_outputs(saved, tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -68,7 +69,7 @@ def plan_weighted_adapter(configs: dict[str, LoraConfig], adapters: list[str], w
     if len(weights) != len(adapters):
         raise LorafitError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s); give one weight per adapter")
     for weight in weights:
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
             raise LorafitError(f"adapter weights must be finite numbers (negative ones subtract), got {weight!r}")
     if combination_type not in COMBINATIONS:
         raise LorafitError(f"unknown combination_type {combination_type!r}; choose one of {', '.join(COMBINATIONS)}")
@@ -127,19 +128,23 @@ def _union_targets(configs: dict[str, LoraConfig], adapters: list[str]) -> list[
 
 
 @torch.no_grad()
-def fill_weighted_adapter(layers: list[LoraLayer], plan: WeightedPlan, adapter_name: str) -> None:
+def fill_weighted_adapter(model: nn.Module, plan: WeightedPlan, adapter_name: str) -> None:
     """Write the combination into ``adapter_name``'s factors in every layer that has it.
 
     Layers go in module order and, inside one, A before B and adapters in the order given, as in PEFT:
     DARE's random masks then come from the generator in the same order.
     """
-    for layer in layers:
-        if adapter_name not in layer.r:
+    left_out = []
+    for module_name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
             continue
         present = [(name, w) for name, w in zip(plan.adapters, plan.weights) if name in layer.r]
+        if adapter_name not in layer.r:
+            left_out += [module_name] if present else []
+            continue
         if not present:
-            raise LorafitError(f"a {layer.base_name} targeted by the new adapter holds none of "
-                               f"{', '.join(plan.adapters)}; combine adapters with matching layers_to_transform")
+            raise LorafitError(f"'{module_name}' is adapted by the new adapter but by none of {', '.join(plan.adapters)}; "
+                               "combine adapters with the same layers_to_transform and exclude_modules")
         if plan.combination == "cat":
             new_A, new_B = _concatenated(layer, present)
         elif plan.combination in ON_UPDATES:
@@ -150,6 +155,10 @@ def fill_weighted_adapter(layers: list[LoraLayer], plan: WeightedPlan, adapter_n
         rank = new_A.shape[0]  # at most the new adapter's r; the rows and columns beyond it stay zero
         target_A.zero_()[:rank] = new_A
         target_B.zero_()[:, :rank] = new_B
+    if left_out:
+        warnings.warn(f"{', '.join(left_out)} are left out of the combination: the new adapter takes "
+                      f"layers_to_transform and exclude_modules from {plan.adapters[0]!r} (as in PEFT), which "
+                      "leave them out", UserWarning, stacklevel=3)
 
 
 def factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -138,7 +138,7 @@ class LoraModel(nn.Module):
         check_saved_modules(self.model, plan.adapters)
         with self._undone_on_failure(adapter_name):
             self.add_adapter(adapter_name, plan.config)
-            fill_weighted_adapter(lora_layers(self.model), plan, adapter_name)
+            fill_weighted_adapter(self.model, plan, adapter_name)
 
     def load_weights(self, adapter_dir: str | os.PathLike, adapter_name: str) -> None:
         """Overwrite an existing adapter's weights with saved ones (resuming a run, loading best/)."""

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         check_finite(loaded.model, label)
     output.parent.mkdir(parents=True, exist_ok=True)
     if combining and not settings.merge_into_base:
-        replace_dir(output, lambda tmp: write_adapter(loaded, tmp))
+        replace_dir(output, lambda tmp: write_adapter(loaded, tmp, args.model))
         print(f"combined adapter ({settings.combination} of {len(args.adapter)}) written to {output}")
         return 0
     merged = loaded.model.merge_and_unload(safe_merge=args.safe_merge)
@@ -73,10 +73,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_adapter(loaded: LoadedAdapter, directory: Path) -> None:
+def write_adapter(loaded: LoadedAdapter, directory: Path, model: str | None) -> None:
     """The combined adapter as a run's best/ folder holds one: PEFT's files, lorafit's info and the tokenizer."""
     loaded.model.save_pretrained(directory)
-    save_adapter_info(directory, {**loaded.info, "task": loaded.task})
+    base = {"base_model": model} if model else {}  # the base it was combined on, as --model named it
+    save_adapter_info(directory, {**loaded.info, "task": loaded.task, **base})
     loaded.tokenizer.save_pretrained(directory / "tokenizer")
 
 
