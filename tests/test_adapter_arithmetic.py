@@ -123,6 +123,21 @@ def test_same_new_adapter_as_peft(saved, kind, combination):
     assert (logits(ours, make_batch()) - base).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("options", [
+    dict(combination_type="ties", density=0.3, majority_sign_method="frequency"),
+    dict(combination_type="dare_ties_svd", density=0.6, majority_sign_method="frequency", svd_rank=3),
+    dict(combination_type="svd", svd_rank=5, svd_clamp=0.9),
+    dict(combination_type="svd", svd_full_matrices=False),
+    dict(combination_type="magnitude_prune", density=1.0),
+])
+def test_options_as_in_peft(saved, options):
+    names = ["a", "b"] if options["combination_type"] in FACTOR_KINDS else ["a", "b", "c"]
+    ours, theirs = both("llama", saved["llama"], names)
+    combine_both(ours, theirs, adapters=names, weights=[0.9, 0.5, -0.3][:len(names)], **options)
+    assert max_diff(new_tensors(ours, False), new_tensors(theirs, True)) == 0.0
+    assert outputs_diff("llama", ours, theirs) <= ATOL
+
+
 @pytest.mark.parametrize("init", [True, "gaussian"])
 @pytest.mark.parametrize("combination", ["dare_linear", "dare_ties_svd"])
 def test_dare_masks_equal_peft_whatever_the_new_adapter_initialisation_draws(tmp_path, init, combination):
@@ -247,7 +262,8 @@ def test_rslora_adapters_combine_to_the_weighted_sum(tmp_path):
 def test_rank_pattern_layers_are_zero_padded_and_load_in_peft(tmp_path):
     """A layer whose rank_pattern rank is below r gets factors padded to r: the same outputs as PEFT's
     combination, and, unlike PEFT's (narrower than its r), a file PEFT loads."""
-    dirs = _saved_bert_adapters(tmp_path, a=dict(r=4, rank_pattern={"value": 2}), b=dict(r=4, rank_pattern={"value": 2}))
+    dirs = _saved_bert_adapters(tmp_path, a=dict(r=4, rank_pattern={"value": 2}),
+                                b=dict(r=4, rank_pattern={"value": 2}))
     ours, theirs = both("bert", dirs, ["a", "b"])
     combine_both(ours, theirs, adapters=["a", "b"], weights=[0.5, 0.5], combination_type="linear")
     assert outputs_diff("bert", ours, theirs) <= ATOL

@@ -143,8 +143,9 @@ def fill_weighted_adapter(model: nn.Module, plan: WeightedPlan, adapter_name: st
             left_out += [module_name] if present else []
             continue
         if not present:
-            raise LorafitError(f"'{module_name}' is adapted by the new adapter but by none of {', '.join(plan.adapters)}; "
-                               "combine adapters with the same layers_to_transform and exclude_modules")
+            raise LorafitError(f"'{module_name}' is adapted by the new adapter but by none of "
+                               f"{', '.join(plan.adapters)}; combine adapters with the same layers_to_transform "
+                               "and exclude_modules")
         if plan.combination == "cat":
             new_A, new_B = _concatenated(layer, present)
         elif plan.combination in ON_UPDATES:
