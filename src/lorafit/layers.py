@@ -142,10 +142,6 @@ class LoraLayer(nn.Module):
         self.r[name], self.lora_alpha[name] = r, alpha
         self.scaling[name] = lora_scaling(alpha, r, use_rslora)
 
-    def add_magnitude(self, name: str) -> None:
-        """DoRA: adapter ``name`` (its factors initialised) gets its magnitude m, at the start equal to n."""
-        self.lora_magnitude_vector[name] = dora.initial_magnitude(self, name, self.unmerged_weight())
-
     def delete_adapter(self, name: str) -> None:
         still_merged = [n for n in self.merged_adapters if n != name]
         if name in self.merged_adapters:
@@ -287,8 +283,8 @@ class LoraLinear(LoraLayer):
             nn.init.normal_(self.lora_A[name].weight, std=1 / r)
         if init is not False:
             nn.init.zeros_(self.lora_B[name].weight)
-        if use_dora:
-            self.add_magnitude(name)
+        if use_dora:  # after the factors: m starts at ||W0 + s B A||
+            self.lora_magnitude_vector[name] = dora.initial_magnitude(self, name, self.unmerged_weight())
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
@@ -353,8 +349,8 @@ class LoraEmbedding(LoraLayer):
             # PEFT redraws B here; drawing it too keeps the generator in step with PEFT for a given seed
             # (add_weighted_adapter's DARE masks, drawn after the new adapter is created, rely on it)
             nn.init.normal_(self.lora_embedding_B[name])
-        if use_dora:
-            self.add_magnitude(name)
+        if use_dora:  # after the factors: m starts at ||W0 + s B A||
+            self.lora_magnitude_vector[name] = dora.initial_magnitude(self, name, self.unmerged_weight())
 
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
