@@ -249,13 +249,6 @@ def test_multi_adapter_layout_peft_to_lorafit(tmp_path):
     assert_close(mixed[2], expected_default[2])
 
 
-def test_peft_dora_adapter_is_refused(tmp_path):
-    theirs = peft.get_peft_model(tiny_llama(0), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    theirs.save_pretrained(str(tmp_path))
-    with pytest.raises(LorafitError, match="DoRA"):
-        LoraModel.from_pretrained(tiny_llama(0), tmp_path)
-
-
 def test_lorafit_adapter_is_trainable_in_peft(tmp_path):
     """is_trainable=True in PEFT unfreezes exactly the adapter tensors lorafit saved."""
     ours = lorafit_adapter("roberta-seqcls")
