@@ -20,7 +20,7 @@ peft = pytest.importorskip("peft")
 
 from conftest import make_batch, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_roberta_cls  # noqa: E402
 
-from lorafit import LoraConfig, LoraModel, LorafitError, get_lora_model  # noqa: E402
+from lorafit import LoraConfig, LoraModel, get_lora_model  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT's
 
