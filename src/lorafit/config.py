@@ -8,9 +8,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorafit.variants.residual_init import PISSA_NITER
+
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "TOKEN_CLS", "FEATURE_EXTRACTION")
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian")
+INIT_MODES = (True, False, "gaussian", "pissa", "olora")
+"""The values of init_lora_weights, besides "pissa_niter_<K>"."""
 ALL_LINEAR = "all-linear"
 
 # PEFT writes these into adapter_config.json; we read them but have no use for their values.
@@ -69,7 +72,10 @@ class LoraConfig:
     module whose name ends in it, as in PEFT."""
     init_lora_weights: bool | str = True
     """True: A kaiming-uniform, B zero. "gaussian": A normal with std 1/r, B zero. False: both
-    random, so the adapter is not a no-op (for tests)."""
+    random, so the adapter is not a no-op (for tests). "pissa" (the weight's principal singular directions),
+    "pissa_niter_<K>" (the same by a randomised SVD with K subspace iterations: fast, approximate) or "olora"
+    (its QR decomposition): the adapter starts as a slice of the base weight, which keeps the residual, so
+    the base model's weights change (see ``lorafit.variants.residual_init``)."""
     use_rslora: bool = False
     """Rank-stabilised scaling lora_alpha / sqrt(r) (Kalajdzievski, 2023) instead of lora_alpha / r."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -96,7 +102,8 @@ class LoraConfig:
             self.task_type = str(getattr(self.task_type, "value", self.task_type))
         _check_choice("task_type", self.task_type, TASK_TYPES + (None,))
         _check_choice("bias", self.bias, BIAS_MODES)
-        _check_choice("init_lora_weights", self.init_lora_weights, INIT_MODES)
+        if not (isinstance(self.init_lora_weights, str) and PISSA_NITER.fullmatch(self.init_lora_weights)):
+            _check_choice("init_lora_weights", self.init_lora_weights, INIT_MODES + ("pissa_niter_<K>",))
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"LoraConfig.r must be a positive integer (1, 4, 8, ...), got {self.r!r}")
         if not _is_positive_number(self.lora_alpha):

@@ -23,7 +23,7 @@ from lorafit import fast
 from lorafit.fast.lora_update import linear_update
 from lorafit.errors import LorafitError
 from lorafit.config import lora_scaling
-from lorafit.variants import dora
+from lorafit.variants import dora, residual_init
 
 BASE_ADAPTER = "__base__"
 """In a mixed batch, the name for rows that use no adapter at all."""
@@ -281,7 +281,9 @@ class LoraLinear(LoraLayer):
             nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         elif init == "gaussian":
             nn.init.normal_(self.lora_A[name].weight, std=1 / r)
-        if init is not False:
+        if residual_init.changes_base(init):
+            residual_init.initialise(self, name, init)
+        elif init is not False:
             nn.init.zeros_(self.lora_B[name].weight)
         if use_dora:  # after the factors: m starts at ||W0 + s B A||
             self.lora_magnitude_vector[name] = dora.initial_magnitude(self, name, self.unmerged_weight())

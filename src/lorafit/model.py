@@ -161,12 +161,18 @@ class LoraModel(nn.Module):
             raise
         return lora_model
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
-        """PEFT's layout: the ``default`` adapter at the top, every other one in a sub-folder of its name."""
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None) -> None:
+        """PEFT's layout: the ``default`` adapter at the top, every other one in a sub-folder of its name.
+
+        ``path_initial_model_for_weight_conversion`` (PEFT's): the folder an adapter initialised with PiSSA or
+        OLoRA was saved to before training; the adapter is then written as a plain LoRA of twice the rank
+        that applies to the original, unchanged base model.
+        """
         for name in selected_adapters or list(self.peft_config):
             self._require(name)
             directory = Path(save_directory) if name == DEFAULT_ADAPTER else Path(save_directory) / name
-            save_adapter(self.model, name, self.peft_config[name], directory)
+            save_adapter(self.model, name, self.peft_config[name], directory, path_initial_model_for_weight_conversion)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

@@ -25,17 +25,29 @@ from lorafit.inject import _saved_module_names as saved_module_names
 from lorafit.inject import find_targets, is_saved_module, modules_to_save_for
 from lorafit.layers import ADAPTER_PREFIX, LoraLayer, layer_kind
 from lorafit.saved_modules import ModulesToSave
+from lorafit.variants.residual_init import converted_to_lora
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def save_adapter(model: nn.Module, adapter_name: str, config: LoraConfig, directory: str | os.PathLike) -> Path:
-    """Write one adapter; weights first, so a config file never points at missing weights."""
+def save_adapter(model: nn.Module, adapter_name: str, config: LoraConfig, directory: str | os.PathLike,
+                 initial_adapter: str | os.PathLike | None = None) -> Path:
+    """Write one adapter; weights first, so a config file never points at missing weights.
+
+    ``initial_adapter``: the adapter's folder saved at its start; the adapter is then written as the plain
+    LoRA it equals on the original base weights (``residual_init.converted_to_lora``).
+    """
+    tensors = adapter_state_dict(model, adapter_name, config)
+    if initial_adapter is not None:
+        _, initial = read_adapter(initial_adapter)
+        plain = {key.removeprefix(KEY_PREFIX): tensor for key, tensor in tensors.items()}
+        config, plain = converted_to_lora(config, plain, initial, str(initial_adapter), model, adapter_name)
+        tensors = {KEY_PREFIX + key: tensor for key, tensor in plain.items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(adapter_state_dict(model, adapter_name, config), str(tmp), metadata={"format": "pt"})
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     saved = LoraConfig(**{**config.to_dict(), "inference_mode": True,
                           "modules_to_save": modules_to_save_for(model, config) or None})
     if saved.base_model_name_or_path is None:

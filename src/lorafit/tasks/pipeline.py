@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.fast import use_fast_paths
-from lorafit.files import write_text
+from lorafit.files import replace_dir, write_text
 from lorafit.inference.base_models import load_tokenizer, model_reference, resolve_model
 from lorafit.inject import check_each_target_matches
 from lorafit.model import get_lora_model
@@ -22,8 +22,10 @@ from lorafit.tasks.causal_lm import CausalLmTask
 from lorafit.tasks.classification import ClassificationTask
 from lorafit.tasks.task import Task
 from lorafit.training.loop import LoopResult, restore_best, run_training, seed_everything
-from lorafit.training.run_dir import model_card, plot_curves, prepare_run_dir, release_run_dirs, save_adapter_info
+from lorafit.training.run_dir import (INITIAL_ADAPTER, model_card, plot_curves, prepare_run_dir, release_run_dirs,
+                                      save_adapter_info)
 from lorafit.training.settings import TrainConfig
+from lorafit.variants.residual_init import changes_base
 
 TASKS: dict[str, type[Task]] = {task.name: task for task in (ClassificationTask, CausalLmTask)}
 
@@ -54,6 +56,8 @@ def train(task: Task) -> dict:
     model = build_model(task, model_path, tokenizer)
     # only now that the data, model and adapter settings have all been checked is anything written
     prepare_run_dir(run_dir, config)
+    if changes_base(config.init_lora_weights):  # what best/ is converted against at the end
+        replace_dir(run_dir / INITIAL_ADAPTER, model.save_pretrained)
     print(task.describe_data(tokenized))
     model.print_trainable_parameters()
     final = task.demo("before", model, tokenizer)
@@ -81,8 +85,11 @@ def train(task: Task) -> dict:
 
     result = run_training(model, tokenized["train"], collate_counting if task.counts_tokens else collate, task.loss,
                           evaluate if validation is not None else None, config, run_dir, show)
-    if not restore_best(model, run_dir):
-        model.save_pretrained(run_dir / "best")
+    initial = run_dir / INITIAL_ADAPTER if changes_base(config.init_lora_weights) else None
+    if not restore_best(model, run_dir) or initial:
+        # a PiSSA/OLoRA adapter is saved as the plain LoRA it equals on the base model as it is on disk
+        replace_dir(run_dir / "best", lambda tmp: model.save_pretrained(
+            tmp, path_initial_model_for_weight_conversion=initial))
     info = {"task": task.name, "base_model": model_reference(config.model), **task.adapter_info(tokenizer)}
     save_adapter_info(run_dir / "best", info)
     tokenizer.save_pretrained(run_dir / "best" / "tokenizer")
@@ -109,7 +116,7 @@ def build_model(task: Task, model_path: str, tokenizer):
     base = task.load_base(model_path, tokenizer)
     lora_config = LoraConfig(task_type=task.lora_task_type, r=config.r, lora_alpha=config.lora_alpha,
                              lora_dropout=config.lora_dropout, target_modules=lora_targets(config),
-                             use_dora=config.use_dora)
+                             use_dora=config.use_dora, init_lora_weights=config.init_lora_weights or True)
     check_each_target_matches(base, lora_config.target_modules)
     model = get_lora_model(base, lora_config)
     use_fast_paths(model, config.fast)  # every speed trick, or none with --no-fast

@@ -17,10 +17,13 @@ import yaml
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_path, exists_or_set_aside, recover_interrupted, write_json, write_text
 from lorafit.training.settings import TrainConfig, dump_config
+from lorafit.variants.residual_init import changes_base
 
 METRICS_NAME = "metrics.jsonl"
 INFO_NAME = "lorafit.json"
 CONFIG_NAME = "config.yaml"
+INITIAL_ADAPTER = "initial_adapter"
+"""A PiSSA/OLoRA run's adapter as it started, which best/ is converted to a plain LoRA against."""
 LOCK_NAME = ".lorafit.lock"
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 # Files only a lorafit checkpoint holds: a transformers Trainer's checkpoint-<step>/ has none of them.
@@ -148,7 +151,7 @@ def recover_run_dir(run_dir: Path) -> None:
 
 
 # what a run writes at the top of its folder, each atomically (checkpoint-<step>/ besides)
-_RUN_FILES = frozenset({"best", CONFIG_NAME, METRICS_NAME, "curves.png", "README.md"})
+_RUN_FILES = frozenset({"best", INITIAL_ADAPTER, CONFIG_NAME, METRICS_NAME, "curves.png", "README.md"})
 
 
 def save_adapter_info(adapter_dir: Path, info: dict) -> None:
@@ -229,7 +232,7 @@ score is in `best/` (PEFT format: `adapter_config.json` + `adapter_model.safeten
 
 - Base model: `{base_model}`
 - Data: {data}
-
+{_converted_note(config)}
 ## Final metrics
 | metric | value |
 | --- | --- |
@@ -257,6 +260,16 @@ model = PeftModel.from_pretrained(base, "{run_dir / 'best'}")
 ```
 From the command line: `lorafit {'predict' if task == 'classification' else 'generate'} --adapter {run_dir / 'best'} ...`
 """
+
+
+def _converted_note(config: dict) -> str:
+    """For a PiSSA/OLoRA run: what best/ holds, since the adapter trained against changed base weights."""
+    init = config.get("init_lora_weights")
+    if not changes_base(init):
+        return ""
+    return (f"- Initialisation: {init}. It trained against base weights with part of them moved into the adapter; "
+            f"`best/` holds the plain LoRA (rank {2 * config['r']}) that it equals on the unchanged base model, and "
+            f"`{INITIAL_ADAPTER}/` the factors it started from.\n")
 
 
 def _fmt(value) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from lorafit.errors import LorafitError
+from lorafit.variants.residual_init import PISSA_NITER, changes_base
 
 TASKS = ("classification", "causal-lm")
 STRATEGIES = ("epoch", "steps", "no")
@@ -68,6 +69,11 @@ class TrainConfig:
     """Dropout on the LoRA branch's input."""
     use_dora: bool = False
     """DoRA: also train a magnitude per output feature of each adapted layer (PEFT's use_dora)."""
+    init_lora_weights: str | None = None
+    """How the adapter starts (PEFT's init_lora_weights): gaussian, pissa, pissa_niter_<K> (a randomised SVD
+    with K iterations, e.g. pissa_niter_4) or olora. Default: A random, B zero. pissa and olora start from a
+    slice of the base weights; best/ is then saved as the plain LoRA of rank 2r it equals on the unchanged
+    base model, and initial_adapter/ keeps the starting factors."""
     target_modules: list[str] | None = None
     """Modules to adapt, e.g. query value, or all-linear. Default: all-linear for causal-lm; for
     classification the architecture's query and value projections (query/value, q_proj/v_proj, c_attn).
@@ -143,6 +149,14 @@ class TrainConfig:
         check_number("warmup_ratio", self.warmup_ratio, "in [0, 1)")
         check_number("weight_decay", self.weight_decay, ">= 0")
         check_number("loraplus_lr_embedding", self.loraplus_lr_embedding, "> 0")
+        init = self.init_lora_weights
+        if init is not None and not (init in ("gaussian", "pissa", "olora") or PISSA_NITER.fullmatch(init)):
+            raise LorafitError(f"--init-lora-weights must be gaussian, pissa, pissa_niter_<K> (K iterations, "
+                               f"e.g. pissa_niter_4) or olora; got {init!r}")
+        if self.use_dora and init is not None and changes_base(init):
+            raise LorafitError(f"--use-dora with --init-lora-weights {init}: the run saves a PiSSA/OLoRA adapter as "
+                               "the plain LoRA it equals on the unchanged base, which a DoRA adapter has no form "
+                               "of; drop one of the two")
         if self.dataset and self.train_file:
             raise LorafitError("pass either --dataset or --train-file, not both")
 
