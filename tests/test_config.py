@@ -52,7 +52,7 @@ def test_field_names_and_defaults_are_pefts():
         ("task_type", "seq_cls", ["SEQ_CLS", "CAUSAL_LM"]),
         ("bias", "some", ["none", "all", "lora_only"]),
         ("bias", None, ["none", "all", "lora_only"]),
-        ("init_lora_weights", "pissa", ["True", "False", "gaussian"]),
+        ("init_lora_weights", "loftq", ["True", "False", "gaussian", "pissa", "olora", "pissa_niter_<K>"]),
         ("init_lora_weights", "kaiming", ["True", "False", "gaussian"]),
         ("init_lora_weights", 1, ["True", "False", "gaussian"]),
         ("init_lora_weights", None, ["True", "False", "gaussian"]),
