@@ -20,6 +20,8 @@ peft = pytest.importorskip("peft")
 from conftest import make_batch, tiny_bert_cls, tiny_gpt2, tiny_llama  # noqa: E402
 from lorafit import LoraConfig, LoraModel, LorafitError, get_lora_model  # noqa: E402
 from lorafit.serialization import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
+from test_cli import (assert_one_line_error, make_rows, run_cli, single_thread, tiny_bert3_dir,  # noqa: E402,F401
+                      write_rows)
 from test_interop import _quiet, logits, randomise_  # noqa: E402
 
 ATOL = 1e-5
@@ -223,3 +225,63 @@ def test_an_initial_adapter_of_another_shape_is_refused(tmp_path):
     with pytest.raises(LorafitError, match="initial adapter .* does not match the adapter being saved"):
         model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "other")
     assert not (tmp_path / "out").exists()
+
+
+def test_loading_an_unconverted_pissa_niter_adapter_warns(tmp_path, recwarn):
+    for init in ("pissa_niter_2", "pissa"):
+        get_lora_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init)) \
+            .save_pretrained(tmp_path / init)
+        LoraModel.from_pretrained(tiny_llama(0), tmp_path / init)
+    warned = [str(w.message) for w in recwarn if "randomised SVD" in str(w.message)]
+    assert len(warned) == 1 and "pissa_niter_2" in warned[0] and "path_initial_model_for_weight_conversion" in warned[0]
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+def test_train_with_pissa_saves_a_plain_lora_that_gives_the_trained_model_on_the_base(tmp_path, capsys,
+                                                                                      tiny_bert3_dir):
+    """`lorafit train --init-lora-weights pissa`: best/ is the plain LoRA of rank 2r (PEFT loads it onto the
+    unchanged base), equal to the trained adapter as its checkpoint holds it, loaded PEFT's way."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lorafit.inference.loading import load_adapter_for_inference
+
+    train = write_rows(tmp_path / "train.jsonl", make_rows(16, ("neg", "neu", "pos"), seed=8))
+    code, _, err = run_cli(capsys, "train", "--model", tiny_bert3_dir, "--train-file", train, "--eval-strategy", "no",
+                           "--save-strategy", "steps", "--save-steps", "2", "--max-steps", "2", "--max-length", "32",
+                           "--batch-size", "8", "--lr", "0.01", "--r", "4", "--init-lora-weights", "pissa",
+                           "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    run = tmp_path / "run"
+    best, initial = (json.loads((run / d / "adapter_config.json").read_text()) for d in ("best", "initial_adapter"))
+    assert (best["r"], best["init_lora_weights"]) == (8, True)
+    assert (initial["r"], initial["init_lora_weights"]) == (4, "pissa")
+    assert "initial_adapter/" in (run / "README.md").read_text()
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert3_dir)
+    batch = tokenizer(["a great film", "dull and slow", "fine"], padding=True, return_tensors="pt")
+
+    def scores(model):
+        with torch.no_grad(), single_thread():
+            return model.eval()(**batch).logits
+
+    def base():
+        with single_thread():
+            return AutoModelForSequenceClassification.from_pretrained(tiny_bert3_dir)
+
+    trained = scores(LoraModel.from_pretrained(base(), run / "checkpoint-2" / "adapter"))  # re-derives W_res
+    assert max_diff(scores(base()), trained) > 1e-4, "training changed nothing: test is void"
+    with _quiet():
+        assert max_diff(scores(peft.PeftModel.from_pretrained(base(), str(run / "best"))), trained) <= ATOL
+    assert max_diff(scores(load_adapter_for_inference(run / "best").model), trained) <= ATOL
+    code, out, err = run_cli(capsys, "predict", "--adapter", run / "best", "a great film")
+    assert code == 0 and out.strip(), err
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["--init-lora-weights", "pissa_niter"], ["--init-lora-weights must be", "pissa_niter_<K>"]),
+    (["--init-lora-weights", "olora", "--use-dora"], ["--use-dora with --init-lora-weights olora", "drop one"]),
+])
+def test_train_refuses_bad_init_settings_in_one_line(argv, fragments, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", *argv, "--output-dir", tmp_path / "run")
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "run").exists()

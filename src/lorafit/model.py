@@ -20,6 +20,7 @@ from lorafit.layers import BASE_ADAPTER, BatchRouting, LoraLayer
 from lorafit.saved_modules import BaseBiases, ModulesToSave
 from lorafit.serialization import (adapter_tensor_targets, check_adapter_fits, copy_all_or_nothing, read_adapter,
                                    save_adapter)
+from lorafit.variants.residual_init import warn_if_rederived_at_random
 
 DEFAULT_ADAPTER = "default"
 
@@ -115,6 +116,7 @@ class LoraModel(nn.Module):
         if adapter_name in self.peft_config:
             raise LorafitError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter() it")
         config, tensors = read_adapter(adapter_dir)
+        warn_if_rederived_at_random(config, str(adapter_dir))
         config.inference_mode = not is_trainable
         check_adapter_fits(self.model, config, tensors, str(adapter_dir))
         with self._undone_on_failure(adapter_name):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -62,6 +63,16 @@ def initialise(layer, name: str, init: str) -> None:
         layer.lora_B[name].weight.copy_(B)
         residual = W - scaling * (B @ A)
         weight.copy_(residual.T if layer.fan_in_fan_out else residual)
+
+
+def warn_if_rederived_at_random(config, source: str) -> None:
+    """Loading an adapter saved as trained (not converted) re-derives the residual from the base weight, as PEFT
+    does; after pissa_niter_K that is a new randomised SVD, so the model is not the one that was trained."""
+    if isinstance(config.init_lora_weights, str) and PISSA_NITER.fullmatch(config.init_lora_weights):
+        warnings.warn(f"adapter '{source}' was trained from init_lora_weights={config.init_lora_weights!r}, a "
+                      "randomised SVD of the base weights that loading draws anew, so this model differs from the "
+                      "trained one; save it with path_initial_model_for_weight_conversion to get a plain LoRA",
+                      UserWarning, stacklevel=3)
 
 
 def converted_to_lora(config, tensors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor],
