@@ -285,3 +285,16 @@ def test_train_refuses_bad_init_settings_in_one_line(argv, fragments, tmp_path, 
     code, _, err = run_cli(capsys, "train", *argv, "--output-dir", tmp_path / "run")
     assert_one_line_error(code, err, *fragments)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("first,second", [("pissa", True), (True, "olora")])
+def test_an_adapter_that_changed_the_base_shares_the_model_with_no_other(first, second, tmp_path):
+    model = get_lora_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=first))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LorafitError, match="changed the base weights, so it cannot share the model"):
+        model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=second))
+    assert list(model.peft_config) == ["default"]
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    if first == "pissa":  # nor can it be combined with itself: the result would apply to the residual only
+        with pytest.raises(LorafitError, match="cannot share the model"):
+            model.add_weighted_adapter(["default"], [0.5], "half", combination_type="linear")

@@ -20,7 +20,7 @@ from lorafit.layers import BASE_ADAPTER, BatchRouting, LoraLayer
 from lorafit.saved_modules import BaseBiases, ModulesToSave
 from lorafit.serialization import (adapter_tensor_targets, check_adapter_fits, copy_all_or_nothing, read_adapter,
                                    save_adapter)
-from lorafit.variants.residual_init import warn_if_rederived_at_random
+from lorafit.variants.residual_init import check_alone, warn_if_rederived_at_random
 
 DEFAULT_ADAPTER = "default"
 
@@ -67,6 +67,7 @@ class LoraModel(nn.Module):
             raise LorafitError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter() it")
         if adapter_name == BASE_ADAPTER:
             raise LorafitError(f"{BASE_ADAPTER!r} is reserved for 'no adapter' in mixed batches; pick another name")
+        check_alone(adapter_name, config, self.peft_config)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
         self._base_biases.remember(self.model, config.bias)

@@ -65,6 +65,17 @@ def initialise(layer, name: str, init: str) -> None:
         weight.copy_(residual.T if layer.fan_in_fan_out else residual)
 
 
+def check_alone(adapter_name: str, config, others: dict) -> None:
+    """Refuse to put an adapter beside one whose initialisation changed the base weights: one of the two would
+    run on weights it was not trained with (PEFT only warns)."""
+    every = {**others, adapter_name: config}
+    sliced = next((name for name, each in every.items() if changes_base(each.init_lora_weights)), None)
+    if sliced is not None and others:
+        raise LorafitError(f"adapter {sliced!r} (init_lora_weights={every[sliced].init_lora_weights!r}) changed the "
+                           "base weights, so it cannot share the model with other adapters; save it converted "
+                           "(path_initial_model_for_weight_conversion) and load that instead")
+
+
 def warn_if_rederived_at_random(config, source: str) -> None:
     """Loading an adapter saved as trained (not converted) re-derives the residual from the base weight, as PEFT
     does; after pissa_niter_K that is a new randomised SVD, so the model is not the one that was trained."""
