@@ -298,3 +298,27 @@ def test_an_adapter_that_changed_the_base_shares_the_model_with_no_other(first, 
     if first == "pissa":  # nor can it be combined with itself: the result would apply to the residual only
         with pytest.raises(LorafitError, match="cannot share the model"):
             model.add_weighted_adapter(["default"], [0.5], "half", combination_type="linear")
+
+
+def test_a_resumed_pissa_niter_run_saves_the_same_best(tmp_path, capsys, tiny_bert3_dir):
+    """The randomised SVD is drawn again from the run's seed, so a resume continues from the same residual."""
+    import shutil
+
+    train = write_rows(tmp_path / "train.jsonl", make_rows(16, ("neg", "neu", "pos"), seed=8))
+    argv = ["train", "--model", tiny_bert3_dir, "--train-file", train, "--eval-strategy", "no", "--save-strategy",
+            "steps", "--save-steps", "2", "--max-steps", "4", "--max-length", "32", "--batch-size", "8", "--lr", "0.01",
+            "--r", "4", "--init-lora-weights", "pissa_niter_2", "--output-dir", tmp_path / "run"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    run = tmp_path / "run"
+    first = load_file(str(run / "best" / "adapter_model.safetensors"))
+    # as if killed after checkpoint-2
+    for done in ("best", "checkpoint-4"):
+        shutil.rmtree(run / done)
+    (run / "README.md").unlink()
+    code, out, err = run_cli(capsys, *argv, "--resume")
+    assert code == 0 and "Resuming from checkpoint-2" in out, err
+    again = load_file(str(run / "best" / "adapter_model.safetensors"))
+    assert sorted(again) == sorted(first)
+    for key in first:
+        assert max_diff(again[key], first[key]) <= 1e-6, key
