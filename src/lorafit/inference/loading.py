@@ -21,11 +21,11 @@ class LoadedAdapter:
 
 
 def adapter_task(adapter_dir: Path, info: dict) -> str:
-    """classification or causal-lm, from lorafit's info file or the adapter's PEFT task_type."""
+    """classification, causal-lm or token-classification, from lorafit's info file or the adapter's PEFT task_type."""
     if "task" in info:
         return info["task"]
     task_type = read_adapter_config(adapter_dir).task_type
-    return "causal-lm" if task_type == "CAUSAL_LM" else "classification"
+    return {"CAUSAL_LM": "causal-lm", "TOKEN_CLS": "token-classification"}.get(task_type, "classification")
 
 
 def check_adapter_dir(adapter: str | Path) -> Path:
@@ -54,10 +54,11 @@ def load_adapter_for_inference(adapter: str | Path, model: str | None = None, pa
     tokenizer_dir = adapter_dir / "tokenizer"
     tokenizer = load_tokenizer(str(tokenizer_dir) if tokenizer_dir.is_dir() else base_path, padding_side=padding_side)
     task = adapter_task(adapter_dir, info)
-    if task == "classification":
+    if task in ("classification", "token-classification"):
         id2label = info.get("id2label") or _id2label_from_weights(adapter_dir)
         base = load_classifier(base_path, num_labels=len(id2label), id2label=id2label,
-                               label2id={v: k for k, v in id2label.items()}, pad_token_id=tokenizer.pad_token_id)
+                               label2id={v: k for k, v in id2label.items()}, pad_token_id=tokenizer.pad_token_id,
+                               per_token=task == "token-classification")
     else:
         base = load_causal_lm(base_path)
         if base.generation_config.pad_token_id is None:

@@ -2,7 +2,7 @@
 
 Load and check the data, wrap the base model with LoRA, show the task's demo before training,
 train with per-epoch evaluation, restore the best adapter, show the demo after, write the run folder.
-A task (classification.py, causal_lm.py) supplies its data, model head, loss, evaluation and demo.
+A task (classification.py, causal_lm.py, token_classification.py) supplies its data, model head, loss, evaluation and demo.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from lorafit.model import get_lora_model
 from lorafit.tasks.causal_lm import CausalLmTask
 from lorafit.tasks.classification import ClassificationTask
 from lorafit.tasks.task import Task
+from lorafit.tasks.token_classification import TokenClassificationTask
 from lorafit.training.loop import LoopResult, restore_best, run_training, seed_everything
 from lorafit.training.run_dir import model_card, plot_curves, prepare_run_dir, release_run_dirs, save_adapter_info
 from lorafit.training.settings import TrainConfig
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (ClassificationTask, CausalLmTask)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (ClassificationTask, CausalLmTask, TokenClassificationTask)}
 
 
 def default_output_dir(config: TrainConfig) -> Path:

@@ -17,11 +17,13 @@ import yaml
 
 from lorafit.errors import LorafitError
 
-TASKS = ("classification", "causal-lm")
+TASKS = ("classification", "causal-lm", "token-classification")
 STRATEGIES = ("epoch", "steps", "no")
+METRICS = {"classification": ("accuracy", "f1", "loss"), "causal-lm": ("loss",),
+           "token-classification": ("f1", "precision", "recall", "accuracy", "loss")}  # the first is the default
 # Tokens per example (text, text pair or conversation) when --max-length is not given; every command
 # that tokenizes for a task (train, eval, predict) falls back to its task's value.
-DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 256}
+DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 256, "token-classification": 128}
 
 
 @dataclass
@@ -29,10 +31,11 @@ class TrainConfig:
     """A fine-tuning run. Every field is also a command-line flag (``max_length`` -> ``--max-length``)."""
 
     task: str = "classification"
-    """What to train: classification (a text classifier) or causal-lm (instruction-tune an LLM)."""
+    """What to train: classification (a text classifier), causal-lm (instruction-tune an LLM) or
+    token-classification (a tag per word: named entities, ...)."""
     model: str | None = None
     """Base model: a local directory, a Hugging Face hub id, or a built-in alias (minilm, smollm2).
-    Default: minilm for classification, smollm2 for causal-lm."""
+    Default: minilm for classification and token-classification, smollm2 for causal-lm."""
     train_file: str | None = None
     """Training data: CSV, TSV, JSON Lines, JSON, Parquet, or a `datasets` directory. Default: the
     built-in dataset of the task."""
@@ -50,6 +53,14 @@ class TrainConfig:
     """Optional second text column (sentence pairs, e.g. premise/hypothesis)."""
     label_column: str = "label"
     """Column holding the labels (strings or integers)."""
+    tokens_column: str = "tokens"
+    """token-classification tables: column holding each sentence's words (a list, or in CSV a JSON list or
+    words separated by spaces). CoNLL files (.conll, .txt, .iob, .bio, .bioes) need no columns."""
+    tags_column: str | None = None
+    """token-classification tables: column holding one tag per word. Default: tags, else ner_tags."""
+    tag_names: list[str] | None = None
+    """token-classification: the names of integer tags in id order (e.g. O B-PER I-PER), when the data holds
+    class ids without a datasets ClassLabel naming them; names given with name tags fix the tag order."""
     encoding: str | None = None
     """Text encoding of CSV/TSV/JSON files when not UTF-8, e.g. latin-1."""
     max_length: int | None = None
@@ -105,7 +116,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep (best/ is kept separately)."""
     metric: str | None = None
-    """Validation metric that picks best/: accuracy, f1 or loss (classification); loss (causal-lm)."""
+    """Validation metric that picks best/: accuracy, f1 or loss (classification); loss (causal-lm); f1,
+    precision, recall (entity level), accuracy (per word) or loss (token-classification)."""
     resume: bool = False
     """Continue the run in --output-dir from its newest complete checkpoint."""
     max_train_samples: int | None = None
@@ -121,8 +133,7 @@ class TrainConfig:
         _choice("truncation_side", self.truncation_side, ("left", "right"))
         _choice("eval_strategy", self.eval_strategy, STRATEGIES)
         _choice("save_strategy", self.save_strategy, STRATEGIES + (None,))
-        metrics = ("accuracy", "f1", "loss") if self.task == "classification" else ("loss",)
-        _choice("metric", self.metric, metrics + (None,))
+        _choice("metric", self.metric, METRICS[self.task] + (None,))
         for name in ("r", "batch_size", "eval_batch_size", "eval_steps", "keep_checkpoints"):
             check_positive_int(name, getattr(self, name))
         for name in ("max_length", "max_steps", "save_steps", "max_train_samples", "max_eval_samples"):
@@ -149,7 +160,7 @@ class TrainConfig:
             "lr": 3e-3 if causal else 1e-3,
             "epochs": 2 if causal else 3,
             "target_modules": ["all-linear"] if causal else None,
-            "metric": "loss" if causal else "accuracy",
+            "metric": METRICS[self.task][0],
             "save_strategy": self.eval_strategy,
             "save_steps": self.eval_steps,
         }
@@ -211,7 +222,8 @@ def _check_types(config) -> None:
             raise LorafitError(f"{_flag(f.name)} must be true or false, got {value!r}")
         if typing.get_origin(kind) is list and not (
                 isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
-            raise LorafitError(f"{_flag(f.name)} must be a list of module names, e.g. [query, value]; got {value!r}")
+            example = "tag names, e.g. [O, B-PER, I-PER]" if f.name == "tag_names" else "module names, e.g. [query, value]"
+            raise LorafitError(f"{_flag(f.name)} must be a list of {example}; got {value!r}")
 
 
 def _field_kind(cls: type, name: str) -> Any:
