@@ -386,6 +386,48 @@ def test_a_run_adapter_loads_in_peft_with_the_same_logits(tagger_run):
         assert torch.allclose(loaded.model(**batch).logits, theirs(**batch).logits, atol=1e-5)
 
 
+def test_merge_writes_a_plain_token_classifier_with_the_adapter_logits(tagger_run, capsys, tmp_path):
+    from transformers import AutoModelForTokenClassification
+
+    from lorafit.inference.loading import load_adapter_for_inference
+
+    best = tagger_run / "run" / "best"
+    code, _, err = run_cli(capsys, "merge", "--adapter", best, "--output", tmp_path / "merged")
+    assert code == 0, err
+    merged = AutoModelForTokenClassification.from_pretrained(tmp_path / "merged").eval()
+    loaded = load_adapter_for_inference(best)
+    batch = loaded.tokenizer(["Alice went to New York", "the city"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, loaded.model(**batch).logits, atol=1e-5)
+    assert merged.config.id2label == {0: "O", 1: "B-LOC", 2: "I-LOC", 3: "B-PER"}
+
+
+def test_hub_dataset_with_class_label_tags(tmp_path, capsys, monkeypatch, tmp_path_factory):
+    """A hub NER set (conll2003's shape): ner_tags ids named by a ClassLabel, in its order, not sorted."""
+    model = built_once("tiny_bert_headless", tmp_path_factory, lambda p: build_tiny_bert(p, head=False))
+    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    features = datasets.Features({"id": datasets.Value("string"), "tokens": datasets.Sequence(datasets.Value("string")),
+                                  "ner_tags": datasets.Sequence(datasets.ClassLabel(names=names))})
+
+    def split(n, seed):
+        rows = synthetic_sentences(n, seed)
+        return datasets.Dataset.from_dict({"id": [str(i) for i in range(n)], "tokens": [w for w, _ in rows],
+                                           "ner_tags": [[names.index(t) for t in tags] for _, tags in rows]},
+                                          features=features)
+
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name, config=None, *a, **k: datasets.DatasetDict({"train": split(16, 1),
+                                                                                 "validation": split(8, 2)}))
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "train", "--task", "token-classification", "--model", model, "--dataset",
+                                "conll2003", "--output-dir", out, "--max-length", "32", "--batch-size", "8",
+                                "--epochs", "1")
+    assert code == 0, err
+    info = json.loads((out / "best" / "lorafit.json").read_text(encoding="utf-8"))
+    assert info["id2label"] == {str(i): name for i, name in enumerate(names)}
+    assert "train: 16 sentences" in stdout and "validation: 8 sentences" in stdout
+
+
 # --- interop with PEFT on TOKEN_CLS adapters ----------------------------------------------------------
 def tiny_bert_tagger(seed: int = 0):
     from transformers import BertConfig, BertForTokenClassification

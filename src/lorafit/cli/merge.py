@@ -2,8 +2,8 @@
 
   lorafit merge --adapter runs/x/best --output merged-model
 
-The result loads with AutoModelForSequenceClassification / AutoModelForCausalLM.from_pretrained,
-needs no lorafit, and runs at the base model's speed."""
+The result loads with AutoModelForSequenceClassification / AutoModelForTokenClassification /
+AutoModelForCausalLM.from_pretrained, needs no lorafit, and runs at the base model's speed."""
 
 from __future__ import annotations
 
