@@ -96,3 +96,25 @@ def test_collator_pads_labels_with_minus_100():
     batch = tagged.make_token_collator(tokenizer)(examples)
     assert batch["labels"].tolist() == [[-100, 0, 1, 0, -100], [-100, 1, -100, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
+
+
+def _tiny_roberta_tokenizer():
+    """A byte-level BPE tokenizer (RoBERTa's kind) that knows 'paris' with and without its leading-space mark."""
+    from transformers import RobertaTokenizer
+
+    vocab = {token: i for i, token in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", *"aiprsĠ",
+                                                 "pa", "par", "pari", "paris", "Ġparis"])}
+    merges = [("p", "a"), ("pa", "r"), ("par", "i"), ("pari", "s"), ("Ġ", "paris")]
+    return RobertaTokenizer(vocab=vocab, merges=merges)
+
+
+def test_byte_level_tokenizers_encode_each_word_as_after_a_space():
+    """Pre-split words must encode as inside running text ('Ġparis'), as Hugging Face's examples get with
+    add_prefix_space=True; without it every word would look sentence-initial to the model."""
+    tokenizer = _tiny_roberta_tokenizer()
+    assert tokenizer("paris paris").tokens() == ["<s>", "paris", "Ġparis", "</s>"]  # the reference: running text
+    sentences = tagged.TaggedSentences([["paris", "paris"]], [[1, 0]], ["row 1"], "x")
+    (example,) = tagged.tokenize_tagged(sentences, sentences.tags, tokenizer, max_length=8)
+    assert tokenizer.convert_ids_to_tokens(example["input_ids"]) == ["<s>", "Ġparis", "Ġparis", "</s>"]
+    assert example["labels"] == [-100, 1, 0, -100]
+    assert tokenizer("paris paris").tokens() == ["<s>", "paris", "Ġparis", "</s>"]  # the caller's tokenizer unchanged

@@ -14,6 +14,7 @@ which the loss and the metrics skip (as in Hugging Face's token-classification e
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import pre_tokenizers
 
 from lorafit.data.classification import make_collator
 from lorafit.data.readers import read_table, read_text
@@ -259,11 +261,19 @@ def word_piece_labels(word_ids: list[int | None], word_labels: list[int]) -> lis
 def encode_words(tokenizer, words: list[list[str]], *, max_length: int):
     """The tokenizer's encoding of pre-split sentences (truncated to ``max_length`` pieces)."""
     check_fast_tokenizer(tokenizer)
-    try:
-        return tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
-    except (ValueError, AssertionError) as err:  # e.g. RoBERTa's tokenizer without add_prefix_space
-        raise LorafitError(f"the tokenizer cannot encode pre-split words ({str(err).splitlines()[0]}); for "
-                           "byte-level BPE tokenizers save them with add_prefix_space=True") from None
+    return _spacing_words(tokenizer)(words, is_split_into_words=True, truncation=True, max_length=max_length)
+
+
+def _spacing_words(tokenizer):
+    """Byte-level BPE tokenizers (RoBERTa, GPT-2) mark a word's leading space in its first piece, and encode
+    pre-split words as if each began the text unless told to add that space (Hugging Face's examples load
+    them with add_prefix_space=True): a copy that adds it, leaving the caller's tokenizer as it was."""
+    pre_tokenizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+    if not isinstance(pre_tokenizer, pre_tokenizers.ByteLevel) or pre_tokenizer.add_prefix_space:
+        return tokenizer
+    spacing = copy.deepcopy(tokenizer)
+    spacing.backend_tokenizer.pre_tokenizer.add_prefix_space = True
+    return spacing
 
 
 def tokenize_tagged(sentences: TaggedSentences, labels: list[list[int]], tokenizer, *,
