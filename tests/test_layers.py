@@ -347,3 +347,21 @@ def test_layer_safe_merge_checks_every_adapter_before_merging_any():
     with pytest.raises(LorafitError, match="NaN or inf"):
         layer.merge(["default", "bad"], safe_merge=True)
     assert torch.equal(layer.base_layer.weight, before) and not layer.merged
+
+
+def test_same_seed_same_initial_factors_as_peft():
+    """Each layer draws its initial factors as PEFT does (an embedding's B twice), so a seed gives PEFT's adapter and
+    leaves the generator where PEFT leaves it (add_weighted_adapter's DARE masks are drawn after such a draw)."""
+    peft = pytest.importorskip("peft")
+    for init in (True, "gaussian"):
+        kwargs = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=init)
+        ours_base, theirs_base = tiny_llama(0), tiny_llama(0)
+        torch.manual_seed(5)
+        ours = dict(get_lora_model(ours_base, LoraConfig(**kwargs)).named_parameters())
+        after_ours = torch.rand(3)
+        torch.manual_seed(5)
+        theirs = dict(peft.get_peft_model(theirs_base, peft.LoraConfig(**kwargs)).named_parameters())
+        after_theirs = torch.rand(3)
+        lora = [name for name in ours if ".lora_" in name]
+        assert len(lora) == 6 and all(torch.equal(ours[name], theirs[f"base_model.{name}"]) for name in lora)
+        assert torch.equal(after_ours, after_theirs)

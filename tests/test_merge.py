@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -126,3 +128,136 @@ def test_adapter_holding_nan_is_one_line_naming_it_and_writes_nothing(tmp_path, 
     assert_one_line_error(code, err, str(adapter), "NaN", "--lr")
     assert not (tmp_path / "out").exists()
     assert snapshot(adapter) == before
+
+
+# --- combining several adapters into a new one ------------------------------------------------------
+
+peft = pytest.importorskip("peft")
+
+from test_generate import setup  # noqa: E402,F401  (the tiny Llama with causal-LM adapters a and b)
+
+
+def _peft_combination(setup, adapters: list, seed: int, **kwargs) -> dict[str, torch.Tensor]:
+    """PEFT's add_weighted_adapter on the same saved adapters, named as the command names them."""
+    from transformers import AutoModelForCausalLM
+
+    with _no_warnings():
+        theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup["model_dir"]),
+                                                adapters[0], adapter_name="adapter1")
+        for i, directory in enumerate(adapters[1:], start=2):
+            theirs.load_adapter(directory, adapter_name=f"adapter{i}")
+        torch.manual_seed(seed)
+        theirs.add_weighted_adapter([f"adapter{i + 1}" for i in range(len(adapters))], adapter_name="new", **kwargs)
+    return peft.get_peft_model_state_dict(theirs, adapter_name="new"), theirs
+
+
+@contextlib.contextmanager
+def _no_warnings():
+    """PEFT's informational warnings off for one block."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.mark.parametrize("flags, kwargs, seed", [
+    (["--weights", "0.6", "-0.4", "--combination", "ties", "--density", "0.5"],
+     dict(weights=[0.6, -0.4], combination_type="ties", density=0.5), 0),
+    (["--weights", "1", "0.5", "--combination", "dare_linear", "--density", "0.7", "--seed", "3"],
+     dict(weights=[1.0, 0.5], combination_type="dare_linear", density=0.7), 3),
+    (["--combination", "cat"], dict(weights=[1.0, 1.0], combination_type="cat"), 0),
+])
+def test_combined_adapter_equals_peft_add_weighted_adapter(setup, tmp_path, capsys, flags, kwargs, seed):
+    from transformers import AutoModelForCausalLM
+
+    from lorafit import LoraModel
+
+    out = tmp_path / "combined"
+    code, stdout, err = run_cli(capsys, "merge", "--adapter", setup["a"], "--adapter", setup["b"], *flags,
+                                "--output", out)
+    assert code == 0, err
+    assert stdout == f"combined adapter ({kwargs['combination_type']} of 2) written to {out}\n"
+    assert {"adapter_config.json", "adapter_model.safetensors", "lorafit.json", "tokenizer"} <= {
+        p.name for p in out.iterdir()}
+    expected, theirs = _peft_combination(setup, [setup["a"], setup["b"]], seed, **kwargs)
+    got = load_file_tensors(out)
+    assert sorted(got) == sorted(expected)
+    assert max((got[k] - expected[k]).abs().max().item() for k in got) == 0.0
+    # PEFT loads the folder, and lorafit and PEFT then give the same logits
+    ids = torch.tensor([[5, 9, 12, 7, 30, 8]])
+    ours = LoraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup["model_dir"]), out).eval()
+    with _no_warnings():
+        loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup["model_dir"]), out).eval()
+    with torch.no_grad():
+        assert (ours(input_ids=ids).logits - loaded(input_ids=ids).logits).abs().max() <= 1e-5
+
+
+def load_file_tensors(directory) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+def test_combined_adapter_generates_and_merges_into_base(setup, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lorafit import LoraModel
+
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    common = ["merge", "--adapter", setup["a"], "--adapter", setup["b"], "--weights", "0.5", "0.5",
+              "--combination", "svd"]
+    assert run_cli(capsys, *common, "--output", adapter)[0] == 0
+    code, out, err = run_cli(capsys, *common, "--merge-into-base", "--output", merged)
+    assert code == 0 and out == f"merged model written to {merged}\n", err
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert not [k for k in plain.state_dict() if "lora" in k]
+    ours = LoraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup["model_dir"]), adapter).eval()
+    ids = torch.tensor([[5, 9, 12, 7, 30, 8]])
+    with torch.no_grad():
+        assert (plain(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max() <= 1e-5
+    code, out, err = run_cli(capsys, "generate", "--adapter", adapter, "--max-new-tokens", "3", "hello world")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--weights", "0.5"], ["--weights has 1 value(s) for 2 --adapter(s)"]),
+    (["--combination", "ties"], ["needs --density", "(0, 1]"]),
+    (["--combination", "dare_ties", "--density", "0"], ["--density must be in (0, 1]"]),
+    (["--combination", "mean"], ["--combination must be one of", "ties"]),
+    (["--combination", "linear", "--density", "0.5"], ["leave --density out"]),
+    (["--weights", "1", "nan"], ["--weights must be finite"]),
+    (["--svd-clamp", "2"], ["--svd-clamp", "[0, 1]"]),
+])
+def test_bad_combination_settings_are_one_line_and_write_nothing(setup, tmp_path, capsys, extra, fragments):
+    code, out, err = run_cli(capsys, "merge", "--adapter", setup["a"], "--adapter", setup["b"], *extra,
+                             "--output", tmp_path / "out")
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapters_of_different_ranks_need_cat_or_svd(setup, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lorafit import LoraConfig, get_lora_model
+    from lorafit.training.run_dir import save_adapter_info
+
+    low = tmp_path / "low"
+    base = AutoModelForCausalLM.from_pretrained(setup["model_dir"])
+    get_lora_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False,
+                                    task_type="CAUSAL_LM")).save_pretrained(low)
+    save_adapter_info(low, {"task": "causal-lm", "base_model": str(setup["model_dir"])})
+    code, out, err = run_cli(capsys, "merge", "--adapter", setup["a"], "--adapter", low, "--combination", "linear",
+                             "--output", tmp_path / "out")
+    assert_one_line_error(code, err, "same r", "adapter1: 4, adapter2: 2", "'cat' or 'svd'")
+    assert not (tmp_path / "out").exists()
+    assert run_cli(capsys, "merge", "--adapter", setup["a"], "--adapter", low, "--combination", "cat",
+                   "--output", tmp_path / "out")[0] == 0
+    assert load_file_tensors(tmp_path / "out")[
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape[0] == 6
+
+
+def test_classification_adapters_are_not_combined(tmp_path, capsys, trained_run):
+    code, out, err = run_cli(capsys, "merge", "--adapter", trained_run.best, "--adapter", trained_run.best,
+                             "--output", tmp_path / "out")
+    assert_one_line_error(code, err, str(trained_run.best), "in full", "cannot be combined",
+                          f"lorafit merge --adapter {trained_run.best} --output DIR")
+    assert not (tmp_path / "out").exists()

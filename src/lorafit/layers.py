@@ -304,6 +304,9 @@ class LoraEmbedding(LoraLayer):
         self.register_scaling(name, r, alpha, use_rslora)
         if init is not False:
             nn.init.zeros_(self.lora_embedding_A[name])
+            # PEFT redraws B here; drawing it too keeps the generator in step with PEFT for a given seed
+            # (add_weighted_adapter's DARE masks, drawn after the new adapter is created, rely on it)
+            nn.init.normal_(self.lora_embedding_B[name])
 
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]

@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from lorafit.adapter_arithmetic import check_saved_modules, fill_weighted_adapter, plan_weighted_adapter
 from lorafit.adapter_state import adapter_parameters, set_trainable
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
@@ -121,6 +122,23 @@ class LoraModel(nn.Module):
             copy_all_or_nothing(adapter_tensor_targets(self.model, adapter_name, config, tensors, str(adapter_dir)))
         # add_adapter already set requires_grad: the loaded adapter trains only if it is the active one
         # and is_trainable; an adapter loaded beside the active one leaves that one's training as it was
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add ``adapter_name``, a weighted combination of loaded adapters (PEFT's method and semantics: see
+        ``lorafit.adapter_arithmetic``). It starts inactive and frozen; a bad argument changes nothing, and an
+        existing ``adapter_name`` is refused (PEFT silently keeps the old one)."""
+        if adapter_name in self.peft_config:
+            raise LorafitError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter() it")
+        plan = plan_weighted_adapter(self.peft_config, adapters, weights, combination_type, svd_rank, svd_clamp,
+                                     svd_full_matrices, svd_driver, density, majority_sign_method)
+        check_saved_modules(self.model, plan.adapters)
+        with self._undone_on_failure(adapter_name):
+            self.add_adapter(adapter_name, plan.config)
+            fill_weighted_adapter(self.model, plan, adapter_name)
 
     def load_weights(self, adapter_dir: str | os.PathLike, adapter_name: str) -> None:
         """Overwrite an existing adapter's weights with saved ones (resuming a run, loading best/)."""

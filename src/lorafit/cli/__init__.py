@@ -23,6 +23,7 @@ LoRA fine-tuning for Hugging Face transformers models, offline on a laptop CPU o
   lorafit predict --adapter DIR "a text" "another text"
   lorafit generate --adapter DIR "a prompt"
   lorafit merge --adapter DIR --output DIR
+  lorafit merge --adapter DIR --adapter DIR --weights 0.6 0.4 --combination ties --density 0.5 --output DIR
 
 Run `lorafit COMMAND --help` for each command's options."""
 
@@ -51,7 +52,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is list:
-            kwargs.update(nargs="+", type=typing.get_args(kind)[0], metavar="NAME")
+            item = typing.get_args(kind)[0]
+            kwargs.update(nargs="+", type=item, metavar="NAME" if item is str else item.__name__.upper())
         else:
             kwargs.update(type=kind, metavar=f.name.upper() if kind is str else kind.__name__.upper())
         default = f.default
