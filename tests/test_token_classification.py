@@ -70,7 +70,8 @@ def _conll(tmp_path, name, text):
 
 
 BAD_INPUT = {
-    "a line with no tag": ({"train.conll": "EU B-ORG\n\nrejects\n"}, ["line 3 of 'train.conll'", "no tag", "last column"]),
+    "a line with no tag": ({"train.conll": "EU B-ORG\n\nrejects\n"},
+                           ["line 3 of 'train.conll'", "no tag", "last column"]),
     "empty file": ({"train.conll": "\n\n"}, ["'train.conll' holds no tagged tokens", "one token and its tag"]),
     "only a docstart": ({"train.conll": "-DOCSTART- O\n"}, ["holds no tagged tokens"]),
     "mismatched lengths": ({"train.jsonl": json.dumps({"tokens": ["a", "b"], "tags": ["O"]}) + "\n"},
@@ -202,7 +203,8 @@ def test_eval_reports_entity_scores_of_the_best_epoch(tagger_run, capsys):
     for key in ("f1", "precision", "recall", "accuracy"):
         assert metrics[key] == pytest.approx(best[key], abs=1e-6), key
     assert metrics["sentences"] == 12 and set(metrics["per_type"]) <= {"PER", "LOC"}
-    code, out, err = run_cli(capsys, "eval", "--adapter", tagger_run / "run" / "best", "--data", tagger_run / "dev.conll")
+    code, out, err = run_cli(capsys, "eval", "--adapter", tagger_run / "run" / "best", "--data",
+                             tagger_run / "dev.conll")
     assert code == 0, err
     assert "entity precision" in out and "token accuracy" in out and ("\nPER " in out or "\nLOC " in out)
 

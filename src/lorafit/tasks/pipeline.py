@@ -2,7 +2,8 @@
 
 Load and check the data, wrap the base model with LoRA, show the task's demo before training,
 train with per-epoch evaluation, restore the best adapter, show the demo after, write the run folder.
-A task (classification.py, causal_lm.py, token_classification.py) supplies its data, model head, loss, evaluation and demo.
+A task (classification.py, causal_lm.py, token_classification.py) supplies its data, model head, loss,
+evaluation and demo.
 """
 
 from __future__ import annotations

@@ -170,8 +170,8 @@ class TokenClassificationTask(Task):
         for split, sentences in self.data.splits.items():
             words = sum(len(tokens) for tokens in sentences.tokens)
             cut = words - sum(len(e["word_index"]) for e in tokenized[split])
-            counts = Counter(kind for tags in self.data.labels[split]
-                             for kind, _, _ in extract_entities([space.names[t] for t in tags])) if space.entities else {}
+            counts = Counter(kind for tags in self.data.labels[split] if space.entities
+                             for kind, _, _ in extract_entities([space.names[t] for t in tags]))
             found = f", entities: {', '.join(f'{k} {n}' for k, n in sorted(counts.items()))}" if counts else ""
             note = f" ({cut} words past --max-length {self.config.max_length} are not scored)" if cut else ""
             lines.append(f"  {split}: {len(sentences)} sentences, {words} words{found}{note}")

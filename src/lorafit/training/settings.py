@@ -226,7 +226,8 @@ def _check_types(config) -> None:
             raise LorafitError(f"{_flag(f.name)} must be true or false, got {value!r}")
         if typing.get_origin(kind) is list and not (
                 isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
-            example = "tag names, e.g. [O, B-PER, I-PER]" if f.name == "tag_names" else "module names, e.g. [query, value]"
+            example = "tag names, e.g. [O, B-PER, I-PER]" if f.name == "tag_names" else \
+                "module names, e.g. [query, value]"
             raise LorafitError(f"{_flag(f.name)} must be a list of {example}; got {value!r}")
 
 
