@@ -38,6 +38,34 @@ def test_tables_json_lines_csv_of_json_and_spaced_words(tmp_path):
         assert read.tokens == [r["tokens"] for r in rows] and read.tags == [r["tags"] for r in rows], path
 
 
+@pytest.mark.parametrize("name, write", [
+    ("pandas.csv", lambda df, p: df.to_csv(p, index=False)),  # lists as Python reprs: ['EU', "O'Neil"]
+    ("pandas.tsv", lambda df, p: df.to_csv(p, index=False, sep="\t")),
+    ("excel.csv", lambda df, p: df.to_csv(p, index=False, sep=";", lineterminator="\r\n", encoding="utf-8-sig")),
+    ("pandas.jsonl", lambda df, p: df.to_json(p, orient="records", lines=True, force_ascii=False)),
+    ("pandas.json", lambda df, p: df.to_json(p, orient="records")),
+    ("pandas.parquet", lambda df, p: df.to_parquet(p)),
+])
+def test_token_tables_written_by_pandas_load_as_written(tmp_path, name, write):
+    import pandas as pd
+
+    written = pd.DataFrame({"tokens": [["EU", "rejects", "German"], ["O'Neil", 'said "hi",', "São", "[1]"]],
+                            "tags": [["B-ORG", "O", "B-MISC"], ["B-PER", "O", "B-LOC", "O"]]})
+    write(written, tmp_path / name)
+    read = tagged.read_tagged(tmp_path / name)
+    assert read.tokens == written["tokens"].tolist() and read.tags == written["tags"].tolist()
+
+
+def test_a_cell_that_is_no_list_literal_is_refused_by_row(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("tokens,tags\n\"['a', b]\",O O\n", encoding="utf-8")
+    with pytest.raises(LorafitError, match=r"row 1 of 'bad.csv': column 'tokens' starts like a list but is not one"):
+        tagged.read_tagged(path)
+    path.write_text("tokens,tags\n\"[['a'], 'b']\",O O\n", encoding="utf-8")
+    with pytest.raises(LorafitError, match=r"row 1 of 'bad.csv': column 'tokens' holds"):
+        tagged.read_tagged(path)
+
+
 def test_ner_tags_ids_named_by_a_class_label_or_tag_names(tmp_path):
     names = ["O", "B-PER", "I-PER"]
     features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),

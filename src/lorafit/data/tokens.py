@@ -5,7 +5,8 @@ Two shapes of file hold tagged sentences:
 - CoNLL-style text (.conll, .txt, .iob, .bio, .bioes): one token per line, its tag in the last
   whitespace-separated column, blank lines between sentences, ``-DOCSTART-`` lines skipped;
 - tables (JSON Lines, JSON, CSV, TSV, Parquet, a ``save_to_disk`` folder) with a tokens column and a
-  tags column: lists of strings, or in CSV cells a JSON list or the words separated by spaces. Tags
+  tags column: lists of strings, or in CSV cells a JSON list, a Python list literal (as pandas' ``to_csv``
+  writes list columns) or the words separated by spaces. Tags
   may be class ids (``ner_tags``) whose names come from a ``datasets`` ClassLabel or ``--tag-names``.
 
 Each word's label goes to its first word piece; the other pieces and the special tokens get -100,
@@ -14,6 +15,7 @@ which the loss and the metrics skip (as in Hugging Face's token-classification e
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import re
@@ -168,21 +170,28 @@ def _class_label_names(feature) -> tuple[str, ...] | None:
 
 
 def _as_sequence(value, source: str, where: str, column: str) -> list:
-    """A cell as a list: a list as it is; a text holding a JSON list, or words separated by spaces, split."""
+    """A cell as a list: a list as it is; a text holding a list literal, or words separated by spaces, split."""
     if isinstance(value, str):
         text = value.strip()
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise LorafitError(f"{where} of '{source}': column '{column}' starts like a JSON list but is not one "
-                                   f"({err.msg}); write it as [\"a\", \"b\"] or as words separated by spaces") from None
-        else:
-            value = text.split()
-    if not isinstance(value, list) or not value:
+        value = _list_literal(text, source, where, column) if text.startswith("[") else text.split()
+    if not isinstance(value, list) or not value or any(isinstance(item, (list, dict)) for item in value):
         raise LorafitError(f"{where} of '{source}': column '{column}' holds {value!r}, not a list of one or more "
-                           "items; give each sentence its tokens and one tag per token")
+                           "words or tags; give each sentence its tokens and one tag per token")
     return value
+
+
+def _list_literal(text: str, source: str, where: str, column: str):
+    """A JSON list, or the Python list literal pandas' to_csv writes for a list column (['EU', "O'Neil"]).
+    ast.literal_eval builds literals only, so a cell can never run code."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise LorafitError(f"{where} of '{source}': column '{column}' starts like a list but is not one; write it "
+                           "as [\"a\", \"b\"] or as words separated by spaces") from None
 
 
 # --- tags ---------------------------------------------------------------------------------------------
