@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "TOKEN_CLS", "FEATURE_EXTRACTION")
+TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "TOKEN_CLS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian")
 ALL_LINEAR = "all-linear"

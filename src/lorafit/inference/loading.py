@@ -25,6 +25,10 @@ def adapter_task(adapter_dir: Path, info: dict) -> str:
     if "task" in info:
         return info["task"]
     task_type = read_adapter_config(adapter_dir).task_type
+    if task_type == "SEQ_2_SEQ_LM":
+        raise LorafitError(f"'{adapter_dir}' is a sequence-to-sequence (SEQ_2_SEQ_LM) adapter, which the lorafit "
+                           "commands do not run; use it from Python: LoraModel.from_pretrained("
+                           "AutoModelForSeq2SeqLM.from_pretrained(BASE), DIR)")
     return {"CAUSAL_LM": "causal-lm", "TOKEN_CLS": "token-classification"}.get(task_type, "classification")
 
 
