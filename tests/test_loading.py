@@ -128,24 +128,3 @@ def test_a_pickled_base_with_a_payload_never_runs(tmp_path, capsys, small_run, t
     assert_one_line_error(code, err, "pytorch_model.bin")
     assert not marker.exists()
 
-
-# --- adapters of a task the commands do not run --------------------------------------------------------
-@pytest.mark.parametrize("command, args", [("predict", ["a text"]), ("generate", ["a prompt"]),
-                                           ("eval", ["--data", "d.jsonl"]), ("merge", ["--output", "out"])])
-def test_a_seq2seq_adapter_is_refused_by_the_commands_in_one_line(tmp_path, capsys, monkeypatch, command, args):
-    """A T5 adapter (PEFT's SEQ_2_SEQ_LM) gets a line naming the Python API, not a classifier's error."""
-    import transformers
-
-    from lorafit import LoraConfig, get_lora_model
-
-    base = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=64, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2, decoder_start_token_id=0))
-    base.save_pretrained(tmp_path / "t5")
-    base.config._name_or_path = str(tmp_path / "t5")
-    get_lora_model(base, LoraConfig(task_type="SEQ_2_SEQ_LM", r=2)).save_pretrained(tmp_path / "adapter")
-    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "response": "b"}\n', encoding="utf-8")
-    monkeypatch.chdir(tmp_path)
-    before = snapshot(tmp_path)
-    code, _, err = run_cli(capsys, command, "--adapter", tmp_path / "adapter", *args)
-    assert_one_line_error(code, err, "SEQ_2_SEQ_LM", "LoraModel.from_pretrained")
-    assert snapshot(tmp_path) == before

@@ -25,6 +25,12 @@ def test_defaults_resolved_for_causal_lm():
     assert (config.epochs, config.target_modules) == (2, ["all-linear"])
 
 
+def test_defaults_resolved_for_seq2seq_leave_the_model_to_the_user():
+    config = TrainConfig(task="seq2seq").resolved()
+    assert (config.model, config.max_length, config.lr, config.metric) == (None, 256, 1e-3, "loss")
+    assert (config.input_column, config.target_column) == ("input", "target")
+
+
 def test_resolved_keeps_what_was_given():
     config = TrainConfig(model="m", max_length=64, lr=0.5, metric="f1", eval_strategy="steps", eval_steps=7,
                          save_strategy="no").resolved()
@@ -39,7 +45,7 @@ def test_resolved_does_not_change_the_original():
 
 
 @pytest.mark.parametrize("settings, fragment", [
-    ({"task": "regression"}, "--task must be one of classification, causal-lm, token-classification; got 'regression'"),
+    ({"task": "regression"}, "--task must be one of classification, causal-lm, token-classification, seq2seq; got 'regression'"),
     ({"truncation_side": "middle"}, "--truncation-side must be one of left, right"),
     ({"eval_strategy": "always"}, "--eval-strategy must be one of epoch, steps, no"),
     ({"save_strategy": "always"}, "--save-strategy must be one of epoch, steps, no"),

@@ -43,9 +43,10 @@ def run(args: argparse.Namespace) -> int:
 
 def describe(metrics: dict, loaded) -> str:
     """The metrics as the terminal shows them."""
-    if loaded.task == "causal-lm":
+    if loaded.task in ("causal-lm", "seq2seq"):
+        tokens = "response" if loaded.task == "causal-lm" else "target"
         return (f"loss {metrics['loss']:.4f}   perplexity {metrics['perplexity']:.2f}   "
-                f"({metrics['tokens']} response tokens in {metrics['examples']} examples)")
+                f"({metrics['tokens']} {tokens} tokens in {metrics['examples']} examples)")
     if loaded.task == "token-classification":
         return f"loss {metrics['loss']:.4f}   " + format_entity_report(metrics)
     return f"loss {metrics['loss']:.4f}   " + format_report(metrics, list(label_space(loaded).names))

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         check_output_file(args.output, "--output", "predictions.jsonl", args.input, "texts")
     loaded = load_adapter_for_inference(args.adapter, args.model)
-    if loaded.task == "causal-lm":
+    if loaded.task in ("causal-lm", "seq2seq"):
         raise LorafitError(f"'{args.adapter}' is a {loaded.task} adapter; use `lorafit generate` for it")
     texts, pairs = read_texts(args.texts, args.input, settings, loaded.info.get("text_column") or "text",
                               pair_column_of(loaded, settings), args.encoding)

@@ -301,3 +301,11 @@ def load_causal_lm(name_or_path: str, *, dtype=torch.float32):
     return _from_pretrained(
         AutoModelForCausalLM.from_pretrained, name_or_path, is_model=True, dtype=dtype
     )
+
+
+def load_seq2seq_lm(name_or_path: str, *, dtype=torch.float32):
+    """AutoModelForSeq2SeqLM (encoder-decoders such as T5 and BART)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    refuse_pickled_weights(name_or_path)
+    return _from_pretrained(AutoModelForSeq2SeqLM.from_pretrained, name_or_path, is_model=True, dtype=dtype)

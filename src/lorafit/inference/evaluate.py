@@ -22,11 +22,13 @@ class EvalSettings:
     max_length: int | None = None
     """Longest input in tokens (default: as in training)."""
     text_column: str | None = None
-    """Text column; for a token-classification adapter, its tokens column (default: as in training)."""
+    """Text column; for a token-classification adapter, its tokens column; for a seq2seq adapter, its input
+    column (default: as in training)."""
     text_pair_column: str | None = None
     """Second text column (default: as in training)."""
     label_column: str | None = None
-    """Label column; for a token-classification adapter, its tags column (default: as in training)."""
+    """Label column; for a token-classification adapter, its tags column; for a seq2seq adapter, its target
+    column (default: as in training)."""
 
     def __post_init__(self) -> None:
         check_positive_int("batch_size", self.batch_size)
@@ -36,12 +38,17 @@ class EvalSettings:
 
 def evaluate_adapter(loaded: LoadedAdapter, table, settings: EvalSettings, source: str = "data") -> dict:
     """Numbers only. Classifiers: loss, accuracy, macro-F1, per-class scores, confusion matrix.
-    Causal LMs: loss and perplexity on the response tokens, with token and example counts.
+    Causal LMs (seq2seq models): loss and perplexity on the response (target) tokens, with token and example counts.
     Taggers (``table`` from ``read_eval_data``): loss, word accuracy, entity precision/recall/F1, per-type scores."""
     if loaded.task == "causal-lm":
         from lorafit.tasks.causal_lm import evaluate_causal_file
 
         return evaluate_causal_file(loaded, table, batch_size=settings.batch_size, max_length=settings.max_length)
+    if loaded.task == "seq2seq":
+        from lorafit.tasks.seq2seq import evaluate_seq2seq_file
+
+        return evaluate_seq2seq_file(loaded, table, batch_size=settings.batch_size, max_length=settings.max_length,
+                                     input_column=settings.text_column, target_column=settings.label_column)
     if loaded.task == "token-classification":
         from lorafit.tasks.token_classification import evaluate_tagged_file
 

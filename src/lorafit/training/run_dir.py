@@ -184,12 +184,13 @@ def load_adapter_info(adapter_dir: Path) -> dict:
 _INFO_TYPES = {"task": str, "base_model": (str, type(None)), "id2label": dict, "max_length": (int, type(None)),
                "truncation_side": str, "text_column": str, "text_pair_column": (str, type(None)),
                "label_column": str, "chat": bool, "train_on_prompt": bool, "tokens_column": str,
-               "tags_column": (str, type(None))}
-_INFO_TASKS = ("classification", "causal-lm", "token-classification")
+               "tags_column": (str, type(None)), "input_column": str, "target_column": str}
+_INFO_TASKS = ("classification", "causal-lm", "token-classification", "seq2seq")
 # each task's transformers class (the model card's example) and the command that uses its adapter
 _CARD = {"classification": ("AutoModelForSequenceClassification", "predict"),
          "causal-lm": ("AutoModelForCausalLM", "generate"),
-         "token-classification": ("AutoModelForTokenClassification", "predict")}
+         "token-classification": ("AutoModelForTokenClassification", "predict"),
+         "seq2seq": ("AutoModelForSeq2SeqLM", "generate")}
 
 
 def plot_curves(run_dir: Path, history: list[dict], metric: str) -> Path | None:

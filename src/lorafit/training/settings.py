@@ -17,13 +17,14 @@ import yaml
 
 from lorafit.errors import LorafitError
 
-TASKS = ("classification", "causal-lm", "token-classification")
+TASKS = ("classification", "causal-lm", "token-classification", "seq2seq")
 STRATEGIES = ("epoch", "steps", "no")
 METRICS = {"classification": ("accuracy", "f1", "loss"), "causal-lm": ("loss",),
-           "token-classification": ("f1", "precision", "recall", "accuracy", "loss")}  # the first is the default
+           "token-classification": ("f1", "precision", "recall", "accuracy", "loss"),
+           "seq2seq": ("loss",)}  # the first is the default
 # Tokens per example (text, text pair or conversation) when --max-length is not given; every command
 # that tokenizes for a task (train, eval, predict) falls back to its task's value.
-DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 256, "token-classification": 128}
+DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 256, "token-classification": 128, "seq2seq": 256}
 
 
 @dataclass
@@ -31,11 +32,12 @@ class TrainConfig:
     """A fine-tuning run. Every field is also a command-line flag (``max_length`` -> ``--max-length``)."""
 
     task: str = "classification"
-    """What to train: classification (a text classifier), causal-lm (instruction-tune an LLM) or
-    token-classification (a tag per word: named entities, ...)."""
+    """What to train: classification (a text classifier), causal-lm (instruction-tune an LLM),
+    token-classification (a tag per word: named entities, ...) or seq2seq (an encoder-decoder such as T5 or
+    BART: an input text to a target text)."""
     model: str | None = None
     """Base model: a local directory, a Hugging Face hub id, or a built-in alias (minilm, smollm2).
-    Default: minilm for classification and token-classification, smollm2 for causal-lm."""
+    Default: minilm for classification and token-classification, smollm2 for causal-lm; seq2seq has none."""
     train_file: str | None = None
     """Training data: CSV, TSV, JSON Lines, JSON, Parquet, or a `datasets` directory. Default: the
     built-in dataset of the task."""
@@ -61,11 +63,15 @@ class TrainConfig:
     tag_names: list[str] | None = None
     """token-classification: the names of integer tags in id order (e.g. O B-PER I-PER), when the data holds
     class ids without a datasets ClassLabel naming them; names given with name tags fix the tag order."""
+    input_column: str = "input"
+    """seq2seq: column holding the input text (what the encoder reads)."""
+    target_column: str = "target"
+    """seq2seq: column holding the target text (what the decoder learns to write)."""
     encoding: str | None = None
     """Text encoding of CSV/TSV/JSON files when not UTF-8, e.g. latin-1."""
     max_length: int | None = None
     """Longest input in tokens; longer inputs are cut. Default: 128 (classification, token-classification),
-    256 (causal-lm)."""
+    256 (causal-lm; seq2seq, for the input and the target each)."""
     truncation_side: str = "right"
     """Which end of a too-long text is cut: right (keep the start) or left (keep the end)."""
     train_on_prompt: bool = False
@@ -119,7 +125,7 @@ class TrainConfig:
     """How many recent checkpoints to keep (best/ is kept separately)."""
     metric: str | None = None
     """Validation metric that picks best/: accuracy, f1 or loss (classification); loss (causal-lm); f1,
-    precision, recall (entity level), accuracy (per word) or loss (token-classification)."""
+    precision, recall (entity level), accuracy (per word) or loss (token-classification); loss (seq2seq)."""
     resume: bool = False
     """Continue the run in --output-dir from its newest complete checkpoint."""
     max_train_samples: int | None = None
@@ -156,7 +162,7 @@ class TrainConfig:
         """A copy with every task-dependent default filled in."""
         causal = self.task == "causal-lm"
         defaults = {
-            "model": "smollm2" if causal else "minilm",
+            "model": {"causal-lm": "smollm2", "seq2seq": None}.get(self.task, "minilm"),
             "max_length": DEFAULT_MAX_LENGTH[self.task],
             # causal-lm: measured on the built-in quickstart (SmolLM2, 2 CPU cores): exact match 0 -> ~90%
             # token-classification: on a synthetic 200-sentence NER set (MiniLM, r=8), entity F1 0.95 after 2
