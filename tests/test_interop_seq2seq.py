@@ -23,15 +23,14 @@ from lorafit import BASE_ADAPTER, LoraConfig, LoraModel, get_lora_model  # noqa:
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 VOCAB = 100
-# name -> (config class, model class, config fields): one encoder and one decoder layer, d_model 32. With 20
-# linear layers or more PEFT writes all-linear's target_modules as shortest distinguishing suffixes, lorafit as
-# full names (both load either file), so more layers would fail the config-file comparison.
+# name -> (config class, model class, config fields): two encoder and two decoder layers, d_model 32; all-linear
+# then targets 32 layers, so both libraries write the condensed target list PEFT writes from 20 targets on
 ARCHITECTURES = {
     "t5": ("T5Config", "T5ForConditionalGeneration",
-           dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_decoder_layers=1, num_heads=4,
+           dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4,
                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
     "bart": ("BartConfig", "BartForConditionalGeneration",
-             dict(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+             dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
                   pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)),
 }
