@@ -45,8 +45,10 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
 
 
 def lora_kwargs(arch: str, targets: str, r: int = 4) -> dict:
-    """BART's alpha is large: the tiny random BART generates one token over and over unless its adapter is strong."""
-    return dict(task_type="SEQ_2_SEQ_LM", r=r, lora_alpha=128 if arch == "bart" else 8, target_modules=None if targets == "default" else targets)
+    """BART's alpha is large: the tiny random BART generates one token over and over unless its adapter is
+    strong."""
+    return dict(task_type="SEQ_2_SEQ_LM", r=r, lora_alpha=128 if arch == "bart" else 8,
+                target_modules=None if targets == "default" else targets)
 
 
 def batch_for(arch: str) -> dict[str, torch.Tensor]:

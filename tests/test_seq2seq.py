@@ -115,7 +115,8 @@ def test_generate_mixes_adapters_and_the_base_in_one_batch(t5_run, capsys, tmp_p
                                tmp_path / f"{name}.jsonl", "--output", tmp_path / f"{name}-out.jsonl",
                                "--max-new-tokens", "12")
         assert code == 0, err
-        outputs[name] = [json.loads(line)["response"] for line in (tmp_path / f"{name}-out.jsonl").read_text().splitlines()]
+        written = (tmp_path / f"{name}-out.jsonl").read_text().splitlines()
+        outputs[name] = [json.loads(line)["response"] for line in written]
     write_jsonl(tmp_path / "plain.jsonl", [{"prompt": text} for text in inputs])
     code, _, err = run_cli(capsys, "generate", "--adapter", t5_run.best, "--input", tmp_path / "plain.jsonl",
                            "--output", tmp_path / "adapter-out.jsonl", "--max-new-tokens", "12")
@@ -123,6 +124,17 @@ def test_generate_mixes_adapters_and_the_base_in_one_batch(t5_run, capsys, tmp_p
     tuned = [json.loads(line)["response"] for line in (tmp_path / "adapter-out.jsonl").read_text().splitlines()]
     assert outputs["mixed"] == [outputs["base"][0], tuned[1], tuned[2], outputs["base"][3]]
     assert outputs["base"] != tuned
+
+
+def test_generate_refuses_adapters_of_two_kinds_together(t5_run, capsys, tmp_path):
+    import shutil
+
+    causal = tmp_path / "causal"
+    shutil.copytree(t5_run.best, causal)
+    info = json.loads((causal / "lorafit.json").read_text())
+    (causal / "lorafit.json").write_text(json.dumps({**info, "task": "causal-lm"}))
+    code, _, err = run_cli(capsys, "generate", "--adapter", f"a={t5_run.best}", "--adapter", f"b={causal}", "hi")
+    assert_one_line_error(code, err, "is a causal-lm adapter", "is a seq2seq adapter", "of one kind")
 
 
 def test_eval_command_prints_the_runs_validation_loss(t5_run, capsys):

@@ -45,7 +45,8 @@ def test_resolved_does_not_change_the_original():
 
 
 @pytest.mark.parametrize("settings, fragment", [
-    ({"task": "regression"}, "--task must be one of classification, causal-lm, token-classification, seq2seq; got 'regression'"),
+    ({"task": "regression"},
+     "--task must be one of classification, causal-lm, token-classification, seq2seq; got 'regression'"),
     ({"truncation_side": "middle"}, "--truncation-side must be one of left, right"),
     ({"eval_strategy": "always"}, "--eval-strategy must be one of epoch, steps, no"),
     ({"save_strategy": "always"}, "--save-strategy must be one of epoch, steps, no"),

@@ -22,7 +22,8 @@ class LoadedAdapter:
 
 
 def adapter_task(adapter_dir: Path, info: dict) -> str:
-    """classification, causal-lm, token-classification or seq2seq, from lorafit's info file or the adapter's PEFT task_type."""
+    """classification, causal-lm, token-classification or seq2seq, from lorafit's info file or the adapter's
+    PEFT task_type."""
     if "task" in info:
         return info["task"]
     task_type = read_adapter_config(adapter_dir).task_type

@@ -32,7 +32,8 @@ def evaluate_seq2seq(model, examples: list[dict], collate, batch_size: int) -> d
     total, count = 0.0, 0
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in order[start:start + batch_size]]).items()}
+            rows = [examples[i] for i in order[start:start + batch_size]]
+            batch = {k: v.to(device) for k, v in collate(rows).items()}
             tokens = int((batch["labels"] != -100).sum())
             total, count = total + model(**batch).loss.item() * tokens, count + tokens
     loss = total / max(1, count)
