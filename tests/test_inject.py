@@ -271,3 +271,35 @@ def test_default_targets_include_every_model_type_peft_knows():
         ours = DEFAULT_TARGETS.get(model_type)
         assert ours is not None, model_type
         assert (ours == targets) if isinstance(targets, str) else sorted(ours) == sorted(targets), model_type
+
+
+# --- long target lists: PEFT's condensed names ----------------------------------------------------------
+@pytest.mark.parametrize("build", [tiny_llama, tiny_bert_cls, tiny_gpt2])
+def test_long_target_lists_condense_to_the_suffixes_peft_picks(build):
+    """From 20 targets on PEFT writes the shortest suffixes that pick out the same modules; PEFT's own function
+    (private, so the reference lives here only) is compared on random subsets of each model's modules."""
+    import random
+
+    from peft.tuners.tuners_utils import _find_minimal_target_modules
+
+    from lorafit.inject import shortest_target_names
+
+    model = build(num_hidden_layers=6) if build is not tiny_gpt2 else build(n_layer=6)
+    names = [name for name, _ in model.named_modules()]
+    rng = random.Random(0)
+    for _ in range(40):
+        targets = rng.sample([n for n in names if n], rng.randint(20, 40))
+        others = [n for n in names if n not in targets and not n.endswith(tuple("." + t for t in targets))]
+        expected = _find_minimal_target_modules(targets, others)
+        expected = sorted(expected) if len(expected) < len(set(targets)) else targets
+        assert shortest_target_names(targets, names) == expected
+
+
+def test_all_linear_on_many_layers_writes_peft_target_list(tmp_path):
+    ours_model = get_lora_model(tiny_llama(num_hidden_layers=4), LoraConfig(r=2, target_modules="all-linear"))
+    peft_model = peft.get_peft_model(tiny_llama(num_hidden_layers=4), peft.LoraConfig(r=2, target_modules="all-linear"))
+    assert len(linear_names(tiny_llama(num_hidden_layers=4))) >= 20
+    assert sorted(ours_model.peft_config["default"].target_modules) == \
+        sorted(peft_model.peft_config["default"].target_modules)
+    assert sorted(ours(tiny_llama(num_hidden_layers=4), r=2, target_modules="all-linear")) == \
+        sorted(theirs(tiny_llama(num_hidden_layers=4), r=2, target_modules="all-linear"))

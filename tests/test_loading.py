@@ -127,3 +127,4 @@ def test_a_pickled_base_with_a_payload_never_runs(tmp_path, capsys, small_run, t
     code, _, err = run_cli(capsys, "merge", "--adapter", small_run.best, "--model", base, "--output", tmp_path / "out")
     assert_one_line_error(code, err, "pytorch_model.bin")
     assert not marker.exists()
+

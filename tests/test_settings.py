@@ -25,6 +25,12 @@ def test_defaults_resolved_for_causal_lm():
     assert (config.epochs, config.target_modules) == (2, ["all-linear"])
 
 
+def test_defaults_resolved_for_seq2seq_leave_the_model_to_the_user():
+    config = TrainConfig(task="seq2seq").resolved()
+    assert (config.model, config.max_length, config.lr, config.metric) == (None, 256, 1e-3, "loss")
+    assert (config.input_column, config.target_column) == ("input", "target")
+
+
 def test_resolved_keeps_what_was_given():
     config = TrainConfig(model="m", max_length=64, lr=0.5, metric="f1", eval_strategy="steps", eval_steps=7,
                          save_strategy="no").resolved()
@@ -39,7 +45,8 @@ def test_resolved_does_not_change_the_original():
 
 
 @pytest.mark.parametrize("settings, fragment", [
-    ({"task": "regression"}, "--task must be one of classification, causal-lm; got 'regression'"),
+    ({"task": "regression"},
+     "--task must be one of classification, causal-lm, token-classification, seq2seq; got 'regression'"),
     ({"truncation_side": "middle"}, "--truncation-side must be one of left, right"),
     ({"eval_strategy": "always"}, "--eval-strategy must be one of epoch, steps, no"),
     ({"save_strategy": "always"}, "--save-strategy must be one of epoch, steps, no"),
@@ -86,6 +93,9 @@ def test_resolved_does_not_change_the_original():
     ({"target_modules": 5}, "--target-modules must be a list of module names, e.g. [query, value]; got 5"),
     ({"target_modules": ["query", 5]}, "--target-modules must be a list of module names"),
     ({"target_modules": []}, "--target-modules must be a list of module names"),
+    ({"task": "token-classification", "tag_names": "O"}, "--tag-names must be a list of tag names, e.g. [O, B-PER"),
+    ({"task": "token-classification", "metric": "perplexity"},
+     "--metric must be one of f1, precision, recall, accuracy, loss"),
     ({"text_column": ["text"]}, "--text-column must be text, got ['text']"),
     ({"output_dir": 5}, "--output-dir must be text, got 5"),
     ({"model": None, "train_file": 3.5}, "--train-file must be text, got 3.5"),

@@ -10,7 +10,7 @@ from typing import Any
 
 from lorafit.variants.residual_init import PISSA_NITER
 
-TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "TOKEN_CLS", "FEATURE_EXTRACTION")
+TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "TOKEN_CLS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian", "pissa", "olora")
 """The values of init_lora_weights, besides "pissa_niter_<K>"."""

@@ -31,6 +31,9 @@ DEFAULT_TARGETS = {
     "distilbert": ["q_lin", "v_lin"],
 }
 _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+# PEFT 0.21 condenses a target list this long to the shortest name suffixes that pick out the same modules, and
+# writes those into adapter_config.json (its MIN_TARGET_MODULES_FOR_OPTIMIZATION)
+SHORTEN_TARGETS_FROM = 20
 
 
 def name_matches(name: str, patterns: list[str] | str) -> bool:
@@ -145,6 +148,9 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, rout
                                          and config.target_modules.lower() == ALL_LINEAR):
         # PEFT writes the concrete names into adapter_config.json, and so do we
         config.target_modules = resolve_target_modules(model, config)
+    if isinstance(config.target_modules, list) and len(config.target_modules) >= SHORTEN_TARGETS_FROM:
+        config.target_modules = shortest_target_names(config.target_modules,
+                                                       [name for name, _ in model.named_modules()])
     for name in names:
         layer = model.get_submodule(name)
         if not isinstance(layer, LoraLayer):
@@ -159,6 +165,31 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, rout
             _replace(model, name, wrapper)
         wrapper.add_adapter(adapter_name)
     return names
+
+
+def shortest_target_names(targets: list[str], module_names: list[str]) -> list[str]:
+    """PEFT's condensed target list: the shortest dotted suffixes that match every target and no other module.
+
+    Targets go in the order of their suffix lists, each taking its shortest suffix that names no other
+    module, unless a suffix already taken covers it; the result is sorted (PEFT writes a set)."""
+    targets = list(dict.fromkeys(targets))
+    ends = tuple("." + t for t in targets)
+    taken_elsewhere = {suffix for name in module_names if name not in targets and not name.endswith(ends)
+                       for suffix in _suffixes(name)}
+    chosen: set[str] = set()
+    for name in sorted(targets, key=_suffixes):
+        if any(name.endswith("." + suffix) for suffix in chosen):
+            continue
+        suffix = next((s for s in _suffixes(name) if s not in chosen and s not in taken_elsewhere), None)
+        if suffix is not None:
+            chosen.add(suffix)
+    return sorted(chosen) if chosen and len(chosen) < len(targets) else targets
+
+
+def _suffixes(name: str) -> list[str]:
+    """"a.b.c" -> ["c", "b.c", "a.b.c"]."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
 
 
 def _saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:

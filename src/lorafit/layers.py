@@ -110,6 +110,12 @@ class LoraLayer(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight: some transformers models read it off the layers they call (T5's
+        feed-forward casts its input to ``wo.weight.dtype``), so a wrapped layer must still have one."""
+        return self.base_layer.weight
+
     def weight_dtype(self) -> torch.dtype:
         """Adapters of a half-precision base stay in fp32; training low-rank factors in fp16 is unstable."""
         dtype = self.base_layer.weight.dtype

@@ -1,4 +1,4 @@
-"""Generate text with one or more causal-LM adapters.
+"""Generate text with one or more causal-LM adapters, or seq2seq (T5, BART) adapters.
 
   lorafit generate --adapter runs/x/best "Write a haiku about autumn"
   lorafit generate --adapter runs/x/best --input prompts.jsonl --output responses.jsonl
@@ -10,7 +10,7 @@ Prompts given as arguments stream to the terminal as they are generated. --input
 the loaded adapters ("__base__": the base model alone; empty: the first --adapter), and each batch
 runs once with every row on its own adapter. Decoding is greedy unless --temperature is above 0.
 Prompts get the chat template (or lorafit's plain template) as in training, unless
---no-chat-template."""
+--no-chat-template; a seq2seq adapter's encoder reads each prompt as plain text, as in training."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from lorafit.model import DEFAULT_ADAPTER
 from lorafit.files import check_output_file, write_text
 
 NAME = "generate"
-HELP = "generate text with causal-LM adapters"
+HELP = "generate text with causal-LM or seq2seq adapters"
 
 
 @dataclass
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_adapters(specs, args.model)
     for request in requests:
         prompt = request.messages if request.messages is not None else request.prompt
-        request.input_ids = encode_prompt(loaded.tokenizer, prompt, settings)
+        request.input_ids = encode_prompt(loaded.tokenizer, prompt, settings, loaded.task == "seq2seq")
     check_context(loaded.model.get_base_model().config, [r.input_ids for r in requests], settings.max_new_tokens)
     if args.input is None and args.output is None:
         stream_responses(loaded, requests, settings)

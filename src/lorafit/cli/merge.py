@@ -5,11 +5,11 @@
       --density 0.5 --output combined-adapter
 
 One --adapter (and no combination flags) writes a plain transformers model: it loads with
-AutoModelForSequenceClassification / AutoModelForCausalLM.from_pretrained, needs no lorafit, and runs at
-the base model's speed. Several (or --weights / --combination) write a new adapter folder in PEFT's format,
-their weighted combination as PEFT's add_weighted_adapter makes it, which `lorafit generate` and PEFT
-load; --merge-into-base writes that combination merged into a plain model instead. The adapters are
-named adapter1, adapter2, ... in the order given."""
+AutoModelForSequenceClassification / AutoModelForTokenClassification / AutoModelForCausalLM.from_pretrained,
+needs no lorafit, and runs at the base model's speed. Several (or --weights / --combination) write a new
+adapter folder in PEFT's format, their weighted combination as PEFT's add_weighted_adapter makes it, which
+`lorafit generate` and PEFT load; --merge-into-base writes that combination merged into a plain model
+instead. The adapters are named adapter1, adapter2, ... in the order given."""
 
 from __future__ import annotations
 

@@ -54,6 +54,11 @@ def read_table(path, *, encoding: str | None = None, role: str = "data file") ->
     return _to_dataset(path, columns)
 
 
+def read_text(path: Path, encoding: str | None = None) -> str:
+    """A text file's contents, decoded and checked as the table readers do (BOM, UTF-16, binary, --encoding)."""
+    return _decode(path, path.read_bytes(), encoding)
+
+
 def _decode(path: Path, raw: bytes, encoding: str | None) -> str:
     """Decode bytes (UTF-8 unless told otherwise; UTF-16 when it starts with its BOM)."""
     chosen = encoding or ("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8")

@@ -267,15 +267,17 @@ def load_classifier(
     id2label: dict[int, str],
     label2id: dict[str, int],
     pad_token_id: int | None = None,
+    per_token: bool = False,
 ):
-    """AutoModelForSequenceClassification in fp32, with config.pad_token_id set when given (decoder
-    models such as GPT-2/Llama need it to find the last token)."""
-    from transformers import AutoModelForSequenceClassification
+    """AutoModelForSequenceClassification (``per_token``: AutoModelForTokenClassification, a label per token)
+    in fp32, with config.pad_token_id set when given (decoder models such as GPT-2/Llama need it to find the
+    last token)."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     refuse_pickled_weights(name_or_path)
     extra = {} if pad_token_id is None else {"pad_token_id": pad_token_id}
     model = _from_pretrained(
-        AutoModelForSequenceClassification.from_pretrained,
+        (AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification).from_pretrained,
         name_or_path,
         is_model=True,
         num_labels=num_labels,
@@ -299,3 +301,11 @@ def load_causal_lm(name_or_path: str, *, dtype=torch.float32):
     return _from_pretrained(
         AutoModelForCausalLM.from_pretrained, name_or_path, is_model=True, dtype=dtype
     )
+
+
+def load_seq2seq_lm(name_or_path: str, *, dtype=torch.float32):
+    """AutoModelForSeq2SeqLM (encoder-decoders such as T5 and BART)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    refuse_pickled_weights(name_or_path)
+    return _from_pretrained(AutoModelForSeq2SeqLM.from_pretrained, name_or_path, is_model=True, dtype=dtype)

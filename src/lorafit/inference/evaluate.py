@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from lorafit.data import classification as text_data
 from lorafit.fast import use_fast_paths
-from lorafit.inference.loading import LoadedAdapter
+from lorafit.data.readers import read_table
+from lorafit.inference.loading import LoadedAdapter, adapter_task, check_adapter_dir
+from lorafit.training.run_dir import load_adapter_info
 from lorafit.tasks.classification import evaluate_classifier
 from lorafit.training.settings import DEFAULT_MAX_LENGTH, check_positive_int
 
@@ -20,11 +22,13 @@ class EvalSettings:
     max_length: int | None = None
     """Longest input in tokens (default: as in training)."""
     text_column: str | None = None
-    """Text column (default: as in training)."""
+    """Text column; for a token-classification adapter, its tokens column; for a seq2seq adapter, its input
+    column (default: as in training)."""
     text_pair_column: str | None = None
     """Second text column (default: as in training)."""
     label_column: str | None = None
-    """Label column (default: as in training)."""
+    """Label column; for a token-classification adapter, its tags column; for a seq2seq adapter, its target
+    column (default: as in training)."""
 
     def __post_init__(self) -> None:
         check_positive_int("batch_size", self.batch_size)
@@ -34,11 +38,22 @@ class EvalSettings:
 
 def evaluate_adapter(loaded: LoadedAdapter, table, settings: EvalSettings, source: str = "data") -> dict:
     """Numbers only. Classifiers: loss, accuracy, macro-F1, per-class scores, confusion matrix.
-    Causal LMs: loss and perplexity on the response tokens, with token and example counts."""
+    Causal LMs (seq2seq models): loss and perplexity on the response (target) tokens, with token and example counts.
+    Taggers (``table`` from ``read_eval_data``): loss, word accuracy, entity precision/recall/F1, per-type scores."""
     if loaded.task == "causal-lm":
         from lorafit.tasks.causal_lm import evaluate_causal_file
 
         return evaluate_causal_file(loaded, table, batch_size=settings.batch_size, max_length=settings.max_length)
+    if loaded.task == "seq2seq":
+        from lorafit.tasks.seq2seq import evaluate_seq2seq_file
+
+        return evaluate_seq2seq_file(loaded, table, batch_size=settings.batch_size, max_length=settings.max_length,
+                                     input_column=settings.text_column, target_column=settings.label_column)
+    if loaded.task == "token-classification":
+        from lorafit.tasks.token_classification import evaluate_tagged_file
+
+        use_fast_paths(loaded.model)
+        return evaluate_tagged_file(loaded, table, batch_size=settings.batch_size, max_length=settings.max_length)
     use_fast_paths(loaded.model)
     info = loaded.info
     prepared = text_data.prepare_split(
@@ -50,6 +65,19 @@ def evaluate_adapter(loaded: LoadedAdapter, table, settings: EvalSettings, sourc
     encoded = text_data.tokenize(prepared, loaded.tokenizer, max_length=max_length, truncation_side=info.get("truncation_side", "right"))
     return evaluate_classifier(loaded.model, encoded, text_data.make_collator(loaded.tokenizer), settings.batch_size,
                                list(label_space(loaded).names))
+
+
+def read_eval_data(adapter, path: str, settings: EvalSettings, encoding: str | None = None):
+    """The labelled data for ``evaluate_adapter``, read before the model loads: tagged sentences (a CoNLL file or a
+    table) for a token-classification adapter, else a table."""
+    adapter_dir = check_adapter_dir(adapter)
+    info = load_adapter_info(adapter_dir)
+    if adapter_task(adapter_dir, info) == "token-classification":
+        from lorafit.tasks.token_classification import read_tagged_data
+
+        return read_tagged_data(path, info, tokens_column=settings.text_column, tags_column=settings.label_column,
+                                encoding=encoding)
+    return read_table(path, encoding=encoding, role="data file")
 
 
 def label_space(loaded: LoadedAdapter):

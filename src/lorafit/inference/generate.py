@@ -1,4 +1,4 @@
-"""Generation with causal-LM adapters: the one path behind `lorafit train`'s held-out replies,
+"""Generation with causal-LM and seq2seq adapters: the one path behind `lorafit train`'s held-out replies,
 `lorafit generate` and a server. Plain functions: prompts and settings in, texts out."""
 
 from __future__ import annotations
@@ -72,9 +72,16 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def encode_prompt(tokenizer, prompt: str | list[dict], settings: GenerationSettings) -> list[int]:
+def encode_prompt(tokenizer, prompt: str | list[dict], settings: GenerationSettings,
+                  encoder_decoder: bool = False) -> list[int]:
     """Token ids of a prompt (text) or conversation (messages ending before the reply), up to where the
-    assistant's reply starts, built as training builds prompts; raw text without the chat template."""
+    assistant's reply starts, built as training builds prompts; raw text without the chat template. An
+    encoder-decoder's input is its text with the tokenizer's special tokens, as seq2seq training encodes it."""
+    if encoder_decoder:
+        if not isinstance(prompt, str):
+            raise LorafitError("a seq2seq adapter reads plain text, but the input has chat 'messages'; give a "
+                               "prompt column")
+        return list(tokenizer(prompt)["input_ids"])
     if not settings.chat_template:
         if not isinstance(prompt, str):
             raise LorafitError("--no-chat-template feeds raw prompts, but the input has chat 'messages'; "
@@ -91,13 +98,19 @@ def encode_prompt(tokenizer, prompt: str | list[dict], settings: GenerationSetti
 
 
 def check_context(model_config, encoded: list[list[int]], max_new_tokens: int) -> None:
-    """Refuse a prompt plus max_new_tokens longer than the positions the model has."""
+    """Refuse a prompt plus max_new_tokens longer than the positions the model has (an encoder-decoder's
+    encoder and decoder each have them all)."""
     context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
     if not context:
         return
     longest = max(len(ids) for ids in encoded)
     if longest >= context:
         raise LorafitError(f"a prompt of {longest} tokens fills the model's context of {context} tokens; shorten it")
+    if getattr(model_config, "is_encoder_decoder", False):
+        if max_new_tokens >= context:
+            raise LorafitError(f"--max-new-tokens {max_new_tokens} exceeds the decoder's {context} positions; pass "
+                               f"--max-new-tokens {context - 1} or less")
+        return
     if longest + max_new_tokens > context:
         raise LorafitError(f"--max-new-tokens {max_new_tokens} plus the longest prompt ({longest} tokens) exceeds "
                            f"the model's context of {context} tokens; pass --max-new-tokens {context - longest} or less")
@@ -136,7 +149,10 @@ def generate_from_ids(model, tokenizer, encoded: list[list[int]], settings: Gene
     hears how many prompts are done after each batch.
     """
     config = generation_config(model, tokenizer, settings)
-    collate = chat.make_lm_collator(config.pad_token_id, padding_side="left")
+    # a decoder continues its prompt, so prompts line up on the left; an encoder-decoder's output is a new
+    # sequence after the decoder's start token, and its encoder takes inputs padded as in training
+    encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
+    collate = chat.make_lm_collator(config.pad_token_id, padding_side="right" if encoder_decoder else "left")
     if settings.seed is not None:
         from transformers import set_seed
 
@@ -152,7 +168,8 @@ def generate_from_ids(model, tokenizer, encoded: list[list[int]], settings: Gene
             output = model.generate(input_ids=batch["input_ids"].to(device),
                                     attention_mask=batch["attention_mask"].to(device), generation_config=config,
                                     streamer=streamer, **names)
-            for row, ids in zip(rows, output[:, batch["input_ids"].shape[1]:].tolist()):
+            new = output[:, 1:] if encoder_decoder else output[:, batch["input_ids"].shape[1]:]
+            for row, ids in zip(rows, new.tolist()):
                 replies[row] = decode_reply(tokenizer, ids, config.eos_token_id)
             if progress is not None:
                 progress(min(start + settings.batch_size, len(order)))
@@ -162,5 +179,6 @@ def generate_from_ids(model, tokenizer, encoded: list[list[int]], settings: Gene
 def generate_replies(model, tokenizer, prompts: list[str | list[dict]], settings: GenerationSettings,
                      adapter_names: list[str] | None = None) -> list[str]:
     """Replies to prompts (texts, or message lists ending before the reply)."""
-    encoded = [encode_prompt(tokenizer, prompt, settings) for prompt in prompts]
+    encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
+    encoded = [encode_prompt(tokenizer, prompt, settings, encoder_decoder) for prompt in prompts]
     return generate_from_ids(model, tokenizer, encoded, settings, adapter_names)

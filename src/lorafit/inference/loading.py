@@ -7,7 +7,8 @@ from pathlib import Path
 
 from lorafit.errors import LorafitError
 from lorafit.model import DEFAULT_ADAPTER, LoraModel
-from lorafit.inference.base_models import load_causal_lm, load_classifier, load_tokenizer, resolve_model
+from lorafit.inference.base_models import (load_causal_lm, load_classifier, load_seq2seq_lm, load_tokenizer,
+                                          resolve_model)
 from lorafit.training.run_dir import load_adapter_info
 from lorafit.serialization import CONFIG_NAME, WEIGHTS_NAME, damaged_weights_error, read_adapter_config
 
@@ -21,11 +22,13 @@ class LoadedAdapter:
 
 
 def adapter_task(adapter_dir: Path, info: dict) -> str:
-    """classification or causal-lm, from lorafit's info file or the adapter's PEFT task_type."""
+    """classification, causal-lm, token-classification or seq2seq, from lorafit's info file or the adapter's
+    PEFT task_type."""
     if "task" in info:
         return info["task"]
     task_type = read_adapter_config(adapter_dir).task_type
-    return "causal-lm" if task_type == "CAUSAL_LM" else "classification"
+    return {"CAUSAL_LM": "causal-lm", "TOKEN_CLS": "token-classification", "SEQ_2_SEQ_LM": "seq2seq"}.get(
+        task_type, "classification")
 
 
 def check_adapter_dir(adapter: str | Path) -> Path:
@@ -54,12 +57,13 @@ def load_adapter_for_inference(adapter: str | Path, model: str | None = None, pa
     tokenizer_dir = adapter_dir / "tokenizer"
     tokenizer = load_tokenizer(str(tokenizer_dir) if tokenizer_dir.is_dir() else base_path, padding_side=padding_side)
     task = adapter_task(adapter_dir, info)
-    if task == "classification":
+    if task in ("classification", "token-classification"):
         id2label = info.get("id2label") or _id2label_from_weights(adapter_dir)
         base = load_classifier(base_path, num_labels=len(id2label), id2label=id2label,
-                               label2id={v: k for k, v in id2label.items()}, pad_token_id=tokenizer.pad_token_id)
+                               label2id={v: k for k, v in id2label.items()}, pad_token_id=tokenizer.pad_token_id,
+                               per_token=task == "token-classification")
     else:
-        base = load_causal_lm(base_path)
+        base = (load_seq2seq_lm if task == "seq2seq" else load_causal_lm)(base_path)
         if base.generation_config.pad_token_id is None:
             base.generation_config.pad_token_id = tokenizer.pad_token_id
     lora_model = LoraModel.from_pretrained(base, adapter_dir)
@@ -68,13 +72,17 @@ def load_adapter_for_inference(adapter: str | Path, model: str | None = None, pa
 
 
 def check_adapters(specs: dict[str, Path], model: str | None) -> None:
-    """Refuse classification adapters and adapters trained on different bases, before loading anything."""
+    """Refuse classifier adapters, and adapters of different tasks or bases, before loading anything."""
     bases: dict[str, str] = {}
+    tasks: dict[str, str] = {}
     for name, directory in specs.items():
         info = load_adapter_info(directory)
-        task = adapter_task(directory, info)
-        if task != "causal-lm":
+        task = tasks[name] = adapter_task(directory, info)
+        if task not in ("causal-lm", "seq2seq"):
             raise LorafitError(f"'{directory}' is a {task} adapter; use `lorafit predict` for it")
+        if len(set(tasks.values())) > 1:
+            raise LorafitError(f"'{directory}' is a {task} adapter but '{specs[next(iter(specs))]}' is a "
+                               f"{tasks[next(iter(specs))]} adapter; load adapters of one kind together")
         base = info.get("base_model") or read_adapter_config(directory).base_model_name_or_path
         if base:
             bases[name] = _same_base_key(base)

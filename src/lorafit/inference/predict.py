@@ -54,8 +54,13 @@ def read_texts(texts: list[str], input_file: str | None, settings: PredictSettin
 
 def predict_rows(loaded: LoadedAdapter, texts: list[str], pairs: list[str] | None,
                  settings: PredictSettings) -> list[dict]:
-    """One row per text of a classifier adapter: the text (and its pair), the label and every class's probability."""
+    """One row per text of a classifier adapter: the text (and its pair), the label and every class's probability;
+    of a tagger adapter: the text, each word's tag and probability, and its entities (tasks.token_classification)."""
     use_fast_paths(loaded.model)
+    if loaded.task == "token-classification":
+        from lorafit.tasks.token_classification import predict_tags
+
+        return predict_tags(loaded, texts, settings.batch_size)
     id2label = loaded.model.config.id2label
     probabilities = predict_texts(loaded.model, loaded.tokenizer, texts,
                                   max_length=loaded.info.get("max_length") or DEFAULT_MAX_LENGTH["classification"],

@@ -2,7 +2,8 @@
 
 Load and check the data, wrap the base model with LoRA, show the task's demo before training,
 train with per-epoch evaluation, restore the best adapter, show the demo after, write the run folder.
-A task (classification.py, causal_lm.py) supplies its data, model head, loss, evaluation and demo.
+A task (classification.py, causal_lm.py, token_classification.py, seq2seq.py) supplies its data, model head, loss,
+evaluation and demo.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from lorafit.inject import check_each_target_matches
 from lorafit.model import get_lora_model
 from lorafit.tasks.causal_lm import CausalLmTask
 from lorafit.tasks.classification import ClassificationTask
+from lorafit.tasks.seq2seq import Seq2SeqTask
 from lorafit.tasks.task import Task
+from lorafit.tasks.token_classification import TokenClassificationTask
 from lorafit.training.loop import LoopResult, restore_best, run_training, seed_everything
 from lorafit.training.run_dir import (INITIAL_ADAPTER, model_card, plot_curves, prepare_run_dir, release_run_dirs,
                                       save_adapter_info)
 from lorafit.training.settings import TrainConfig
 from lorafit.variants.residual_init import changes_base
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (ClassificationTask, CausalLmTask)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (ClassificationTask, CausalLmTask, TokenClassificationTask,
+                                                              Seq2SeqTask)}
 
 
 def default_output_dir(config: TrainConfig) -> Path:

@@ -171,8 +171,8 @@ def load_adapter_info(adapter_dir: Path) -> dict:
         for key, types in _INFO_TYPES.items():
             if key in info and (not isinstance(info[key], types) or isinstance(info[key], bool) and types is not bool):
                 raise ValueError(f"'{key}' is {info[key]!r}")
-        if info.get("task", "classification") not in ("classification", "causal-lm"):
-            raise ValueError(f"'task' is {info['task']!r}, not classification or causal-lm")
+        if info.get("task", "classification") not in _INFO_TASKS:
+            raise ValueError(f"'task' is {info['task']!r}, not {', '.join(_INFO_TASKS)}")
         if "id2label" in info:
             if sorted(info["id2label"], key=lambda k: (len(k), k)) != [str(i) for i in range(len(info["id2label"]))]:
                 raise ValueError(f"'id2label' has keys {list(info['id2label'])!r}, not the class numbers 0, 1, ...")
@@ -186,7 +186,14 @@ def load_adapter_info(adapter_dir: Path) -> dict:
 # what lorafit writes into lorafit.json, by type
 _INFO_TYPES = {"task": str, "base_model": (str, type(None)), "id2label": dict, "max_length": (int, type(None)),
                "truncation_side": str, "text_column": str, "text_pair_column": (str, type(None)),
-               "label_column": str, "chat": bool, "train_on_prompt": bool}
+               "label_column": str, "chat": bool, "train_on_prompt": bool, "tokens_column": str,
+               "tags_column": (str, type(None)), "input_column": str, "target_column": str}
+_INFO_TASKS = ("classification", "causal-lm", "token-classification", "seq2seq")
+# each task's transformers class (the model card's example) and the command that uses its adapter
+_CARD = {"classification": ("AutoModelForSequenceClassification", "predict"),
+         "causal-lm": ("AutoModelForCausalLM", "generate"),
+         "token-classification": ("AutoModelForTokenClassification", "predict"),
+         "seq2seq": ("AutoModelForSeq2SeqLM", "generate")}
 
 
 def plot_curves(run_dir: Path, history: list[dict], metric: str) -> Path | None:
@@ -222,7 +229,7 @@ def plot_curves(run_dir: Path, history: list[dict], metric: str) -> Path | None:
 
 def model_card(*, base_model: str, data: str, config: dict, metrics: dict, run_dir: Path, task: str) -> str:
     """README.md for the run: what was trained on what, how well, and how to load it."""
-    auto = "AutoModelForSequenceClassification" if task == "classification" else "AutoModelForCausalLM"
+    auto, command = _CARD[task]
     hyper = "\n".join(f"| {k} | {v} |" for k, v in config.items() if v is not None)
     results = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items() if not isinstance(v, (dict, list)))
     return f"""# LoRA adapter: {base_model} ({task})
@@ -258,7 +265,7 @@ from peft import PeftModel
 
 model = PeftModel.from_pretrained(base, "{run_dir / 'best'}")
 ```
-From the command line: `lorafit {'predict' if task == 'classification' else 'generate'} --adapter {run_dir / 'best'} ...`
+From the command line: `lorafit {command} --adapter {run_dir / 'best'} ...`
 """
 
 
