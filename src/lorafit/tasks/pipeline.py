@@ -22,7 +22,8 @@ from lorafit.tasks.causal_lm import CausalLmTask
 from lorafit.tasks.classification import ClassificationTask
 from lorafit.tasks.task import Task
 from lorafit.training.loop import LoopResult, restore_best, run_training, seed_everything
-from lorafit.training.run_dir import model_card, plot_curves, prepare_run_dir, release_run_dirs, save_adapter_info
+from lorafit.inference.adapter_info import save_adapter_info
+from lorafit.training.run_dir import model_card, plot_curves, prepare_run_dir, release_run_dirs
 from lorafit.training.settings import TrainConfig
 
 TASKS: dict[str, type[Task]] = {task.name: task for task in (ClassificationTask, CausalLmTask)}
