@@ -27,18 +27,16 @@ CHECKPOINT_PARTS = ("adapter", "optimizer.safetensors", "rng.safetensors")
 # Settings a resumed run may change: they decide when checkpoints are written and how memory is spent,
 # never the weights or the metrics.
 RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "gradient_checkpointing", "save_strategy", "save_steps",
-                               "keep_checkpoints", "test_file"})
+                               "keep_checkpoints", "test_file", "report_to"})
 _LOCKS: dict[Path, int] = {}  # run folders this process holds, with the lock file's descriptor
 
 
 def prepare_run_dir(path: Path, config: TrainConfig) -> None:
     """Check that ``path`` can take this run, lock it, and write config.yaml for a new run.
 
-    Called once the data and model have been checked: any refusal leaves the folder as it was. Under
-    `accelerate launch` only the main process does this; the others find the folder it prepared.
+    Called once the data and model have been checked: any refusal leaves the folder as it was. With
+    several processes only the main one calls it (distributed.on_main_process).
     """
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
     if path.exists() and not path.is_dir():
         raise LorafitError(f"--output-dir '{path}' is a file; pass a folder")
     ours = (path / LOCK_NAME).is_file() or saved_config(path) is not None
