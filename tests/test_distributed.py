@@ -1,0 +1,156 @@
+"""`lorafit train` on two CPU processes (gloo), launched as users do: `accelerate launch --multi_gpu
+--num_processes 2` (which, with no GPU visible, starts CPU processes; `--cpu` would start one) and `torchrun`.
+
+A two-process run must train the adapter a one-process run trains (same global batch, dropout 0), count
+steps and epochs over both processes, write its run folder once, and resume after SIGKILL to the result
+of an uninterrupted two-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorafit.training.distributed import share
+from lorafit.training.loop import micro_batches
+from test_cli import _train_or_fail, adapter_tensors, build_tiny_bert, built_once, make_rows, read_jsonl, write_rows
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+# 30 examples in batches of 8: 4 steps an epoch, the last batch of 6 split 3 + 3
+STEPS = 6
+ARGS = ["--max-length", "32", "--batch-size", "8", "--max-steps", str(STEPS), "--eval-strategy", "steps",
+        "--eval-steps", "3", "--lr", "0.01"]
+# The two-process adapter differs from the one-process one only by float rounding: each process averages
+# its half of the batch, the halves' gradients are averaged by gloo, and padding differs with the share.
+ADAPTER_TOLERANCE = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list, processes: int = 2, launcher: str = "accelerate") -> subprocess.Popen:
+    """`lorafit train ARGS` on ``processes`` CPU processes started by accelerate or torchrun, in a session of
+    its own (so that its whole group can be killed), on this worktree's code and a free port."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    if launcher == "accelerate":
+        start = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                 "--main_process_port", str(free_port())]
+    else:
+        start = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port())]
+    command = [sys.executable, *start, "-m", "lorafit", "train", *map(str, args)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def launched(args: list, processes: int = 2, launcher: str = "accelerate") -> str:
+    process = launch(args, processes, launcher)
+    try:
+        out, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    def build(root: Path) -> dict:
+        # no dropout in the base model either: with it, each process would draw its own masks
+        return {"model": build_tiny_bert(root / "model", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                "train": write_rows(root / "train.jsonl", make_rows(30, seed=1)),
+                "validation": write_rows(root / "validation.jsonl", make_rows(9, seed=2))}
+
+    return built_once("distributed_data", tmp_path_factory, build)
+
+
+def run_args(data: dict, output: Path, *extra) -> list:
+    return ["--model", data["model"], "--train-file", data["train"], "--validation-file", data["validation"],
+            "--output-dir", output, *ARGS, *extra]
+
+
+def assert_written_once(run: Path) -> None:
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [3, 6]  # one line per evaluation, not one per process
+    assert (run / "best" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".lorafit.lock", "README.md", "best", "checkpoint-3", "checkpoint-6", "config.yaml", "curves.png",
+        "metrics.jsonl"]  # no second best/, no temporaries left by a second writer
+
+
+def test_shares_cover_a_batch_once_in_order():
+    for count in range(0, 12):
+        for parts in (1, 2, 3, 5):
+            shares = [share(count, i, parts) for i in range(parts)]
+            assert [i for s in shares for i in s] == list(range(count))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    rows = list(range(10, 17))  # 7 rows, 2 processes, 2 micro-batches each
+    assert micro_batches(rows, 2, 0, 2) == [[10, 11], [12, 13]]
+    assert micro_batches(rows, 2, 1, 2) == [[14, 15], [16]]
+    assert micro_batches([10], 2, 1, 1) == [[]]  # a process with nothing still takes part, weighted 0
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_adapter_one_process_trains(data, tmp_path):
+    _train_or_fail(["train", *run_args(data, tmp_path / "one", "--lora-dropout", "0")])
+    out = launched(run_args(data, tmp_path / "two", "--lora-dropout", "0"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_written_once(two)
+    assert out.count("Adapter saved to") == 1  # the main process alone prints
+    assert "train_samples_per_second" in out
+    for step in (3, STEPS):
+        a, b = adapter_tensors(one / f"checkpoint-{step}" / "adapter"), adapter_tensors(two / f"checkpoint-{step}" / "adapter")
+        assert sorted(a) == sorted(b)
+        # B starts at zero: training moved it, so the equality below says something
+        assert max(b[k].abs().max().item() for k in b if "lora_B" in k) > 1e-3
+        diff = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert diff <= ADAPTER_TOLERANCE, f"step {step}: adapters differ by {diff}"
+    metrics_one, metrics_two = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    for r1, r2 in zip(metrics_one, metrics_two, strict=True):
+        # epoch counts the examples of both processes: 3 steps of 8 of 30 examples is 0.75 of an epoch
+        assert (r2["step"], r2["epoch"]) == (r1["step"], r1["epoch"])
+        assert r2["accuracy"] == r1["accuracy"] and r2["confusion_matrix"] == r1["confusion_matrix"]
+        assert r2["loss"] == pytest.approx(r1["loss"], abs=2e-6)  # gathered over both shares of validation
+        assert r2["train_loss"] == pytest.approx(r1["train_loss"], abs=2e-6)
+    assert metrics_two[0]["epoch"] == 0.75
+
+
+@pytest.mark.slow
+def test_killed_two_process_run_resumes_to_the_uninterrupted_result(data, tmp_path):
+    # dropout on: each process's own random stream must come back from the checkpoint
+    steps = 20
+    args = ["--lora-dropout", "0.1", "--max-steps", steps, "--eval-steps", "4", "--save-strategy", "steps",
+            "--save-steps", "2"]
+    launched(run_args(data, tmp_path / "whole", *args), launcher="torchrun")
+    killed = tmp_path / "killed"
+    process = launch(run_args(data, killed, *args), launcher="torchrun")
+    deadline = time.monotonic() + 300
+    while not list(killed.glob("checkpoint-*/trainer_state.json")) and process.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers at once
+    process.communicate()
+    assert not (killed / "README.md").exists(), "the run ended before it could be killed"
+    assert not (killed / f"checkpoint-{steps}").exists()
+    launched(["--output-dir", killed, "--resume"], launcher="torchrun")
+    whole = tmp_path / "whole"
+    assert read_jsonl(killed / "metrics.jsonl") == read_jsonl(whole / "metrics.jsonl")
+    for adapter in ("best", f"checkpoint-{steps}/adapter"):
+        a, b = adapter_tensors(whole / adapter), adapter_tensors(killed / adapter)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), adapter
+    state = json.loads((killed / f"checkpoint-{steps}" / "trainer_state.json").read_text())["state"]
+    assert (state["step"], state["epoch"]) == (steps, 5)  # 20 steps of 4 an epoch
