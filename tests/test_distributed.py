@@ -8,6 +8,7 @@ of an uninterrupted two-process run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -41,8 +42,8 @@ def free_port() -> int:
 
 
 def launch(args: list, processes: int = 2, launcher: str = "accelerate") -> subprocess.Popen:
-    """`lorafit train ARGS` on ``processes`` CPU processes started by accelerate or torchrun, in a session of
-    its own (so that its whole group can be killed), on this worktree's code and a free port."""
+    """`lorafit train ARGS` on ``processes`` CPU processes started by accelerate or torchrun, on this worktree's
+    code and a free port."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
            "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     if launcher == "accelerate":
@@ -52,8 +53,26 @@ def launch(args: list, processes: int = 2, launcher: str = "accelerate") -> subp
     else:
         start = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port())]
     command = [sys.executable, *start, "-m", "lorafit", "train", *map(str, args)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process under it at once, as a crash or an out-of-memory kill would: torchrun
+    starts each worker in a session of its own, so killing the launcher's process group would leave them running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
 
 
 def launched(args: list, processes: int = 2, launcher: str = "accelerate") -> str:
@@ -62,7 +81,7 @@ def launched(args: list, processes: int = 2, launcher: str = "accelerate") -> st
         out, _ = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_tree(process.pid)
     assert process.returncode == 0, out[-3000:]
     return out
 
@@ -142,7 +161,7 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(data, tmp_pa
     while not list(killed.glob("checkpoint-*/trainer_state.json")) and process.poll() is None \
             and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers at once
+    kill_tree(process.pid)  # torchrun and both workers at once
     process.communicate()
     assert not (killed / "README.md").exists(), "the run ended before it could be killed"
     assert not (killed / f"checkpoint-{steps}").exists()
