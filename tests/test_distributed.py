@@ -173,3 +173,133 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(data, tmp_pa
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), adapter
     state = json.loads((killed / f"checkpoint-{steps}" / "trainer_state.json").read_text())["state"]
     assert (state["step"], state["epoch"]) == (steps, 5)  # 20 steps of 4 an epoch
+
+
+# --- in-process groups: evaluation shards and FSDP saves, on two gloo processes ----------------------------
+def on_two_processes(function, tmp_path: Path, *args) -> list:
+    """``function(tmp_path, *args)`` on each of two gloo processes; each one's (JSON) result, in rank order."""
+    torch.multiprocessing.spawn(_worker, args=(function, tmp_path, args), nprocs=2)
+    return [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in range(2)]
+
+
+def _worker(rank: int, function, tmp_path: Path, args: tuple) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=rank, world_size=2)
+    try:
+        result = function(tmp_path, *args)
+    finally:
+        torch.distributed.destroy_process_group()
+    (tmp_path / f"result-{rank}.json").write_text(json.dumps(result))
+
+
+def _pad(features: list[dict]) -> dict:
+    width = max(len(f["input_ids"]) for f in features)
+    ids = [f["input_ids"] + [0] * (width - len(f["input_ids"])) for f in features]
+    batch = {"input_ids": torch.tensor(ids), "attention_mask": (torch.tensor(ids) != 0).long()}
+    if isinstance(features[0]["labels"], list):
+        batch["labels"] = torch.tensor([f["labels"] + [-100] * (width - len(f["labels"])) for f in features])
+    else:
+        batch["labels"] = torch.tensor([f["labels"] for f in features])
+    return batch
+
+
+def _examples(count: int, lm: bool) -> list[dict]:
+    generator = torch.Generator().manual_seed(count)
+    rows = []
+    for i in range(count):
+        ids = torch.randint(3, 100, (3 + i % 5,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100, -100, *ids[2:]] if lm else i % 3})
+    return rows
+
+
+EVAL_CASES = [(count, lm) for lm in (False, True) for count in (7, 1)]  # shares of 4 and 3; of 1 and none
+
+
+def _evaluate(lm: bool, count: int) -> dict:
+    from conftest import tiny_bert_cls, tiny_llama
+    from lorafit import LoraConfig, get_lora_model
+    from lorafit.tasks.causal_lm import evaluate_lm
+    from lorafit.tasks.classification import evaluate_classifier
+
+    base = tiny_llama() if lm else tiny_bert_cls(num_labels=3)
+    model = get_lora_model(base, LoraConfig(r=4, target_modules=["query", "value", "q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    if lm:
+        return evaluate_lm(model, _examples(count, lm), _pad, batch_size=2)
+    return evaluate_classifier(model, _examples(count, lm), _pad, batch_size=2, names=["a", "b", "c"])
+
+
+def _evaluate_cases(tmp_path: Path) -> list[dict]:
+    return [_evaluate(lm, count) for count, lm in EVAL_CASES]
+
+
+def test_evaluation_sharded_over_two_processes_gives_one_process_metrics(tmp_path):
+    both = on_two_processes(_evaluate_cases, tmp_path)
+    assert both[0] == both[1]  # every process gets the whole result
+    for (count, lm), sharded in zip(EVAL_CASES, both[0], strict=True):
+        alone = _evaluate(lm, count)
+        assert sharded.keys() == alone.keys()
+        for key, value in alone.items():
+            # each share's loss is summed in its own order: the same sum up to float rounding
+            assert sharded[key] == (pytest.approx(value, abs=2e-6) if key in ("loss", "perplexity") else value), key
+        # every example counted once: no share repeated to even the shares out
+        examples = _examples(count, lm)
+        assert (sharded["tokens"] == sum(len(e["input_ids"]) - 2 for e in examples) if lm
+                else sum(map(sum, sharded["confusion_matrix"])) == count)
+
+
+def _train_one_step(model, sharded=None) -> None:
+    from conftest import make_batch
+
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    (sharded or model)(**make_batch()).logits.square().mean().backward()
+    optimizer.step()
+
+
+def _lora_bert():
+    from conftest import tiny_bert_cls
+    from lorafit import LoraConfig, get_lora_model
+
+    return get_lora_model(tiny_bert_cls(), LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
+
+
+def _fsdp_train_and_save(tmp_path: Path) -> list[list]:
+    """One step under FSDP1 (flat parameters, accelerate's default fsdp_version) and under FSDP2 (fully_shard),
+    each adapter saved gathered; the shapes each process held, sharded."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    from lorafit.training.distributed import full_parameters, on_main_process
+
+    held = []
+    for version in (1, 2):
+        model = _lora_bert()
+        shapes = {"default": model.adapter_shapes()}  # whole, before sharding, as the training loop takes them
+        if version == 1:
+            sharded = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
+        else:
+            sharded = fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+        _train_one_step(model, sharded)
+        factor = model.get_submodule("model.bert.encoder.layer.0.attention.self.query.lora_A.default").weight
+        held.append(list((factor.to_local() if version == 2 else factor).shape))
+        with full_parameters(sharded):
+            on_main_process(lambda: model.save_pretrained(tmp_path / f"fsdp{version}", expected_shapes=shapes))
+    return held
+
+
+def test_fsdp_trained_lora_saves_the_whole_adapter(tmp_path):
+    held = on_two_processes(_fsdp_train_and_save, tmp_path)
+    # each process held a part of each factor (4 x 32): FSDP1 a flat slice (all or none of this one), FSDP2 rows
+    assert held == [[[128], [2, 32]], [[0], [2, 32]]]
+    initial = _lora_bert()
+    initial.save_pretrained(tmp_path / "initial")
+    alone = _lora_bert()
+    _train_one_step(alone)
+    alone.save_pretrained(tmp_path / "alone")
+    a, start = adapter_tensors(tmp_path / "alone"), adapter_tensors(tmp_path / "initial")
+    assert all(not torch.equal(a[k], start[k]) for k in a)  # the step moved every factor
+    for version in (1, 2):
+        b = adapter_tensors(tmp_path / f"fsdp{version}")
+        assert sorted(a) == sorted(b) and all(a[k].shape == b[k].shape for k in a)
+        diff = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert diff <= 1e-6, f"FSDP{version}: {diff}"  # gradients averaged over two processes' equal batches

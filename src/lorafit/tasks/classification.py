@@ -118,7 +118,7 @@ def evaluate_classifier(model, examples, collate, batch_size: int, names: list[s
     means = gather_lists([(loss, len(mine))])
     if len(means) > 1:  # one process keeps its own mean as it is
         loss = sum(mean * n for mean, n in means if n) / max(1, sum(n for _, n in means))
-    predictions = gather_lists(logits.argmax(-1).tolist())
+    predictions = gather_lists(logits.argmax(-1).tolist() if len(mine) else [])  # a process may have none
     labels = [int(e["labels"]) for e in examples]
     report = classification_report(labels, predictions, names)
     return {"loss": round(loss, 6), **{k: round(v, 6) if isinstance(v, float) else v for k, v in report.items()}}

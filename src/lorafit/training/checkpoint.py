@@ -14,7 +14,7 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -97,16 +97,18 @@ def _restore_torch_rng(states: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state(state, device=device)
 
 
-def save_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler, state: TrainState, keep: int,
-                    rng_states: dict[str, torch.Tensor] | None = None, scaler=None) -> Path:
+def save_checkpoint(run_dir: Path, save_adapter: Callable[[Path], None], optimizer, scheduler, state: TrainState,
+                    keep: int, rng_states: dict[str, torch.Tensor] | None = None, scaler=None) -> Path:
     """Write ``checkpoint-<step>/`` atomically and prune all but the newest ``keep``.
 
+    ``save_adapter(folder)`` writes the adapter (a LoraModel's save_pretrained, or the training loop's,
+    which also checks the file against the adapter's full shapes).
     ``rng_states``: every process's (process_rng_states), by default this process's; ``scaler``: fp16's
     gradient scaler, whose scale a resumed run continues from."""
     final = run_dir / f"checkpoint-{state.step}"
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp / "adapter")
+        save_adapter(tmp / "adapter")
         tensors, meta = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng_states or _torch_rng_states(), str(tmp / "rng.safetensors"))

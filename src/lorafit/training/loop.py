@@ -26,7 +26,7 @@ from lorafit.data.classification import length_grouped_order
 from lorafit.errors import Interrupted
 from lorafit.files import replace_dir
 from lorafit.model import LoraModel
-from lorafit.training.distributed import on_main_process, share
+from lorafit.training.distributed import full_parameters, on_main_process, share
 from lorafit.training.run_dir import append_metrics, recover_run_dir, rewrite_metrics
 from lorafit.training.settings import TrainConfig
 
@@ -113,8 +113,12 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
     total_steps = total_steps_for(len(examples), config)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, total_steps, config.warmup_ratio)  # stepped once per step: not prepared
+    shapes = {model.active_adapter: model.adapter_shapes()}  # whole, before FSDP may shard it: saves must match
     model, optimizer = accelerator.prepare(model, optimizer)
     lora_model: LoraModel = accelerator.unwrap_model(model)
+
+    def save_adapter(directory: Path) -> None:
+        lora_model.save_pretrained(directory, expected_shapes=shapes)
 
     state = TrainState()
     on_main_process(lambda: recover_run_dir(run_dir))
@@ -137,7 +141,8 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
             score = record.get(config.metric)
             if score is not None and _is_better(score, state.best_metric, config.metric):
                 state.best_metric, state.best_step = score, state.step
-                on_main_process(lambda: replace_dir(run_dir / "best", lambda tmp: lora_model.save_pretrained(tmp)))
+                with full_parameters(model):
+                    on_main_process(lambda: replace_dir(run_dir / "best", save_adapter))
         state.history.append(record)
         on_main_process(lambda: append_metrics(run_dir, record))
         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state.step)
@@ -179,8 +184,9 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
                     evaluate_and_record(state.step / steps_per_epoch, round(mean_loss, 6))
                 if at_save:
                     rng = process_rng_states()  # every process's, gathered by all
-                    on_main_process(lambda: save_checkpoint(run_dir, lora_model, optimizer, scheduler, state,
-                                                            config.keep_checkpoints, rng, accelerator.scaler))
+                    with full_parameters(model):
+                        on_main_process(lambda: save_checkpoint(run_dir, save_adapter, optimizer, scheduler, state,
+                                                                config.keep_checkpoints, rng, accelerator.scaler))
                 if done:
                     break
     finish_trackers(accelerator)
