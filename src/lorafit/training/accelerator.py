@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from lorafit.errors import LorafitError
 from lorafit.training.settings import TrainConfig
@@ -55,6 +56,9 @@ def check_accelerator_settings(config: TrainConfig, cuda: bool | None = None) ->
 def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     """The run's Accelerator, its trackers started (they log on the main process only)."""
     tracking = config.report_to != "none"
+    # accelerate keeps one precision per process and refuses another: a second run in the same process
+    # (the library, a notebook) starts from fresh settings; the process group (PartialState) is kept
+    AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
                               log_with=config.report_to if tracking else None,
                               project_dir=str(run_dir) if tracking else None)
