@@ -1,5 +1,6 @@
-"""`lorafit train` on two CPU processes (gloo), launched as users do: `accelerate launch --multi_gpu
---num_processes 2` (which, with no GPU visible, starts CPU processes; `--cpu` would start one) and `torchrun`.
+"""Several processes (lorafit.training.distributed): `lorafit train` on two CPU processes (gloo), launched as
+users do: `accelerate launch --multi_gpu --num_processes 2` (which, with no GPU visible, starts CPU processes;
+accelerate's `--cpu` starts one) and `torchrun`; sharded evaluation and FSDP saves on two in-process groups.
 
 A two-process run must train the adapter a one-process run trains (same global batch, dropout 0), count
 steps and epochs over both processes, write its run folder once, and resume after SIGKILL to the result
@@ -32,7 +33,8 @@ ARGS = ["--max-length", "32", "--batch-size", "8", "--max-steps", str(STEPS), "-
         "--eval-steps", "3", "--lr", "0.01"]
 # The two-process adapter differs from the one-process one only by float rounding: each process averages
 # its half of the batch, the halves' gradients are averaged by gloo, and padding differs with the share.
-ADAPTER_TOLERANCE = 1e-5
+# Measured: 1.3e-7 after 3 steps, 1.5e-7 after 6 (lora_B entries up to 0.035).
+ADAPTER_TOLERANCE = 1e-6
 
 
 def free_port() -> int:
