@@ -220,18 +220,6 @@ def test_folders_lorafit_did_not_make_are_refused(tmp_path, files):
     assert snapshot(tmp_path) == before
 
 
-def test_under_accelerate_launch_only_the_main_process_prepares_and_locks(tmp_path, monkeypatch):
-    run = _prepared(tmp_path / "run")
-    lock_run_dir(run)  # the main process, running
-    monkeypatch.setenv("RANK", "1")
-    before = snapshot(run)
-    try:
-        prepare_run_dir(run, TrainConfig(output_dir=str(run)).resolved())  # neither "already holds a run" nor "in use"
-    finally:
-        release_run_dirs()
-    assert snapshot(run) == before
-
-
 def test_output_dir_that_is_a_file(tmp_path):
     (tmp_path / "out").write_text("mine")
     with pytest.raises(LorafitError, match="'.*out' is a file; pass a folder"):
