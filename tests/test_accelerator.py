@@ -48,6 +48,12 @@ def test_a_tracker_without_its_package_is_refused(tracker, monkeypatch):
         check_accelerator_settings(_config(report_to=tracker))
 
 
+def test_fsdp_from_accelerate_launch_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    with pytest.raises(LorafitError, match="does not run under FSDP yet.*without FSDP, or torchrun"):
+        check_accelerator_settings(_config())
+
+
 def test_fp16_on_a_cpu_is_one_line_exit_2_before_anything_is_written(tmp_path, capsys, tiny_bert_dir):
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, *_tiny_train_args(tmp_path, tiny_bert_dir), "--mixed-precision", "fp16",

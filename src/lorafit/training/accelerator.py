@@ -1,6 +1,6 @@
 """The accelerate Accelerator a run trains with: device, mixed precision, experiment trackers.
 
-``check_accelerator_settings`` refuses what this machine cannot do before anything is written;
+``check_accelerator_settings`` refuses what this machine (or lorafit) cannot do before anything is written;
 ``make_accelerator`` builds it. Processes, FSDP and the like come from `accelerate launch` / its config.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -47,6 +48,10 @@ def check_accelerator_settings(config: TrainConfig, cuda: bool | None = None) ->
         if not cuda and not cpu_has_bf16():
             raise LorafitError("--mixed-precision bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX in "
                                "/proc/cpuinfo); pass --mixed-precision no, or train on a GPU")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # how accelerate launch passes FSDP on
+        raise LorafitError("lorafit train does not run under FSDP yet (its evaluation and end of run use the whole "
+                           "model on every process); the adapter is small, so run plain data parallelism: an "
+                           "`accelerate config` without FSDP, or torchrun")
     package = TRACKER_PACKAGES.get(config.report_to)
     if package and importlib.util.find_spec(package) is None:
         raise LorafitError(f"--report-to {config.report_to} needs the {package} package: pip install {package} "
