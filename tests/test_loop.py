@@ -597,3 +597,41 @@ def test_bf16_computes_in_bf16_and_keeps_the_adapter_fp32(tmp_path):
     moved = max((a[k] - start[k]).abs().max().item() for k in a)
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert 0 < diff < 0.25 * moved  # bf16 keeps 8 bits of mantissa: near the fp32 run, not equal to it
+
+
+def _lm_examples(n: int) -> list[dict]:
+    """Conversations whose trained (response) tokens differ in number, so a mean over tokens is not one over examples."""
+    generator = torch.Generator().manual_seed(5)
+    examples = []
+    for i in range(n):
+        prompt, response = 2 + i % 3, 1 + (i * 5) % 7
+        ids = torch.randint(3, 100, (prompt + response,), generator=generator).tolist()
+        examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * prompt + ids[prompt:]})
+    return examples
+
+
+def _lm_run(run_dir: Path, accumulation: int, weight) -> dict:
+    from conftest import tiny_llama
+    from lorafit.data.chat import make_lm_collator
+    from lorafit.fast.causal_loss import causal_loss
+
+    torch.manual_seed(42)
+    model = get_lora_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=4, lora_dropout=0.0,
+                                                    target_modules=["q_proj", "v_proj"]))
+    config = _steps_config(task="causal-lm", batch_size=4, epochs=1, eval_strategy="no", lora_dropout=0.0,
+                           gradient_accumulation_steps=accumulation)
+    run_dir.mkdir()
+    with single_thread():
+        run_training(model, _lm_examples(12), make_lm_collator(0), causal_loss, None, config, run_dir, weight=weight)
+    return _final_weights(model)
+
+
+def test_gradient_accumulation_weights_causal_lm_micro_batches_by_their_trained_tokens(tmp_path):
+    def trained_tokens(example):  # causal_loss is a mean over the positions predicting a response token
+        return sum(label != -100 for label in example["labels"][1:])
+
+    whole = _lm_run(tmp_path / "whole", 1, trained_tokens)
+    micro = _lm_run(tmp_path / "micro", 2, trained_tokens)
+    assert max((whole[k] - micro[k]).abs().max().item() for k in whole) <= 1e-6
+    by_examples = _lm_run(tmp_path / "by-examples", 2, lambda example: 1)  # what weighting by examples would give
+    assert max((whole[k] - by_examples[k]).abs().max().item() for k in whole) > 1e-4
