@@ -151,6 +151,25 @@ def test_two_processes_train_the_adapter_one_process_trains(data, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_refusal_on_the_main_process_stops_every_process(data, tmp_path):
+    # the main process alone checks the run folder: the others must stop with its error, not wait for it
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    process = launch(run_args(data, taken))
+    try:
+        out, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            kill_tree(process.pid)
+    assert process.returncode != 0
+    refusals = [line for line in out.splitlines() if line.startswith("lorafit train: error:")]
+    assert len(refusals) == 2 and len(set(refusals)) == 1, out[-3000:]  # rank 1 repeats rank 0's line
+    assert f"'{taken}'" in refusals[0] and "lorafit train: error: output directory" in refusals[0]
+    assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
 def test_killed_two_process_run_resumes_to_the_uninterrupted_result(data, tmp_path):
     # dropout on: each process's own random stream must come back from the checkpoint
     steps = 20
