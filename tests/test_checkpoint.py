@@ -70,7 +70,7 @@ def test_round_trip_restores_weights_optimizer_schedule_and_every_rng(tmp_path):
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
-    path = save_checkpoint(tmp_path, model, optimizer, scheduler, _state(), keep=5)
+    path = save_checkpoint(tmp_path, model.save_pretrained, optimizer, scheduler, _state(), keep=5)
     assert path == tmp_path / "checkpoint-3"
     weights, lr = _trainable(model), optimizer.param_groups[0]["lr"]
     moments = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
@@ -110,7 +110,7 @@ def test_round_trip_restores_the_cuda_rng_of_every_device(tmp_path, monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.__setitem__(device, state))
     model, optimizer, scheduler = _setup()
-    path = save_checkpoint(tmp_path, model, optimizer, scheduler, _state(), keep=5)
+    path = save_checkpoint(tmp_path, model.save_pretrained, optimizer, scheduler, _state(), keep=5)
     load_checkpoint(path, *_setup(seed=9))
     assert sorted(restored) == [0, 1]
     assert all(torch.equal(restored[device], states[device]) for device in (0, 1))
@@ -119,7 +119,7 @@ def test_round_trip_restores_the_cuda_rng_of_every_device(tmp_path, monkeypatch)
 def test_checkpoint_is_safetensors_and_json_only(tmp_path):
     model, optimizer, scheduler = _setup()
     _train_steps(model, optimizer, scheduler, 1)
-    path = save_checkpoint(tmp_path, model, optimizer, scheduler, _state(1), keep=5)
+    path = save_checkpoint(tmp_path, model.save_pretrained, optimizer, scheduler, _state(1), keep=5)
     assert {p.name for p in path.iterdir()} == FILES
     assert {p.name for p in (path / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     assert any(key.endswith(".exp_avg") for key in load_file(str(path / "optimizer.safetensors")))
@@ -132,7 +132,7 @@ def test_checkpoint_is_safetensors_and_json_only(tmp_path):
 
 def test_failed_save_leaves_no_checkpoint_and_no_temporary(tmp_path, monkeypatch):
     model, optimizer, scheduler = _setup()
-    save_checkpoint(tmp_path, model, optimizer, scheduler, _state(2), keep=5)
+    save_checkpoint(tmp_path, model.save_pretrained, optimizer, scheduler, _state(2), keep=5)
     before = {p: p.read_bytes() for p in (tmp_path / "checkpoint-2").rglob("*") if p.is_file()}
 
     real_save_file = checkpoint.save_file
@@ -144,7 +144,7 @@ def test_failed_save_leaves_no_checkpoint_and_no_temporary(tmp_path, monkeypatch
 
     monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tmp_path, model, optimizer, scheduler, _state(4), keep=5)
+        save_checkpoint(tmp_path, model.save_pretrained, optimizer, scheduler, _state(4), keep=5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]  # no checkpoint-4, no temporary
     assert {p: p.read_bytes() for p in (tmp_path / "checkpoint-2").rglob("*") if p.is_file()} == before
 
@@ -152,17 +152,17 @@ def test_failed_save_leaves_no_checkpoint_and_no_temporary(tmp_path, monkeypatch
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     model, optimizer, scheduler = _setup()
     for step in (2, 4, 6, 8, 10):
-        save_checkpoint(tmp_path, model, optimizer, scheduler, _state(step), keep=2)
+        save_checkpoint(tmp_path, model.save_pretrained, optimizer, scheduler, _state(step), keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-8", "checkpoint-10"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-8"]
 
 
 def test_saving_the_same_step_again_replaces_it(tmp_path):
     model, optimizer, scheduler = _setup()
-    save_checkpoint(tmp_path, model, optimizer, scheduler, _state(3), keep=2)
+    save_checkpoint(tmp_path, model.save_pretrained, optimizer, scheduler, _state(3), keep=2)
     changed = _state(3)
     changed.best_metric = 0.9
-    save_checkpoint(tmp_path, model, optimizer, scheduler, changed, keep=2)
+    save_checkpoint(tmp_path, model.save_pretrained, optimizer, scheduler, changed, keep=2)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-3"]
     assert json.loads((tmp_path / "checkpoint-3" / STATE_NAME).read_text())["state"]["best_metric"] == 0.9
 
@@ -187,7 +187,7 @@ def test_pruning_leaves_checkpoint_folders_lorafit_did_not_write(tmp_path):
         (trainer / name).write_text("theirs")
     model, optimizer, scheduler = _setup()
     for step in (2, 4, 6):
-        save_checkpoint(tmp_path, model, optimizer, scheduler, _state(step), keep=1)
+        save_checkpoint(tmp_path, model.save_pretrained, optimizer, scheduler, _state(step), keep=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-6"]
     assert {p.name: p.read_text() for p in trainer.iterdir()} == {
         STATE_NAME: "theirs", "optimizer.pt": "theirs", "adapter_model.safetensors": "theirs"}
@@ -201,7 +201,7 @@ def test_replacing_a_checkpoint_always_leaves_a_complete_one_in_place(tmp_path, 
     if not swap:
         monkeypatch.setattr(files, "_swap", lambda new, target: False)
     model, optimizer, scheduler = _setup()
-    save_checkpoint(tmp_path, model, optimizer, scheduler, _state(3), keep=2)
+    save_checkpoint(tmp_path, model.save_pretrained, optimizer, scheduler, _state(3), keep=2)
     final, aside = tmp_path / "checkpoint-3", tmp_path / ".checkpoint-3.old"
     seen = []
 
@@ -214,7 +214,7 @@ def test_replacing_a_checkpoint_always_leaves_a_complete_one_in_place(tmp_path, 
 
     monkeypatch.setattr(os, "rename", watched(os.rename))
     monkeypatch.setattr(shutil, "rmtree", watched(shutil.rmtree))
-    save_checkpoint(tmp_path, model, optimizer, scheduler, _state(3), keep=2)
+    save_checkpoint(tmp_path, model.save_pretrained, optimizer, scheduler, _state(3), keep=2)
     monkeypatch.undo()
     assert seen and all(seen), seen
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
@@ -224,7 +224,7 @@ def test_replacing_a_checkpoint_never_leaves_its_name_empty(tmp_path, monkeypatc
     """Where the file system can swap two folders in one step (Linux), checkpoint-3/ itself is complete at
     every rename and delete while it is written again: a reader never finds the name missing."""
     model, optimizer, scheduler = _setup()
-    save_checkpoint(tmp_path, model, optimizer, scheduler, _state(3), keep=2)
+    save_checkpoint(tmp_path, model.save_pretrained, optimizer, scheduler, _state(3), keep=2)
     final = tmp_path / "checkpoint-3"
     seen = []
 
@@ -239,7 +239,7 @@ def test_replacing_a_checkpoint_never_leaves_its_name_empty(tmp_path, monkeypatc
     monkeypatch.setattr(shutil, "rmtree", watched(shutil.rmtree))
     changed = _state(3)
     changed.best_metric = 0.9
-    save_checkpoint(tmp_path, model, optimizer, scheduler, changed, keep=2)
+    save_checkpoint(tmp_path, model.save_pretrained, optimizer, scheduler, changed, keep=2)
     monkeypatch.undo()
     assert seen and all(seen), seen
     assert json.loads((final / STATE_NAME).read_text())["state"]["best_metric"] == 0.9
@@ -252,7 +252,7 @@ def test_replacing_a_checkpoint_never_leaves_its_name_empty(tmp_path, monkeypatc
 def test_a_damaged_file_is_named_and_nothing_is_restored(tmp_path, file, damage):
     model, optimizer, scheduler = _setup()
     _train_steps(model, optimizer, scheduler, 2)
-    path = save_checkpoint(tmp_path, model, optimizer, scheduler, _state(2), keep=2)
+    path = save_checkpoint(tmp_path, model.save_pretrained, optimizer, scheduler, _state(2), keep=2)
     _damage(path / file, damage)
     fresh, fresh_optimizer, fresh_scheduler = _setup(seed=1)
     weights, rng = _trainable(fresh), torch.get_rng_state()

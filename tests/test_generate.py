@@ -14,7 +14,7 @@ from lorafit.inference.generate import stop_token_ids
 from lorafit.data.chat import encode_prompt, leading_special_ids, render_messages, text_prefix_ids, tokenize_text
 from lorafit.model import LoraModel, get_lora_model
 from lorafit.inference.base_models import load_tokenizer
-from lorafit.training.run_dir import save_adapter_info
+from lorafit.inference.adapter_info import save_adapter_info
 
 SPECIAL = ["<pad>", "<s>", "</s>", "[UNK]", "<|im_start|>", "<|im_end|>"]
 WORDS = ("user assistant system hello world good day how are you the a cat dog sat on mat red blue green "

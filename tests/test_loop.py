@@ -532,3 +532,106 @@ def test_sigterm_says_where_training_stopped_and_how_to_resume(tmp_path, tiny_be
                         rf"--output-dir {re.escape(str(run))}", last), err
     assert "Traceback" not in err
     assert int(re.search(r"step (\d+)", last).group(1)) >= max(_complete_checkpoints(run))
+
+
+# --- gradient accumulation, clipping, mixed precision ------------------------------------------------------
+def _no_dropout_model():
+    torch.manual_seed(42)
+    base = tiny_bert_cls(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return get_lora_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_dropout=0.0, target_modules=["query", "value"]))
+
+
+def test_gradient_accumulation_gives_the_step_of_the_whole_batch(tmp_path):
+    # batches of 4 in 3 micro-batches: 2 + 1 + 1 examples (and the epoch's last batch of 4 the same)
+    config = _steps_config(batch_size=4, eval_strategy="no", lora_dropout=0.0)
+    whole, _ = _train(tmp_path / "whole", config, model=_no_dropout_model())
+    micro, _ = _train(tmp_path / "micro", _steps_config(batch_size=4, eval_strategy="no", lora_dropout=0.0,
+                                                        gradient_accumulation_steps=3), model=_no_dropout_model())
+    a, b = _final_weights(whole), _final_weights(micro)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6  # measured 6e-8: summation order only
+    assert max(b[k].abs().max().item() for k in b if "lora_B" in k) > 1e-3  # B left zero would match trivially
+
+
+class _RecordingAdamW(torch.optim.AdamW):
+    """AdamW that notes the gradients' global norm at every step."""
+    norms: list[float] = []
+
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        _RecordingAdamW.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_max_grad_norm_clips_every_step(tmp_path, monkeypatch, max_norm):
+    monkeypatch.setattr(torch.optim, "AdamW", _RecordingAdamW)
+    _RecordingAdamW.norms = []
+    _train(tmp_path, _steps_config(eval_strategy="no", max_grad_norm=max_norm))
+    assert len(_RecordingAdamW.norms) == 12  # 2 epochs of 6 batches
+    if max_norm is None:  # the unclipped norms exceed the limit, so the clipped run below says something
+        assert min(_RecordingAdamW.norms) > 0.05
+    else:
+        assert max(_RecordingAdamW.norms) <= max_norm * (1 + 1e-5)
+
+
+def test_bf16_computes_in_bf16_and_keeps_the_adapter_fp32(tmp_path):
+    from lorafit.training.accelerator import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 instructions (AVX512-BF16 or AMX)")
+    seen = []
+
+    def loss_fn(model, batch):  # accelerate returns the outputs in fp32: what ran inside is autocast's
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return classification_loss(model, batch)
+
+    fp32, _ = _train(tmp_path / "fp32", _steps_config(eval_strategy="no", lora_dropout=0.0), loss_fn=loss_fn,
+                     model=_no_dropout_model())
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    bf16, _ = _train(tmp_path / "bf16", _steps_config(eval_strategy="no", lora_dropout=0.0, mixed_precision="bf16"),
+                     loss_fn=loss_fn, model=_no_dropout_model())
+    assert set(seen) == {torch.bfloat16}
+    start, a, b = _final_weights(_no_dropout_model()), _final_weights(fp32), _final_weights(bf16)
+    assert all(t.dtype == torch.float32 for t in b.values())
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert 0 < diff < 0.25 * moved  # bf16 keeps 8 bits of mantissa: near the fp32 run, not equal to it
+
+
+def _lm_examples(n: int) -> list[dict]:
+    """Conversations whose trained (response) tokens differ in number, so a mean over tokens is not one over examples."""
+    generator = torch.Generator().manual_seed(5)
+    examples = []
+    for i in range(n):
+        prompt, response = 2 + i % 3, 1 + (i * 5) % 7
+        ids = torch.randint(3, 100, (prompt + response,), generator=generator).tolist()
+        examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * prompt + ids[prompt:]})
+    return examples
+
+
+def _lm_run(run_dir: Path, accumulation: int, weight) -> dict:
+    from conftest import tiny_llama
+    from lorafit.data.chat import make_lm_collator
+    from lorafit.fast.causal_loss import causal_loss
+
+    torch.manual_seed(42)
+    model = get_lora_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=4, lora_dropout=0.0,
+                                                    target_modules=["q_proj", "v_proj"]))
+    config = _steps_config(task="causal-lm", batch_size=4, epochs=1, eval_strategy="no", lora_dropout=0.0,
+                           gradient_accumulation_steps=accumulation)
+    run_dir.mkdir()
+    with single_thread():
+        run_training(model, _lm_examples(12), make_lm_collator(0), causal_loss, None, config, run_dir, weight=weight)
+    return _final_weights(model)
+
+
+def test_gradient_accumulation_weights_causal_lm_micro_batches_by_their_trained_tokens(tmp_path):
+    def trained_tokens(example):  # causal_loss is a mean over the positions predicting a response token
+        return sum(label != -100 for label in example["labels"][1:])
+
+    whole = _lm_run(tmp_path / "whole", 1, trained_tokens)
+    micro = _lm_run(tmp_path / "micro", 2, trained_tokens)
+    assert max((whole[k] - micro[k]).abs().max().item() for k in whole) <= 1e-6
+    by_examples = _lm_run(tmp_path / "by-examples", 2, lambda example: 1)  # what weighting by examples would give
+    assert max((whole[k] - by_examples[k]).abs().max().item() for k in whole) > 1e-4

@@ -277,7 +277,7 @@ def test_adapters_of_different_ranks_need_cat_or_svd(setup, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from lorafit import LoraConfig, get_lora_model
-    from lorafit.training.run_dir import save_adapter_info
+    from lorafit.inference.adapter_info import save_adapter_info
 
     low = tmp_path / "low"
     base = AutoModelForCausalLM.from_pretrained(setup["model_dir"])

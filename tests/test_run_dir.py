@@ -13,9 +13,9 @@ import yaml
 
 from lorafit.errors import LorafitError
 from lorafit.training.checkpoint import STATE_NAME
-from lorafit.training.run_dir import (append_metrics, load_adapter_info, lock_run_dir, model_card, plot_curves,
+from lorafit.training.run_dir import (append_metrics, lock_run_dir, model_card, plot_curves,
                                      prepare_run_dir, read_metrics, recover_run_dir, release_run_dirs,
-                                     rewrite_metrics, save_adapter_info)
+                                     rewrite_metrics)
 from lorafit.training.settings import TrainConfig
 from test_cli import (FAST, FIELDS, adapter_tensors, assert_one_line_error, make_rows, read_jsonl,  # noqa: F401
                       run_cli, small_run, snapshot, tensors_equal, tiny_bert_dir, trained_run, tiny_bert3_dir,
@@ -220,18 +220,6 @@ def test_folders_lorafit_did_not_make_are_refused(tmp_path, files):
     assert snapshot(tmp_path) == before
 
 
-def test_under_accelerate_launch_only_the_main_process_prepares_and_locks(tmp_path, monkeypatch):
-    run = _prepared(tmp_path / "run")
-    lock_run_dir(run)  # the main process, running
-    monkeypatch.setenv("RANK", "1")
-    before = snapshot(run)
-    try:
-        prepare_run_dir(run, TrainConfig(output_dir=str(run)).resolved())  # neither "already holds a run" nor "in use"
-    finally:
-        release_run_dirs()
-    assert snapshot(run) == before
-
-
 def test_output_dir_that_is_a_file(tmp_path):
     (tmp_path / "out").write_text("mine")
     with pytest.raises(LorafitError, match="'.*out' is a file; pass a folder"):
@@ -304,12 +292,6 @@ def test_recover_run_dir_clears_every_leftover_and_puts_back_set_aside_folders(t
     assert sorted(p.name for p in tmp_path.iterdir()) == [".gitignore", ".lorafit.lock", ".notes.k2j3.tmp", ".notes.old",
                                                           "best", "checkpoint-2", "checkpoint-8", "notes.tmp"]
     assert (tmp_path / "checkpoint-8" / STATE_NAME).read_text() == "8"
-
-
-def test_adapter_info_round_trip(tmp_path):
-    save_adapter_info(tmp_path, {"task": "classification", "id2label": {0: "neg", 1: "pos"}})
-    assert load_adapter_info(tmp_path) == {"task": "classification", "id2label": {0: "neg", 1: "pos"}}
-    assert load_adapter_info(tmp_path / "nothing-here") == {}
 
 
 def test_plot_curves(tmp_path):

@@ -194,6 +194,60 @@ def test_crash_before_any_file_exists_leaves_nothing(tmp_path, monkeypatch):
     assert _files(tmp_path) == {}
 
 
+# --- the check after every save --------------------------------------------------------------------------
+def _partial_state(drop: str | None = None, shard: str | None = None):
+    """adapter_state_dict as a sharded model gives it unless gathered: one key missing, or one tensor reduced
+    to a process's flat shard (FSDP's view of it)."""
+    real = lorafit.serialization.adapter_state_dict
+
+    def partial(model, adapter_name, config):
+        state = real(model, adapter_name, config)
+        key = next(k for k in state if (drop or shard) in k)
+        if drop:
+            del state[key]
+        else:
+            state[key] = state[key].flatten()[: state[key].numel() // 2].clone()
+        return state
+
+    return partial
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (dict(drop="value.lora_B"), "attention.self.value.lora_B.weight missing"),
+    (dict(shard="query.lora_A"), "query.lora_A.weight has shape [64], expected [4, 32]"),
+], ids=["missing-key", "flat-shard"])
+def test_a_partial_save_is_an_error_and_keeps_the_previous_adapter(tmp_path, monkeypatch, damage, fragment):
+    first = _trained("bert-seq-cls", seed=1)
+    first.save_pretrained(tmp_path)
+    before = _files(tmp_path)
+    second = _trained("bert-seq-cls", seed=2)
+    expected = {"default": second.adapter_shapes()}  # taken before the damage, as the training loop does
+    monkeypatch.setattr(lorafit.serialization, "adapter_state_dict", _partial_state(**damage))
+    with pytest.raises(LorafitError, match="failed the check after writing, so nothing was saved") as err:
+        second.save_pretrained(tmp_path, expected_shapes=expected)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    assert _files(tmp_path) == before  # neither a bad file nor a temporary left behind
+
+
+def test_an_empty_tensor_is_an_error_even_without_expected_shapes(tmp_path, monkeypatch):
+    real = lorafit.serialization.adapter_state_dict
+
+    def emptied(model, adapter_name, config):  # a rank holding no part of a flat parameter saves these
+        return {k: v[:0] if "lora_A" in k else v for k, v in real(model, adapter_name, config).items()}
+
+    monkeypatch.setattr(lorafit.serialization, "adapter_state_dict", emptied)
+    with pytest.raises(LorafitError, match=r"lora_A.weight is empty"):
+        _trained("bert-seq-cls").save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_adapter_shapes_are_the_saved_files_shapes(tmp_path):
+    lora = _trained("llama-embedding")
+    lora.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert lora.adapter_shapes() == {k: tuple(v.shape) for k, v in saved.items()}
+
+
 def test_saving_over_an_adapter_replaces_it(tmp_path):
     batch = make_batch()
     _trained("bert-seq-cls", seed=1).save_pretrained(tmp_path)

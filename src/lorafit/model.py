@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from lorafit.adapter_arithmetic import check_saved_modules, fill_weighted_adapter, plan_weighted_adapter
-from lorafit.adapter_state import adapter_parameters, set_trainable
+from lorafit.adapter_state import adapter_parameters, adapter_state_dict, set_trainable
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_adapter, lora_layers, saved_module_wrappers, unwrap_all
 from lorafit.layers import BASE_ADAPTER, BatchRouting, LoraLayer
 from lorafit.saved_modules import BaseBiases, ModulesToSave
 from lorafit.serialization import (adapter_tensor_targets, check_adapter_fits, copy_all_or_nothing, read_adapter,
-                                   save_adapter)
+                                   save_adapter, tensor_shapes)
 from lorafit.variants.residual_init import check_alone, warn_if_rederived_at_random
 
 DEFAULT_ADAPTER = "default"
@@ -165,17 +165,29 @@ class LoraModel(nn.Module):
         return lora_model
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None) -> None:
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+                        expected_shapes: dict[str, dict[str, tuple[int, ...]]] | None = None) -> None:
         """PEFT's layout: the ``default`` adapter at the top, every other one in a sub-folder of its name.
 
         ``path_initial_model_for_weight_conversion`` (PEFT's): the folder an adapter initialised with PiSSA or
         OLoRA was saved to before training; the adapter is then written as a plain LoRA of twice the rank
         that applies to the original, unchanged base model.
+
+        Each file is checked after writing (every key, full shapes, nothing empty); ``expected_shapes``
+        (adapter name -> ``adapter_shapes``, taken before the model was sharded) is what it must hold.
         """
         for name in selected_adapters or list(self.peft_config):
             self._require(name)
             directory = Path(save_directory) if name == DEFAULT_ADAPTER else Path(save_directory) / name
-            save_adapter(self.model, name, self.peft_config[name], directory, path_initial_model_for_weight_conversion)
+            save_adapter(self.model, name, self.peft_config[name], directory, path_initial_model_for_weight_conversion,
+                         (expected_shapes or {}).get(name))
+
+    def adapter_shapes(self, adapter_name: str | None = None) -> dict[str, tuple[int, ...]]:
+        """The file keys and full shapes an adapter's save holds; taken before FSDP shards the model, they
+        are what every later save of it is checked against."""
+        name = adapter_name or self.active_adapter
+        self._require(name)
+        return tensor_shapes(adapter_state_dict(self.model, name, self.peft_config[name]))
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,12 +31,19 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+Shapes = dict[str, tuple[int, ...]]
+
+
 def save_adapter(model: nn.Module, adapter_name: str, config: LoraConfig, directory: str | os.PathLike,
-                 initial_adapter: str | os.PathLike | None = None) -> Path:
+                 initial_adapter: str | os.PathLike | None = None, expected: Shapes | None = None) -> Path:
     """Write one adapter; weights first, so a config file never points at missing weights.
 
     ``initial_adapter``: the adapter's folder saved at its start; the adapter is then written as the plain
-    LoRA it equals on the original base weights (``residual_init.converted_to_lora``).
+    LoRA it equals on the original base weights (``residual_init.converted_to_lora``), and ``expected`` no
+    longer applies (the rank doubles).
+
+    The written file is read back and checked against ``expected`` (file key -> full shape; by default
+    the shapes of the tensors saved) before it replaces anything (check_adapter_file).
     """
     tensors = adapter_state_dict(model, adapter_name, config)
     if initial_adapter is not None:
@@ -44,10 +51,12 @@ def save_adapter(model: nn.Module, adapter_name: str, config: LoraConfig, direct
         plain = {key.removeprefix(KEY_PREFIX): tensor for key, tensor in tensors.items()}
         config, plain = converted_to_lora(config, plain, initial, str(initial_adapter), model, adapter_name)
         tensors = {KEY_PREFIX + key: tensor for key, tensor in plain.items()}
+        expected = None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        check_adapter_file(tmp, expected or tensor_shapes(tensors), directory / WEIGHTS_NAME)
     saved = LoraConfig(**{**config.to_dict(), "inference_mode": True,
                           "modules_to_save": modules_to_save_for(model, config) or None})
     if saved.base_model_name_or_path is None:
@@ -57,6 +66,29 @@ def save_adapter(model: nn.Module, adapter_name: str, config: LoraConfig, direct
                                                  "parent_library": type(model).__module__}
     write_json(directory / CONFIG_NAME, saved.to_peft_dict(auto_mapping))
     return directory
+
+
+def tensor_shapes(state: dict[str, torch.Tensor]) -> Shapes:
+    return {key: tuple(tensor.shape) for key, tensor in state.items()}
+
+
+def check_adapter_file(path: Path, expected: Shapes, name: Path) -> None:
+    """Refuse a written weights file (``name`` once in place) that lacks an expected key, holds a tensor at
+    another shape than its full one, or holds an empty tensor: what a sharded model (FSDP, ZeRO-3) saved
+    without gathering its parameters gives."""
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    problems = [f"{key} missing" for key in expected if key not in shapes]
+    problems += [f"{key} has shape {list(shapes[key])}, expected {list(shape)}" for key, shape in expected.items()
+                 if key in shapes and shapes[key] != shape]
+    problems += [f"{key} is empty" for key, shape in shapes.items() if math.prod(shape) == 0 and expected.get(key, shape) == shape]
+    if not shapes:
+        problems.append("it holds no tensor")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise LorafitError(f"adapter weights for '{name}' failed the check after writing, so nothing was saved: "
+                           f"{'; '.join(problems[:3])}{more}; a sharded model (FSDP) must be saved with its "
+                           "parameters gathered (lorafit train does this)")
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:

@@ -25,7 +25,7 @@ from lorafit.errors import LorafitError
 from lorafit.files import check_output_dir, replace_dir
 from lorafit.inference.combine import CombineSettings, load_combined
 from lorafit.inference.loading import LoadedAdapter, load_adapter_for_inference
-from lorafit.training.run_dir import save_adapter_info
+from lorafit.inference.adapter_info import save_adapter_info
 
 NAME = "merge"
 HELP = "fold an adapter into its base model, or combine several adapters into a new one"

@@ -13,7 +13,7 @@ from lorafit.errors import LorafitError
 from lorafit.inference.loading import LoadedAdapter, _same_base_key, check_adapter_dir, load_adapter_for_inference
 from lorafit.model import DEFAULT_ADAPTER, LoraModel
 from lorafit.serialization import read_adapter_config
-from lorafit.training.run_dir import load_adapter_info
+from lorafit.inference.adapter_info import load_adapter_info
 from lorafit.training.settings import check_number, check_positive_int, check_seed
 
 _PRUNING = tuple(c for c in COMBINATIONS if c not in ("linear", "cat", "svd"))

@@ -8,7 +8,7 @@ from lorafit.data import classification as text_data
 from lorafit.fast import use_fast_paths
 from lorafit.data.readers import read_table
 from lorafit.inference.loading import LoadedAdapter, adapter_task, check_adapter_dir
-from lorafit.training.run_dir import load_adapter_info
+from lorafit.inference.adapter_info import load_adapter_info
 from lorafit.tasks.classification import evaluate_classifier
 from lorafit.training.settings import DEFAULT_MAX_LENGTH, check_positive_int
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from lorafit.errors import LorafitError
 from lorafit.model import DEFAULT_ADAPTER, LoraModel
+from lorafit.inference.adapter_info import load_adapter_info
 from lorafit.inference.base_models import (load_causal_lm, load_classifier, load_seq2seq_lm, load_tokenizer,
                                           resolve_model)
-from lorafit.training.run_dir import load_adapter_info
 from lorafit.serialization import CONFIG_NAME, WEIGHTS_NAME, damaged_weights_error, read_adapter_config
 
 

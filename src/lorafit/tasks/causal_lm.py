@@ -18,6 +18,7 @@ from lorafit.fast.causal_loss import causal_loss, response_nll
 from lorafit.inference.base_models import load_causal_lm
 from lorafit.inference.generate import GenerationSettings, generate_replies
 from lorafit.tasks.task import Task, eval_mode
+from lorafit.training.distributed import gather_lists, local_share
 from lorafit.training.settings import DEFAULT_MAX_LENGTH
 
 SAMPLE_COUNT = 3
@@ -45,8 +46,10 @@ def heldout_pairs(records: list[dict]) -> list[tuple[list[dict], str]]:
 # --- loss and evaluation ------------------------------------------------------------------------------
 @torch.inference_mode()
 def evaluate_lm(model, examples: list[dict], collate, batch_size: int) -> dict:
-    """Token-weighted loss and perplexity over the response tokens of ``examples``."""
+    """Token-weighted loss and perplexity over the response tokens of ``examples``; with several processes each
+    evaluates its share and the sums are gathered."""
     device = next(model.parameters()).device
+    examples = local_share(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # less padding
     total, count = 0.0, 0
     with eval_mode(model):
@@ -54,6 +57,8 @@ def evaluate_lm(model, examples: list[dict], collate, batch_size: int) -> dict:
             batch = collate([examples[i] for i in order[start:start + batch_size]])
             nll, n = response_nll(model, {k: v.to(device) for k, v in batch.items()})
             total, count = total + nll.item(), count + int(n)
+    sums = gather_lists([(total, count)])
+    total, count = sum(part[0] for part in sums), sum(part[1] for part in sums)
     loss = total / max(1, count)
     return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, MAX_LOG_PERPLEXITY)), 4), "tokens": count}
 
@@ -120,6 +125,9 @@ class CausalLmTask(Task):
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         return causal_loss(model, batch)
+
+    def loss_weight(self, example: dict) -> int:
+        return sum(label != lm_data.IGNORE_INDEX for label in example["labels"][1:])  # causal_loss: a mean over these
 
     def table_metric(self) -> str:
         return "perplexity"

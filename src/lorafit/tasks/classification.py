@@ -14,6 +14,7 @@ from lorafit.fast import fast_section
 from lorafit.inference.base_models import load_classifier
 from lorafit.model import LoraModel
 from lorafit.tasks.task import Task, eval_mode
+from lorafit.training.distributed import gather_lists, local_share
 from lorafit.training.metrics import classification_report
 from lorafit.training.settings import TrainConfig
 
@@ -110,10 +111,16 @@ def predict_logits(model, examples, collate, batch_size: int) -> tuple[torch.Ten
 
 
 def evaluate_classifier(model, examples, collate, batch_size: int, names: list[str]) -> dict:
-    """Loss, accuracy, macro-F1, per-class precision/recall and the confusion matrix."""
-    logits, loss = predict_logits(model, examples, collate, batch_size)
+    """Loss, accuracy, macro-F1, per-class precision/recall and the confusion matrix; with several processes
+    each predicts its share and the predictions are gathered in order."""
+    mine = local_share(examples)
+    logits, loss = predict_logits(model, mine, collate, batch_size)
+    means = gather_lists([(loss, len(mine))])
+    if len(means) > 1:  # one process keeps its own mean as it is
+        loss = sum(mean * n for mean, n in means if n) / max(1, sum(n for _, n in means))
+    predictions = gather_lists(logits.argmax(-1).tolist() if len(mine) else [])  # a process may have none
     labels = [int(e["labels"]) for e in examples]
-    report = classification_report(labels, logits.argmax(-1).tolist(), names)
+    report = classification_report(labels, predictions, names)
     return {"loss": round(loss, 6), **{k: round(v, 6) if isinstance(v, float) else v for k, v in report.items()}}
 
 

@@ -8,6 +8,8 @@ evaluation and demo.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import time
 from dataclasses import asdict
@@ -24,9 +26,11 @@ from lorafit.tasks.classification import ClassificationTask
 from lorafit.tasks.seq2seq import Seq2SeqTask
 from lorafit.tasks.task import Task
 from lorafit.tasks.token_classification import TokenClassificationTask
+from lorafit.inference.adapter_info import save_adapter_info
+from lorafit.training.accelerator import check_accelerator_settings
+from lorafit.training.distributed import gather_lists, is_main_process, on_main_process, start_processes
 from lorafit.training.loop import LoopResult, restore_best, run_training, seed_everything
-from lorafit.training.run_dir import (INITIAL_ADAPTER, model_card, plot_curves, prepare_run_dir, release_run_dirs,
-                                      save_adapter_info)
+from lorafit.training.run_dir import INITIAL_ADAPTER, model_card, plot_curves, prepare_run_dir, release_run_dirs
 from lorafit.training.settings import TrainConfig
 from lorafit.variants.residual_init import changes_base
 
@@ -49,8 +53,19 @@ def run_train(config: TrainConfig) -> dict:
 
 
 def train(task: Task) -> dict:
-    """Fine-tune with LoRA for ``task`` (its config already resolved); returns the final metrics."""
+    """Fine-tune with LoRA for ``task`` (its config already resolved); returns the final metrics.
+
+    With several processes every one runs this; only the main one prints and writes the run folder."""
     config = task.config
+    check_accelerator_settings(config)
+    start_processes()
+    with contextlib.ExitStack() as stack:
+        if not is_main_process():  # one copy of every printed line
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        return _train(task, config)
+
+
+def _train(task: Task, config: TrainConfig) -> dict:
     started = time.perf_counter()
     task.load_data()
     model_path = resolve_model(config.model)
@@ -59,12 +74,13 @@ def train(task: Task) -> dict:
     tokenized = task.tokenize(tokenizer)
     model = build_model(task, model_path, tokenizer)
     # only now that the data, model and adapter settings have all been checked is anything written
-    prepare_run_dir(run_dir, config)
+    on_main_process(lambda: prepare_run_dir(run_dir, config))
     if changes_base(config.init_lora_weights):  # what best/ is converted against at the end
-        replace_dir(run_dir / INITIAL_ADAPTER, model.save_pretrained)
+        on_main_process(lambda: replace_dir(run_dir / INITIAL_ADAPTER, model.save_pretrained))
     print(task.describe_data(tokenized))
-    model.print_trainable_parameters()
-    final = task.demo("before", model, tokenizer)
+    if is_main_process():
+        model.print_trainable_parameters()
+    final = task.demo("before", model, tokenizer) if is_main_process() else {}
 
     collate = task.collator(tokenizer)
     counted = {"tokens": 0}
@@ -88,24 +104,31 @@ def train(task: Task) -> dict:
               f"{_num(record.get('loss')):>16} {_num(record.get(metric)):>{width}}", flush=True)
 
     result = run_training(model, tokenized["train"], collate_counting if task.counts_tokens else collate, task.loss,
-                          evaluate if validation is not None else None, config, run_dir, show)
+                          evaluate if validation is not None else None, config, run_dir, show, task.loss_weight)
     initial = run_dir / INITIAL_ADAPTER if changes_base(config.init_lora_weights) else None
-    if not restore_best(model, run_dir) or initial:
+    if result.state.best_step is None or not restore_best(model, run_dir) or initial:
         # a PiSSA/OLoRA adapter is saved as the plain LoRA it equals on the base model as it is on disk
-        replace_dir(run_dir / "best", lambda tmp: model.save_pretrained(
-            tmp, path_initial_model_for_weight_conversion=initial))
+        on_main_process(lambda: replace_dir(run_dir / "best", lambda tmp: model.save_pretrained(
+            tmp, path_initial_model_for_weight_conversion=initial)))
     info = {"task": task.name, "base_model": model_reference(config.model), **task.adapter_info(tokenizer)}
-    save_adapter_info(run_dir / "best", info)
-    tokenizer.save_pretrained(run_dir / "best" / "tokenizer")
-    final.update(task.demo("after", model, tokenizer))
-    final.update(run_figures(result, counted["tokens"] if task.counts_tokens else None))
+    on_main_process(lambda: (save_adapter_info(run_dir / "best", info),
+                             tokenizer.save_pretrained(run_dir / "best" / "tokenizer")))
+    if is_main_process():
+        final.update(task.demo("after", model, tokenizer))
+    # with several processes each counted the tokens of its own shares
+    final.update(run_figures(result, sum(gather_lists([counted["tokens"]])) if task.counts_tokens else None))
     for split in ("validation", "test"):
         if split in tokenized:
             metrics = task.evaluate(model, tokenized[split], collate)
             final.update({f"{split}_{k}": v for k, v in metrics.items() if not isinstance(v, (dict, list))})
-    plot_curves(run_dir, result.state.history, metric)
-    write_text(run_dir / "README.md", model_card(base_model=config.model, data=task.description, config=asdict(config),
-                                                 metrics=final, run_dir=run_dir, task=task.name))
+
+    def write_summary() -> None:
+        plot_curves(run_dir, result.state.history, metric)
+        write_text(run_dir / "README.md", model_card(base_model=config.model, data=task.description,
+                                                     config=asdict(config), metrics=final, run_dir=run_dir,
+                                                     task=task.name))
+
+    on_main_process(write_summary)
     final["total_seconds"] = round(time.perf_counter() - started, 1)
     _print_summary(final, run_dir)
     return final

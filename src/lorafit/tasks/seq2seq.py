@@ -100,6 +100,9 @@ class Seq2SeqTask(Task):
     def loss(self, model, batch: dict) -> torch.Tensor:
         return model(**batch).loss
 
+    def loss_weight(self, example: dict) -> int:
+        return len(example["labels"])  # the loss is a mean over the target tokens (padding is added later)
+
     def table_metric(self) -> str:
         return "perplexity"
 

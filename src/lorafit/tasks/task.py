@@ -62,6 +62,11 @@ class Task:
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def loss_weight(self, example: dict) -> int:
+        """An example's weight in its batch's mean loss (1: a mean over examples), by which the training loop
+        splits a batch over processes and micro-batches without changing its loss."""
+        return 1
+
     def table_metric(self) -> str:
         """The metric in the table's last column and in the curves."""
         raise NotImplementedError

@@ -190,6 +190,9 @@ class TokenClassificationTask(Task):
     def loss(self, model, batch: dict) -> torch.Tensor:
         return model(**batch).loss  # cross-entropy over the labelled pieces; -100 is torch's ignore_index
 
+    def loss_weight(self, example: dict) -> int:
+        return sum(label != -100 for label in example["labels"])  # the loss is a mean over these
+
     def table_metric(self) -> str:
         return self.config.metric
 

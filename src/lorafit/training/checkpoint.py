@@ -14,7 +14,7 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from lorafit.errors import LorafitError, first_line
 from lorafit.files import replace_dir
 from lorafit.model import LoraModel
+from lorafit.training.distributed import gather_lists, process_index
 from lorafit.training.run_dir import checkpoint_dirs
 
 STATE_NAME = "trainer_state.json"
@@ -73,7 +74,22 @@ def _torch_rng_states() -> dict[str, torch.Tensor]:
     return states
 
 
+def process_rng_states() -> dict[str, torch.Tensor]:
+    """Every process's torch RNG states, for the main process to save: each process draws its own dropout
+    masks. Rank 0's go under the keys of a one-process run, rank k's under ``rank<k>.``; every process calls it."""
+    states = gather_lists([_torch_rng_states()])
+    merged = dict(states[0])
+    for rank, own in enumerate(states[1:], start=1):
+        merged.update({f"rank{rank}.{key}": value for key, value in own.items()})
+    return merged
+
+
 def _restore_torch_rng(states: dict[str, torch.Tensor]) -> None:
+    if process_index() > 0:
+        prefix = f"rank{process_index()}."
+        states = {key.removeprefix(prefix): value for key, value in states.items() if key.startswith(prefix)}
+        if not states:  # resumed on more processes than saved the checkpoint: this one keeps its seeded streams
+            return
     torch.set_rng_state(states["torch"])
     for key, state in states.items():
         device = int(key.removeprefix("cuda.")) if key.startswith("cuda.") else None
@@ -81,15 +97,21 @@ def _restore_torch_rng(states: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state(state, device=device)
 
 
-def save_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler, state: TrainState, keep: int) -> Path:
-    """Write ``checkpoint-<step>/`` atomically and prune all but the newest ``keep``."""
+def save_checkpoint(run_dir: Path, save_adapter: Callable[[Path], None], optimizer, scheduler, state: TrainState,
+                    keep: int, rng_states: dict[str, torch.Tensor] | None = None, scaler=None) -> Path:
+    """Write ``checkpoint-<step>/`` atomically and prune all but the newest ``keep``.
+
+    ``save_adapter(folder)`` writes the adapter (a LoraModel's save_pretrained, or the training loop's,
+    which also checks the file against the adapter's full shapes).
+    ``rng_states``: every process's (process_rng_states), by default this process's; ``scaler``: fp16's
+    gradient scaler, whose scale a resumed run continues from."""
     final = run_dir / f"checkpoint-{state.step}"
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp / "adapter")
+        save_adapter(tmp / "adapter")
         tensors, meta = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        save_file(_torch_rng_states(), str(tmp / "rng.safetensors"))
+        save_file(rng_states or _torch_rng_states(), str(tmp / "rng.safetensors"))
         py_state = random.getstate()
         np_state = np.random.get_state()
         extra = {
@@ -97,6 +119,7 @@ def save_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler, state
             "scheduler": scheduler.state_dict(),
             "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
             "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            **({"grad_scaler": scaler.state_dict()} if scaler is not None else {}),
         }
         (tmp / STATE_NAME).write_text(json.dumps({"state": asdict(state), **extra}), encoding="utf-8")
 
@@ -115,7 +138,7 @@ class CheckpointDamaged(Exception):
     """A checkpoint file that does not read back; the message names it and why."""
 
 
-def load_checkpoint(path: Path, model: LoraModel, optimizer, scheduler) -> TrainState:
+def load_checkpoint(path: Path, model: LoraModel, optimizer, scheduler, scaler=None) -> TrainState:
     """Restore everything ``save_checkpoint`` wrote, including the RNG streams.
 
     Every file is read and checked before anything is restored; a file that does not read back raises
@@ -144,6 +167,8 @@ def load_checkpoint(path: Path, model: LoraModel, optimizer, scheduler) -> Train
     with _reading(path, STATE_NAME):
         _restore_optimizer(optimizer, optimizer_tensors, optimizer_meta)
         scheduler.load_state_dict(scheduler_state)
+        if scaler is not None and data.get("grad_scaler"):
+            scaler.load_state_dict(data["grad_scaler"])
     _restore_torch_rng(torch_rngs)
     random.setstate(python_rng)
     np.random.set_state(numpy_rng)
@@ -169,12 +194,13 @@ def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, tensors: dict[str,
             raise ValueError(f"{key} has shape {tuple(value.shape)}, its parameter {tuple(params[int(index)].shape)}")
 
 
-def load_newest_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler) -> tuple[TrainState, Path] | None:
+def load_newest_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler,
+                           scaler=None) -> tuple[TrainState, Path] | None:
     """Restore the newest checkpoint that reads back whole, saying which newer ones are damaged; None if none exists."""
     damaged = []
     for path in reversed(checkpoint_dirs(run_dir)):
         try:
-            state = load_checkpoint(path, model, optimizer, scheduler)
+            state = load_checkpoint(path, model, optimizer, scheduler, scaler)
         except CheckpointDamaged as err:
             damaged.append(str(err))
             continue

@@ -17,17 +17,17 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lorafit.fast import fast_section
-from lorafit.training.checkpoint import TrainState, load_newest_checkpoint, save_checkpoint
+from lorafit.training.accelerator import finish_trackers, make_accelerator
+from lorafit.training.checkpoint import TrainState, load_newest_checkpoint, process_rng_states, save_checkpoint
 from lorafit.training.optimizer import make_optimizer
 from lorafit.data.classification import length_grouped_order
 from lorafit.errors import Interrupted
 from lorafit.files import replace_dir
 from lorafit.model import LoraModel
+from lorafit.training.distributed import full_parameters, on_main_process, share
 from lorafit.training.run_dir import append_metrics, recover_run_dir, rewrite_metrics
 from lorafit.training.settings import TrainConfig
 
@@ -88,43 +88,55 @@ def total_steps_for(num_examples: int, config: TrainConfig) -> int:
 
 def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, loss_fn: LossFn,
                  evaluate: EvalFn | None, config: TrainConfig, run_dir: Path,
-                 on_evaluate: Callable[[dict], None] = lambda record: None) -> LoopResult:
-    """Train ``model``'s active adapter; returns when the step budget is spent (or the run is resumed to it)."""
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+                 on_evaluate: Callable[[dict], None] = lambda record: None,
+                 weight: Callable[[dict], int] = lambda example: 1) -> LoopResult:
+    """Train ``model``'s active adapter; returns when the step budget is spent (or the run is resumed to it).
+
+    ``loss_fn`` gives a batch's mean loss and ``weight`` an example's share of it (1 for a mean over
+    examples, its trained tokens for a mean over tokens), so that shares of a batch split over
+    processes and micro-batches add up to the loss of the whole batch. With several processes every
+    one calls this; only the main one writes into ``run_dir``.
+    """
+    accelerator = make_accelerator(config, run_dir)
     seed_everything(config.seed)  # dropout masks start from the seed; a resumed run restores the streams below
     lengths = [len(example["input_ids"]) for example in examples]
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = total_steps_for(len(examples), config)
     optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, total_steps, config.warmup_ratio)
+    scheduler = make_scheduler(optimizer, total_steps, config.warmup_ratio)  # stepped once per step: not prepared
+    shapes = {model.active_adapter: model.adapter_shapes()}  # whole, before FSDP may shard it: saves must match
     model, optimizer = accelerator.prepare(model, optimizer)
     lora_model: LoraModel = accelerator.unwrap_model(model)
 
+    def save_adapter(directory: Path) -> None:
+        lora_model.save_pretrained(directory, expected_shapes=shapes)
+
     state = TrainState()
-    recover_run_dir(run_dir)
+    on_main_process(lambda: recover_run_dir(run_dir))
     if config.resume:
-        found = load_newest_checkpoint(run_dir, lora_model, optimizer, scheduler)
+        found = load_newest_checkpoint(run_dir, lora_model, optimizer, scheduler, accelerator.scaler)
         if found:
             state = found[0]
             print(f"Resuming from {found[1].name} (step {state.step} of {total_steps})")
         else:
             print(f"No checkpoint in {run_dir} yet: training starts from step 0")
         # drop what a killed run logged after its newest checkpoint (or before its first)
-        rewrite_metrics(run_dir, state.history)
+        on_main_process(lambda: rewrite_metrics(run_dir, state.history))
 
     def evaluate_and_record(epoch_value: float, train_loss: float | None) -> None:
         record = {"step": state.step, "epoch": round(epoch_value, 4), "train_loss": train_loss}
         if evaluate is not None and config.eval_strategy != "no":
             model.eval()
-            record.update(evaluate())
+            record.update(evaluate())  # every process takes part: evaluation is sharded and gathered
             model.train()
             score = record.get(config.metric)
             if score is not None and _is_better(score, state.best_metric, config.metric):
                 state.best_metric, state.best_step = score, state.step
-                replace_dir(run_dir / "best", lambda tmp: lora_model.save_pretrained(tmp))
+                with full_parameters(model):
+                    on_main_process(lambda: replace_dir(run_dir / "best", save_adapter))
         state.history.append(record)
-        if accelerator.is_main_process:
-            append_metrics(run_dir, record)
+        on_main_process(lambda: append_metrics(run_dir, record))
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state.step)
         on_evaluate(record)
 
     model.train()
@@ -136,25 +148,20 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
     # the bar is closed first, so that an interruption's message starts a line of its own
     with fast_section(lora_model), _interrupt_names_step(state, run_dir), progress:
         while state.step < total_steps:
-            batches = epoch_batches(lengths, config, state.epoch)[state.batch_in_epoch:]
-            # its own generator: a DataLoader otherwise draws its base seed from the global RNG, one draw
-            # per epoch that a resumed run would make again after restoring the checkpoint's RNG state
-            loader = accelerator.prepare_data_loader(
-                DataLoader(examples, batch_sampler=batches, collate_fn=collate, generator=torch.Generator()),
-                device_placement=True)
-            for batch in loader:
-                loss = loss_fn(model, batch)
-                accelerator.backward(loss)
+            for rows in epoch_batches(lengths, config, state.epoch)[state.batch_in_epoch:]:
+                loss = train_step(accelerator, model, examples, rows, collate, loss_fn, weight, config)
+                if config.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.batch_in_epoch += 1
-                samples += len(batch["input_ids"])
-                state.window_loss += loss.item()
+                samples += len(rows)
+                state.window_loss += loss
                 state.window_steps += 1
                 elapsed = time.perf_counter() - start
-                progress.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{samples / elapsed:.1f}")
+                progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples / elapsed:.1f}")
                 progress.update(1)
                 epoch_end = state.batch_in_epoch == steps_per_epoch
                 done = state.step >= total_steps
@@ -166,13 +173,50 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
                     mean_loss = state.window_loss / max(1, state.window_steps)
                     state.window_loss, state.window_steps = 0.0, 0
                     evaluate_and_record(state.step / steps_per_epoch, round(mean_loss, 6))
-                if at_save and accelerator.is_main_process:
-                    save_checkpoint(run_dir, lora_model, optimizer, scheduler, state, config.keep_checkpoints)
+                if at_save:
+                    rng = process_rng_states()  # every process's, gathered by all
+                    with full_parameters(model):
+                        on_main_process(lambda: save_checkpoint(run_dir, save_adapter, optimizer, scheduler, state,
+                                                                config.keep_checkpoints, rng, accelerator.scaler))
                 if done:
                     break
+    finish_trackers(accelerator)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return LoopResult(state, seconds, samples / seconds if seconds else 0.0, peak)
+
+
+def micro_batches(rows: list[int], processes: int, index: int, accumulation: int) -> list[list[int]]:
+    """Process ``index``'s micro-batches of one batch: its contiguous share, cut into ``accumulation`` parts.
+    Some may be empty when the batch has fewer rows than processes times micro-batches."""
+    mine = [rows[i] for i in share(len(rows), index, processes)]
+    return [[mine[i] for i in share(len(mine), part, accumulation)] for part in range(accumulation)]
+
+
+def train_step(accelerator, model, examples, rows: list[int], collate: Callable, loss_fn: LossFn,
+               weight: Callable[[dict], int], config: TrainConfig) -> float:
+    """Forward and backward this process's share of batch ``rows``, gradients synchronised across processes at
+    the last micro-batch; returns the whole batch's mean loss (the same on every process).
+
+    Each micro-batch's mean loss is scaled by its share of the batch's weight, times the number of
+    processes (their gradients are averaged), so the summed gradient is the whole batch's mean loss's.
+    """
+    processes = accelerator.num_processes
+    parts = micro_batches(rows, processes, accelerator.process_index, config.gradient_accumulation_steps)
+    total = max(1, sum(weight(examples[i]) for i in rows))
+    batch_loss = torch.zeros((), device=accelerator.device)
+    for number, part in enumerate(parts):
+        share_of_batch = sum(weight(examples[i]) for i in part) / total
+        # an empty share still runs one example, weighted 0: every process must join the gradient sync
+        features = [examples[i] for i in (part or rows[:1])]
+        batch = {key: value.to(accelerator.device) for key, value in collate(features).items()}
+        last = number == len(parts) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                loss = loss_fn(model, batch)
+            accelerator.backward(loss * (share_of_batch * processes))
+        batch_loss += loss.detach().float() * share_of_batch
+    return accelerator.reduce(batch_loss, reduction="sum").item() if processes > 1 else batch_loss.item()
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ config.yaml). The lock file is flocked for the run's life and holds the running 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -15,12 +14,12 @@ from pathlib import Path
 import yaml
 
 from lorafit.errors import LorafitError
-from lorafit.files import atomic_path, exists_or_set_aside, recover_interrupted, write_json, write_text
+from lorafit.files import atomic_path, exists_or_set_aside, recover_interrupted, write_text
+from lorafit.inference.adapter_info import INFO_NAME
 from lorafit.training.settings import TrainConfig, dump_config
 from lorafit.variants.residual_init import changes_base
 
 METRICS_NAME = "metrics.jsonl"
-INFO_NAME = "lorafit.json"
 CONFIG_NAME = "config.yaml"
 INITIAL_ADAPTER = "initial_adapter"
 """A PiSSA/OLoRA run's adapter as it started, which best/ is converted to a plain LoRA against."""
@@ -31,18 +30,16 @@ CHECKPOINT_PARTS = ("adapter", "optimizer.safetensors", "rng.safetensors")
 # Settings a resumed run may change: they decide when checkpoints are written and how memory is spent,
 # never the weights or the metrics.
 RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "gradient_checkpointing", "save_strategy", "save_steps",
-                               "keep_checkpoints", "test_file"})
+                               "keep_checkpoints", "test_file", "report_to"})
 _LOCKS: dict[Path, int] = {}  # run folders this process holds, with the lock file's descriptor
 
 
 def prepare_run_dir(path: Path, config: TrainConfig) -> None:
     """Check that ``path`` can take this run, lock it, and write config.yaml for a new run.
 
-    Called once the data and model have been checked: any refusal leaves the folder as it was. Under
-    `accelerate launch` only the main process does this; the others find the folder it prepared.
+    Called once the data and model have been checked: any refusal leaves the folder as it was. With
+    several processes only the main one calls it (distributed.on_main_process).
     """
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
     if path.exists() and not path.is_dir():
         raise LorafitError(f"--output-dir '{path}' is a file; pass a folder")
     ours = (path / LOCK_NAME).is_file() or saved_config(path) is not None
@@ -106,6 +103,8 @@ def lock_run_dir(path: Path) -> None:
     key = path.resolve()
     if key in _LOCKS:
         return
+    import fcntl  # POSIX only: imported here so that the module (and `lorafit`) still imports on Windows
+
     fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -154,41 +153,6 @@ def recover_run_dir(run_dir: Path) -> None:
 _RUN_FILES = frozenset({"best", INITIAL_ADAPTER, CONFIG_NAME, METRICS_NAME, "curves.png", "README.md"})
 
 
-def save_adapter_info(adapter_dir: Path, info: dict) -> None:
-    """What lorafit's commands need beside the adapter: task, base model as given, label names, lengths."""
-    write_json(adapter_dir / INFO_NAME, info)
-
-
-def load_adapter_info(adapter_dir: Path) -> dict:
-    """lorafit.json, checked: a damaged file is one error naming it, not a traceback further on."""
-    path = adapter_dir / INFO_NAME
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(info, dict):
-            raise ValueError(f"a JSON {type(info).__name__}, not a JSON object")
-        for key, types in _INFO_TYPES.items():
-            if key in info and (not isinstance(info[key], types) or isinstance(info[key], bool) and types is not bool):
-                raise ValueError(f"'{key}' is {info[key]!r}")
-        if info.get("task", "classification") not in _INFO_TASKS:
-            raise ValueError(f"'task' is {info['task']!r}, not {', '.join(_INFO_TASKS)}")
-        if "id2label" in info:
-            if sorted(info["id2label"], key=lambda k: (len(k), k)) != [str(i) for i in range(len(info["id2label"]))]:
-                raise ValueError(f"'id2label' has keys {list(info['id2label'])!r}, not the class numbers 0, 1, ...")
-            info["id2label"] = {int(k): v for k, v in info["id2label"].items()}
-    except (OSError, UnicodeDecodeError, ValueError) as err:  # json's decode errors are ValueErrors
-        raise LorafitError(f"'{path}' is damaged ({err}): copy it again from the run that trained the adapter, or "
-                           "delete it (then pass --model, and labels show as LABEL_0, LABEL_1, ...)") from None
-    return info
-
-
-# what lorafit writes into lorafit.json, by type
-_INFO_TYPES = {"task": str, "base_model": (str, type(None)), "id2label": dict, "max_length": (int, type(None)),
-               "truncation_side": str, "text_column": str, "text_pair_column": (str, type(None)),
-               "label_column": str, "chat": bool, "train_on_prompt": bool, "tokens_column": str,
-               "tags_column": (str, type(None)), "input_column": str, "target_column": str}
-_INFO_TASKS = ("classification", "causal-lm", "token-classification", "seq2seq")
 # each task's transformers class (the model card's example) and the command that uses its adapter
 _CARD = {"classification": ("AutoModelForSequenceClassification", "predict"),
          "causal-lm": ("AutoModelForCausalLM", "generate"),

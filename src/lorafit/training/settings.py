@@ -23,6 +23,8 @@ STRATEGIES = ("epoch", "steps", "no")
 METRICS = {"classification": ("accuracy", "f1", "loss"), "causal-lm": ("loss",),
            "token-classification": ("f1", "precision", "recall", "accuracy", "loss"),
            "seq2seq": ("loss",)}  # the first is the default
+PRECISIONS = ("no", "bf16", "fp16")
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 # Tokens per example (text, text pair or conversation) when --max-length is not given; every command
 # that tokenizes for a task (train, eval, predict) falls back to its task's value.
 DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 256, "token-classification": 128, "seq2seq": 256}
@@ -104,7 +106,16 @@ class TrainConfig:
     loraplus_lr_embedding: float = 1e-6
     """LoRA+: the learning rate of embedding LoRA factors (PEFT's default 1e-6)."""
     batch_size: int = 16
-    """Training examples per optimizer step."""
+    """Training examples per optimizer step, over all processes together (each of N processes takes 1/N of
+    every batch), so a run's steps and weights do not depend on the number of processes."""
+    gradient_accumulation_steps: int = 1
+    """Split each process's share of a batch into this many micro-batches whose gradients are summed before
+    the optimizer step: less memory, the same step (up to rounding)."""
+    max_grad_norm: float | None = None
+    """Clip the gradients' global norm to this before each optimizer step (default: no clipping)."""
+    mixed_precision: str = "no"
+    """Compute in no (fp32), bf16 (GPUs; CPUs with AVX512-BF16 or AMX) or fp16 (GPUs, with loss scaling);
+    the adapter's weights and optimizer stay fp32."""
     eval_batch_size: int = 64
     """Examples per batch when evaluating."""
     epochs: float | None = None
@@ -138,6 +149,8 @@ class TrainConfig:
     metric: str | None = None
     """Validation metric that picks best/: accuracy, f1 or loss (classification); loss (causal-lm); f1,
     precision, recall (entity level), accuracy (per word) or loss (token-classification); loss (seq2seq)."""
+    report_to: str = "none"
+    """Also log metrics to tensorboard (in <output-dir>/tensorboard), wandb or mlflow; metrics.jsonl is always written."""
     resume: bool = False
     """Continue the run in --output-dir from its newest complete checkpoint."""
     max_train_samples: int | None = None
@@ -153,15 +166,17 @@ class TrainConfig:
         _choice("truncation_side", self.truncation_side, ("left", "right"))
         _choice("eval_strategy", self.eval_strategy, STRATEGIES)
         _choice("save_strategy", self.save_strategy, STRATEGIES + (None,))
+        _choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        _choice("report_to", self.report_to, TRACKERS)
         _choice("metric", self.metric, METRICS[self.task] + (None,))
-        for name in ("r", "batch_size", "eval_batch_size", "eval_steps", "keep_checkpoints"):
+        for name in ("r", "batch_size", "eval_batch_size", "eval_steps", "keep_checkpoints", "gradient_accumulation_steps"):
             check_positive_int(name, getattr(self, name))
         for name in ("max_length", "max_steps", "save_steps", "max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
         check_seed("seed", self.seed)
         check_number("lora_alpha", self.lora_alpha, "> 0")
-        for name in ("epochs", "lr", "loraplus_lr_ratio"):
+        for name in ("epochs", "lr", "loraplus_lr_ratio", "max_grad_norm"):
             if getattr(self, name) is not None:
                 check_number(name, getattr(self, name), "> 0")
         check_number("lora_dropout", self.lora_dropout, "in [0, 1)")

@@ -1,0 +1,85 @@
+"""The accelerate Accelerator a run trains with: device, mixed precision, experiment trackers.
+
+``check_accelerator_settings`` refuses what this machine (or lorafit) cannot do before anything is written;
+``make_accelerator`` builds it. Processes, FSDP and the like come from `accelerate launch` / its config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from lorafit.errors import LorafitError
+from lorafit.training.settings import TrainConfig
+
+# the CPU flags under which torch's CPU autocast computes in bf16 at speed (Linux /proc/cpuinfo names)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# the package each tracker needs; accelerate names the same ones
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+# wandb and mlflow file runs under a project; tensorboard's events go to <output-dir>/tensorboard
+TRACKER_PROJECT = {"tensorboard": "tensorboard", "wandb": "lorafit", "mlflow": "lorafit"}
+
+
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX); False where /proc/cpuinfo is missing."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def check_accelerator_settings(config: TrainConfig, cuda: bool | None = None) -> None:
+    """One-line refusals for a precision this machine lacks or a tracker whose package is missing."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if config.mixed_precision == "fp16" and not cuda:
+        raise LorafitError("--mixed-precision fp16 needs a CUDA GPU (its loss scaling is for GPUs); on a CPU pass "
+                           "--mixed-precision bf16 (if the CPU has it) or no")
+    if config.mixed_precision == "bf16":
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise LorafitError("--mixed-precision bf16: this GPU has no bf16; pass --mixed-precision fp16 or no")
+        if not cuda and not cpu_has_bf16():
+            raise LorafitError("--mixed-precision bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX in "
+                               "/proc/cpuinfo); pass --mixed-precision no, or train on a GPU")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # how accelerate launch passes FSDP on
+        raise LorafitError("lorafit train does not run under FSDP yet (its evaluation and end of run use the whole "
+                           "model on every process); the adapter is small, so run plain data parallelism: an "
+                           "`accelerate config` without FSDP, or torchrun")
+    package = TRACKER_PACKAGES.get(config.report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise LorafitError(f"--report-to {config.report_to} needs the {package} package: pip install {package} "
+                           "(or pass --report-to none)")
+
+
+def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
+    """The run's Accelerator, its trackers started (they log on the main process only)."""
+    tracking = config.report_to != "none"
+    # accelerate keeps one precision per process and refuses another: a second run in the same process
+    # (the library, a notebook) starts from fresh settings; the process group (PartialState) is kept
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
+                              log_with=config.report_to if tracking else None,
+                              project_dir=str(run_dir) if tracking else None)
+    if tracking:
+        accelerator.init_trackers(TRACKER_PROJECT[config.report_to], config=tracker_config(config))
+    return accelerator
+
+
+def tracker_config(config: TrainConfig) -> dict:
+    """The settings as trackers take them: numbers, text and true/false (tensorboard's hparams refuse None and lists)."""
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in dataclasses.asdict(config).items()}
+
+
+def finish_trackers(accelerator: Accelerator) -> None:
+    """Flush and close the trackers (accelerator.end_training would also end the process group, which the
+    final evaluation still needs)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
