@@ -86,6 +86,7 @@ def gflops(results: dict) -> dict:
     bf16 = max((p for p in (_get(cases, k, "bf16_best_gflops") for k in ("matmul", "matmul_end")) if p), default=None)
     params = cases.get("params", {})
     out = {"matmul_peak_gflops": peak, "bf16_peak_gflops": bf16, "matmul_peaks_start_end": peaks,
+           "bf16_skipped": _get(cases, "matmul", "bf16_skipped"),
            "formula": "classifier: 4 * P_matmul * real_tokens; LLM: 4 * (P_body * real_tokens + P_head * "
                       "scored_tokens); over the training call's seconds"}
     tokens = _get(cases, "classifier", "tokens", "real_tokens")

@@ -214,6 +214,8 @@ def _gflops(g: dict) -> list[str]:
     if not g.get("matmul_peak_gflops"):
         return []
     bf16 = f" (bf16: {g['bf16_peak_gflops']} GFLOP/s)" if g.get("bf16_peak_gflops") else ""
+    if g.get("bf16_skipped"):
+        bf16 = f" (bf16 not probed: {g['bf16_skipped']})"
     lines = ["## Achieved GFLOP/s", "", f"fp32 matmul peak measured on this machine: {g['matmul_peak_gflops']} "
              f"GFLOP/s{bf16}, the best of the suite's start and end ({g.get('matmul_peaks_start_end')}). "
              f"Useful work: {g['formula']} (see notes).", ""]

@@ -119,3 +119,33 @@ def test_targets_follow_the_ratios(bench):
     assert verdicts["16-adapter mixed batch vs single-adapter batch"] is False
     assert verdicts["LLM training tokens/s vs PEFT + Trainer"] is False  # 1.14x
     assert verdicts["LLM training peak memory vs PEFT"] is True
+
+
+def test_the_bf16_probe_is_skipped_without_fast_bf16(bench, monkeypatch):
+    """Without AVX512-BF16/AMX one bf16 probe took minutes: it is not run there, and the report says so."""
+    import lorafit.cpu
+    from bench import cpu_cases
+    from bench.fixtures import Sizes
+    from bench.report import gflops
+    from bench.report_md import _gflops
+
+    monkeypatch.setattr(lorafit.cpu, "cpu_has_bf16", lambda: False)
+    setup = type("S", (), {"sizes": Sizes.smoke()})()
+    result = cpu_cases.run_matmul(setup, {})
+    assert "bf16_best_gflops" not in result and "no fast bf16" in result["bf16_skipped"]
+    assert _positive(result["best_gflops"])
+    assert "bf16 not probed: this CPU has no fast bf16" in "\n".join(_gflops(gflops({"cases": {"matmul": result}})))
+
+
+def test_a_slow_matmul_probe_keeps_within_its_budget(bench):
+    """A dtype with no fast kernel (here: float64 with a 50 ms budget) gets a smaller n and fewer calls."""
+    import time
+
+    import torch
+
+    from bench.common import matmul_peak_gflops
+
+    started = time.perf_counter()
+    result = matmul_peak_gflops(n=4096, repeats=50, dtype=torch.float64, budget_s=0.05)
+    assert time.perf_counter() - started < 2.0
+    assert result["n"] < 4096 and 1 <= result["calls"] < 50 and _positive(result["best_gflops"])
