@@ -132,7 +132,7 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu", dt
             "median_gflops": round(flops / median(times) / 1e9, 1)}
 
 
-def _fitting_size(n: int, seconds: float, device: str, dtype, clock: Clock, probe_n: int = 128) -> int:
+def _fitting_size(n: int, seconds: float, device: str, dtype, clock: Clock, probe_n: int = 256) -> int:
     """The largest n (n halved from ``n``, at least ``probe_n``) whose n x n matmul should take ``seconds``."""
     import torch
 
