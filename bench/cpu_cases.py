@@ -10,6 +10,8 @@ from bench.common import Clock, matmul_peak_gflops
 from bench.fixtures import Setup
 
 TARGETS = ["query", "value"]
+ALL_LINEAR = "all-linear"
+"""What most users choose (on BERT: query, key, value and every dense layer), measured beside TARGETS."""
 BF16_PROBE_SECONDS = 10.0
 """The most the bf16 matmul probe may take (fp32's is fast on any CPU)."""
 
@@ -26,7 +28,9 @@ def run_inference(setup: Setup, options: dict) -> dict:
     base = load_base(setup)
     batch = steps.random_batch(base, s.infer_batch, s.infer_tokens)
     result = steps.inference(base, "SEQ_CLS", TARGETS, batch, s.infer_rounds, warmup=2, clock=Clock(), r=s.r)
-    return {"batch": s.infer_batch, "tokens": s.infer_tokens, "variants": result}
+    all_linear = steps.inference(base, "SEQ_CLS", ALL_LINEAR, batch, s.infer_rounds, warmup=2, clock=Clock(), r=s.r)
+    return {"batch": s.infer_batch, "tokens": s.infer_tokens, "variants": result,
+            "all_linear": {"variants": all_linear}}
 
 
 def run_mixed(setup: Setup, options: dict) -> dict:
@@ -34,7 +38,9 @@ def run_mixed(setup: Setup, options: dict) -> dict:
     base = load_base(setup)
     batch = steps.random_batch(base, s.infer_batch, s.infer_tokens)
     result = steps.mixed_batches(base, "SEQ_CLS", TARGETS, batch, s.mixed_rounds, warmup=1, clock=Clock(), r=s.r)
-    return {"batch": s.infer_batch, "tokens": s.infer_tokens, **result}
+    all_linear = steps.mixed_batches(base, "SEQ_CLS", ALL_LINEAR, batch, s.mixed_rounds, warmup=1, clock=Clock(),
+                                     r=s.r)
+    return {"batch": s.infer_batch, "tokens": s.infer_tokens, **result, "all_linear": all_linear}
 
 
 def run_switching(setup: Setup, options: dict) -> dict:
