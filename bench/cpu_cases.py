@@ -1,5 +1,5 @@
-"""The in-process CPU cases on the classifier base model: inference, mixed batches, switching, scaling,
-and this machine's fp32 matmul peak."""
+"""The in-process CPU cases on the classifier base model: inference and mixed batches (LoRA on query/value
+and on all-linear), switching, scaling, and this machine's fp32 (and, where fast, bf16) matmul peak."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import tempfile
 from bench import steps
 from bench.common import Clock, matmul_peak_gflops
 from bench.fixtures import Setup
+from lorafit.config import ALL_LINEAR  # measured beside TARGETS (on BERT: query, key, value, every dense layer)
 
 TARGETS = ["query", "value"]
-ALL_LINEAR = "all-linear"
-"""What most users choose (on BERT: query, key, value and every dense layer), measured beside TARGETS."""
 BF16_PROBE_SECONDS = 10.0
 """The most the bf16 matmul probe may take (fp32's is fast on any CPU)."""
 
