@@ -49,11 +49,12 @@ def run_lorafit(setup: Setup, options: dict) -> dict:
 
     s = setup.sizes
     targets = options.get("targets", ["query", "value"])
+    targets = [targets] if isinstance(targets, str) else targets  # TrainConfig takes a list: ["all-linear"]
     with tempfile.TemporaryDirectory(prefix="bench-lorafit-", dir=setup.workdir) as out:
         config = TrainConfig(model=setup.cls_model, train_file=setup.train_file, validation_file=setup.validation_file,
                              max_length=s.max_length, batch_size=s.batch_size, eval_batch_size=s.batch_size,
                              r=s.r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
-                             target_modules=[targets] if isinstance(targets, str) else targets, lr=s.lr, epochs=1, warmup_ratio=0.0,
+                             target_modules=targets, lr=s.lr, epochs=1, warmup_ratio=0.0,
                              weight_decay=0.01, seed=s.seed, output_dir=str(Path(out) / "run"),
                              **options.get("config", {}))
         started = time.perf_counter()
