@@ -53,8 +53,9 @@ def derive(results: dict) -> dict:
         "llm_speedup_vs_peft": _ratio(llm["lorafit"].get("tokens_per_second"), llm["peft"].get("tokens_per_second")),
         "llm_peak_memory_ratio": _ratio(llm["lorafit"].get("peak_rss_mb"), llm["peft"].get("peak_rss_mb")),
         # lorafit runs PASSIVE (lorafit.cpu); the worse of the two busy neighbours
-        "shared_slowdown_passive": max((v for v in (_get(cases, "shared", "policies", "PASSIVE", f"spin_nice{n}_slowdown")
-                                                    for n in (19, 0)) if v is not None), default=None),
+        "shared_slowdown_passive": max((v for v in (_get(cases, "shared", "policies", "PASSIVE", f"{load}_slowdown")
+                                                    for load in ("spin_nice19", "spin_nice0")) if v is not None),
+                                       default=None),
     }
     bound = _get(cases, "shared", "bound", default=2.0)
     f = figures

@@ -56,7 +56,9 @@ def measure(name: str, setup: Setup, options: dict | None = None) -> dict:
 
 def measure_in_subprocess(name: str, setup: Setup, options: dict, log_dir: Path, tag: str,
                           timeout: float = 3600, env: dict | None = None) -> dict:
-    """``measure`` in a fresh Python process (environment ``env``, default this one's); output in ``log_dir/tag.log``."""
+    """``measure`` in a fresh Python process (environment ``env``, default this one's).
+
+    Its output goes to ``log_dir/tag.log``."""
     log_dir.mkdir(parents=True, exist_ok=True)
     spec = log_dir / f"{tag}.spec.json"
     out = log_dir / f"{tag}.result.json"
