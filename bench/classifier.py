@@ -48,11 +48,13 @@ def run_lorafit(setup: Setup, options: dict) -> dict:
     from lorafit.training.settings import TrainConfig
 
     s = setup.sizes
+    targets = options.get("targets", ["query", "value"])
+    targets = [targets] if isinstance(targets, str) else targets  # TrainConfig takes a list: ["all-linear"]
     with tempfile.TemporaryDirectory(prefix="bench-lorafit-", dir=setup.workdir) as out:
         config = TrainConfig(model=setup.cls_model, train_file=setup.train_file, validation_file=setup.validation_file,
                              max_length=s.max_length, batch_size=s.batch_size, eval_batch_size=s.batch_size,
                              r=s.r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
-                             target_modules=["query", "value"], lr=s.lr, epochs=1, warmup_ratio=0.0,
+                             target_modules=targets, lr=s.lr, epochs=1, warmup_ratio=0.0,
                              weight_decay=0.01, seed=s.seed, output_dir=str(Path(out) / "run"),
                              **options.get("config", {}))
         started = time.perf_counter()
@@ -83,7 +85,8 @@ def _peft_data(setup: Setup, tokenizer):
 
 
 def run_peft(setup: Setup, options: dict) -> dict:
-    """The article's recipe; ``options["group_by_length"]`` adds train_sampling_strategy="group_by_length"."""
+    """The article's recipe; ``options["group_by_length"]`` adds train_sampling_strategy="group_by_length",
+    ``options["targets"]`` replaces query/value (PEFT's "all-linear" is a plain string)."""
     import numpy as np
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
@@ -95,7 +98,8 @@ def run_peft(setup: Setup, options: dict) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(
         setup.cls_model, num_labels=len(label2id), label2id=label2id, id2label={i: n for n, i in label2id.items()})
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=s.r, lora_alpha=s.lora_alpha,
-                                             lora_dropout=s.lora_dropout, target_modules=["query", "value"]))
+                                             lora_dropout=s.lora_dropout,
+                                             target_modules=options.get("targets", ["query", "value"])))
 
     def accuracy(prediction) -> dict:
         logits, labels = prediction

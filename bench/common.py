@@ -106,20 +106,42 @@ def bootstrap_median_ci(values: list[float], resamples: int = 2000, seed: int = 
     return [round(medians[int(0.025 * resamples)], 4), round(medians[int(0.975 * resamples) - 1], 4)]
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu", dtype=None) -> dict:
-    """This machine's dense matmul peak: the best of ``repeats`` n x n x n torch.mm calls."""
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu", dtype=None,
+                       budget_s: float | None = None) -> dict:
+    """This machine's dense matmul peak: the best of ``repeats`` n x n x n torch.mm calls.
+
+    With ``budget_s``, n is first halved until one call, timed at a small size and scaled by n^3,
+    fits a tenth of the budget, and the calls stop once the budget is spent: a dtype the CPU has no
+    fast kernel for (bf16 without AVX512-BF16) cannot hold up the suite.
+    """
     import torch
 
     dtype = dtype or torch.float32
+    clock = Clock(device)
+    if budget_s is not None:
+        n = _fitting_size(n, budget_s / 10, device, dtype, clock)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    clock = Clock(device)
-    for _ in range(2):
-        torch.mm(a, b)
-    times = [clock.time(lambda: torch.mm(a, b)) for _ in range(repeats)]
+    times = [clock.time(lambda: torch.mm(a, b))]  # warm-up, and the first measure of the budget
+    while len(times) <= repeats and (budget_s is None or sum(times) < budget_s):
+        times.append(clock.time(lambda: torch.mm(a, b)))
+    times = times[1:] or times
     flops = 2 * n ** 3
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-            "best_gflops": round(flops / min(times) / 1e9, 1), "median_gflops": round(flops / median(times) / 1e9, 1)}
+            "calls": len(times), "best_gflops": round(flops / min(times) / 1e9, 1),
+            "median_gflops": round(flops / median(times) / 1e9, 1)}
+
+
+def _fitting_size(n: int, seconds: float, device: str, dtype, clock: Clock, probe_n: int = 256) -> int:
+    """The largest n (n halved from ``n``, at least ``probe_n``) whose n x n matmul should take ``seconds``."""
+    import torch
+
+    a = torch.randn(probe_n, probe_n, device=device, dtype=dtype)
+    torch.mm(a, a)
+    per_flop = min(clock.time(lambda: torch.mm(a, a)) for _ in range(3)) / (2 * probe_n ** 3)
+    while n > probe_n and 2 * n ** 3 * per_flop > seconds:
+        n //= 2
+    return max(n, probe_n)
 
 
 def _cpu_model() -> str:

@@ -1,5 +1,5 @@
-"""The in-process CPU cases on the classifier base model: inference, mixed batches, switching, scaling,
-and this machine's fp32 matmul peak."""
+"""The in-process CPU cases on the classifier base model: inference and mixed batches (LoRA on query/value
+and on all-linear), switching, scaling, and this machine's fp32 (and, where fast, bf16) matmul peak."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import tempfile
 from bench import steps
 from bench.common import Clock, matmul_peak_gflops
 from bench.fixtures import Setup
+from lorafit.config import ALL_LINEAR  # measured beside TARGETS (on BERT: query, key, value, every dense layer)
 
 TARGETS = ["query", "value"]
+BF16_PROBE_SECONDS = 10.0
+"""The most the bf16 matmul probe may take (fp32's is fast on any CPU)."""
 
 
 def load_base(setup: Setup):
@@ -24,7 +27,9 @@ def run_inference(setup: Setup, options: dict) -> dict:
     base = load_base(setup)
     batch = steps.random_batch(base, s.infer_batch, s.infer_tokens)
     result = steps.inference(base, "SEQ_CLS", TARGETS, batch, s.infer_rounds, warmup=2, clock=Clock(), r=s.r)
-    return {"batch": s.infer_batch, "tokens": s.infer_tokens, "variants": result}
+    all_linear = steps.inference(base, "SEQ_CLS", ALL_LINEAR, batch, s.infer_rounds, warmup=2, clock=Clock(), r=s.r)
+    return {"batch": s.infer_batch, "tokens": s.infer_tokens, "variants": result,
+            "all_linear": {"variants": all_linear}}
 
 
 def run_mixed(setup: Setup, options: dict) -> dict:
@@ -32,7 +37,9 @@ def run_mixed(setup: Setup, options: dict) -> dict:
     base = load_base(setup)
     batch = steps.random_batch(base, s.infer_batch, s.infer_tokens)
     result = steps.mixed_batches(base, "SEQ_CLS", TARGETS, batch, s.mixed_rounds, warmup=1, clock=Clock(), r=s.r)
-    return {"batch": s.infer_batch, "tokens": s.infer_tokens, **result}
+    all_linear = steps.mixed_batches(base, "SEQ_CLS", ALL_LINEAR, batch, s.mixed_rounds, warmup=1, clock=Clock(),
+                                     r=s.r)
+    return {"batch": s.infer_batch, "tokens": s.infer_tokens, **result, "all_linear": all_linear}
 
 
 def run_switching(setup: Setup, options: dict) -> dict:
@@ -51,11 +58,21 @@ def run_scaling(setup: Setup, options: dict) -> dict:
 
 
 def run_matmul(setup: Setup, options: dict) -> dict:
-    """fp32 peak (the reference for achieved GFLOP/s), and bf16's for what autocast could reach here."""
+    """fp32 peak (the reference for achieved GFLOP/s), and bf16's for what autocast could reach here.
+
+    The bf16 probe runs only where the CPU has fast bf16 and within BF16_PROBE_SECONDS: without
+    AVX512-BF16/AMX one 2048^3 bf16 matmul on one thread took over 8 minutes.
+    """
     import torch
 
+    from lorafit.cpu import cpu_has_bf16
+
     result = matmul_peak_gflops(n=setup.sizes.matmul_n)
-    result["bf16_best_gflops"] = matmul_peak_gflops(n=setup.sizes.matmul_n, dtype=torch.bfloat16)["best_gflops"]
+    if not cpu_has_bf16():
+        result["bf16_skipped"] = "this CPU has no fast bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo)"
+        return result
+    bf16 = matmul_peak_gflops(n=setup.sizes.matmul_n, dtype=torch.bfloat16, budget_s=BF16_PROBE_SECONDS)
+    result["bf16_best_gflops"], result["bf16_n"] = bf16["best_gflops"], bf16["n"]
     return result
 
 

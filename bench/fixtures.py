@@ -42,6 +42,7 @@ class Sizes:
     scaling_lengths: tuple = (32, 64, 128, 256)
     scaling_steps: int = 5
     matmul_n: int = 2048
+    shared_steps: int = 20  # timed training steps per background load in the `shared` case
 
     @classmethod
     def full(cls) -> "Sizes":
@@ -51,7 +52,7 @@ class Sizes:
     def smoke(cls) -> "Sizes":
         return cls(infer_batch=8, infer_tokens=16, infer_rounds=3, mixed_rounds=2, switch_repeats=20,
                    reload_repeats=2, llm_max_length=64, llm_examples=16, scaling_lengths=(8, 16, 32, 64),
-                   scaling_steps=2, matmul_n=256)
+                   scaling_steps=2, matmul_n=256, shared_steps=3)
 
 
 @dataclass

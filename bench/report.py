@@ -27,7 +27,8 @@ def target(name: str, goal: str, value, ok) -> dict:
 def derive(results: dict) -> dict:
     """The headline figures and every target of the issue, each a ratio from this one run."""
     cases = results["cases"]
-    cls = {side: _get(cases, "classifier", side, "median", default={}) for side in ("lorafit", "peft", "peft_grouped")}
+    cls = {side: _get(cases, "classifier", side, "median", default={})
+           for side in ("lorafit", "peft", "peft_grouped", "lorafit_all_linear", "peft_all_linear")}
     llm = {side: _get(cases, "llm", side, "median", default={}) for side in ("lorafit", "peft")}
     infer = _get(cases, "inference", "variants", default={})
     mixed = _get(cases, "mixed", "lorafit", default={})
@@ -39,14 +40,24 @@ def derive(results: dict) -> dict:
                                             if cls["lorafit"].get("accuracy") is not None
                                             and cls["peft"].get("accuracy") is not None else None),
         "classifier_peak_memory_ratio": _ratio(cls["lorafit"].get("peak_rss_mb"), cls["peft"].get("peak_rss_mb")),
+        "classifier_all_linear_speedup_vs_peft": _ratio(cls["lorafit_all_linear"].get("samples_per_second"),
+                                                        cls["peft_all_linear"].get("samples_per_second")),
         "inference_unmerged_over_base": _get(infer, "lorafit_unmerged", "ratio"),
+        "inference_all_linear_unmerged_over_base": _get(cases, "inference", "all_linear", "variants",
+                                                        "lorafit_unmerged", "ratio"),
         "inference_merged_over_base": _get(infer, "lorafit_merged", "ratio"),
         "mixed_4_over_single": _get(mixed, "mixed_4", "ratio"),
         "mixed_16_over_single": _get(mixed, "mixed_16", "ratio"),
+        "mixed_16_all_linear_over_single": _get(cases, "mixed", "all_linear", "lorafit", "mixed_16", "ratio"),
         "switch_ms": _get(cases, "switching", "lorafit_set_adapter_ms"),
         "llm_speedup_vs_peft": _ratio(llm["lorafit"].get("tokens_per_second"), llm["peft"].get("tokens_per_second")),
         "llm_peak_memory_ratio": _ratio(llm["lorafit"].get("peak_rss_mb"), llm["peft"].get("peak_rss_mb")),
+        # lorafit runs PASSIVE (lorafit.cpu); the worse of the two busy neighbours
+        "shared_slowdown_passive": max((v for v in (_get(cases, "shared", "policies", "PASSIVE", f"{load}_slowdown")
+                                                    for load in ("spin_nice19", "spin_nice0")) if v is not None),
+                                       default=None),
     }
+    bound = _get(cases, "shared", "bound", default=2.0)
     f = figures
     targets = [
         target("classifier samples/s vs PEFT + Trainer (article)", ">= 2.0x", f["classifier_speedup_vs_peft"],
@@ -61,12 +72,18 @@ def derive(results: dict) -> dict:
                lambda v: v <= 1.05),
         target("inference, lorafit merged vs base model", "<= 1.01x", f["inference_merged_over_base"],
                lambda v: v <= 1.01),
+        target("inference, all-linear, lorafit unmerged vs base model", "<= 1.06x",
+               f["inference_all_linear_unmerged_over_base"], lambda v: v <= 1.06),
+        target("16-adapter mixed batch vs single-adapter batch, all-linear", "<= 1.10x",
+               f["mixed_16_all_linear_over_single"], lambda v: v <= 1.10),
         target("4-adapter mixed batch vs single-adapter batch", "<= 1.03x", f["mixed_4_over_single"],
                lambda v: v <= 1.03),
         target("16-adapter mixed batch vs single-adapter batch", "<= 1.10x", f["mixed_16_over_single"],
                lambda v: v <= 1.10),
         target("switching the active adapter", "< 5 ms", f["switch_ms"], lambda v: v < 5.0),
         target("LLM training tokens/s vs PEFT + Trainer", ">= 1.5x", f["llm_speedup_vs_peft"], lambda v: v >= 1.5),
+        target("training beside one busy process (nice 19 or 0) vs alone", f"<= {bound}x (cores / free cores)",
+               f["shared_slowdown_passive"], lambda v: v <= bound),
     ]
     return {"figures": figures, "targets": targets, "gflops": gflops(results)}
 
@@ -86,11 +103,12 @@ def gflops(results: dict) -> dict:
     bf16 = max((p for p in (_get(cases, k, "bf16_best_gflops") for k in ("matmul", "matmul_end")) if p), default=None)
     params = cases.get("params", {})
     out = {"matmul_peak_gflops": peak, "bf16_peak_gflops": bf16, "matmul_peaks_start_end": peaks,
+           "bf16_skipped": _get(cases, "matmul", "bf16_skipped"),
            "formula": "classifier: 4 * P_matmul * real_tokens; LLM: 4 * (P_body * real_tokens + P_head * "
                       "scored_tokens); over the training call's seconds"}
     tokens = _get(cases, "classifier", "tokens", "real_tokens")
     p_cls = _get(params, "classifier", "matmul")
-    for side in ("lorafit", "peft", "peft_grouped"):
+    for side in ("lorafit", "peft", "peft_grouped", "lorafit_all_linear", "peft_all_linear"):
         seconds = _get(cases, "classifier", side, "median", "train_seconds")
         if tokens and p_cls and seconds:
             value = 4 * p_cls * tokens / seconds / 1e9

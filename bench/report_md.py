@@ -66,6 +66,7 @@ def render(results: dict) -> str:
     lines += _inference(cases)
     lines += _llm(cases.get("llm"))
     lines += _scaling(cases.get("scaling"))
+    lines += _shared(cases.get("shared"))
     lines += _gflops(results.get("gflops", {}))
     elsewhere = results.get("gpu_elsewhere")
     if elsewhere:
@@ -81,8 +82,13 @@ def render(results: dict) -> str:
 
 
 def _max_load(results: dict) -> float | None:
-    """The highest 1-minute load average recorded by any measurement or at the suite's start and end."""
-    seen = [results["meta"].get("load_average_start"), results["meta"].get("load_average_end")]
+    """The highest 1-minute load average recorded by any measurement or at the suite's start and end.
+
+    The `shared` case runs last, before the closing matmul probe, and makes load on purpose: the
+    1-minute average after it says nothing about other work.
+    """
+    shared = "shared" in results["cases"]
+    seen = [results["meta"].get("load_average_start"), None if shared else results["meta"].get("load_average_end")]
 
     def walk(data):
         if isinstance(data, dict):
@@ -94,7 +100,7 @@ def _max_load(results: dict) -> float | None:
             for item in data:
                 walk(item)
 
-    walk(results["cases"])
+    walk({k: v for k, v in results["cases"].items() if not (shared and k in ("shared", "matmul_end"))})
     values = [v[0] for v in seen if v]
     return max(values) if values else None
 
@@ -132,7 +138,24 @@ def _classifier(case: dict | None) -> list[str]:
     rows.append(["machine load (1-min average before -> after each run)", *(_loads(case, s) for s in sides), "", ""])
     lines += _table(["figure", "lorafit", "PEFT + Trainer", "PEFT + Trainer (grouped)", "lorafit / PEFT",
                      "lorafit / grouped"], rows)
-    return lines + _errors(case, sides) + [""]
+    return lines + _errors(case, sides) + _classifier_all_linear(case) + [""]
+
+
+def _classifier_all_linear(case: dict) -> list[str]:
+    sides = ("lorafit_all_linear", "peft_all_linear")
+    if not any(s in case for s in sides):
+        return []
+    m = {s: case.get(s, {}).get("median", {}) for s in sides}
+    rows = []
+    for key, label in (("samples_per_second", "samples/s"), ("train_seconds", "training time (s)"),
+                       ("peak_rss_mb", "peak RSS (MiB)"), ("accuracy", "final validation accuracy")):
+        a, b = m["lorafit_all_linear"].get(key), m["peft_all_linear"].get(key)
+        rows.append([label, a, b, _x(a / b) if a and b else "-"])
+    rows.append(["machine load (1-min average before -> after each run)", *(_loads(case, s) for s in sides), ""])
+    return (["", "The same runs with `target_modules=\"all-linear\"` (on BERT: query, key, value and every dense "
+             "layer) on both sides (Trainer without length grouping):", ""]
+            + _table(["figure", "lorafit all-linear", "PEFT + Trainer all-linear", "lorafit / PEFT"], rows)
+            + _errors(case, sides))
 
 
 def _inference(cases: dict) -> list[str]:
@@ -141,9 +164,10 @@ def _inference(cases: dict) -> list[str]:
     if infer and "variants" in infer:
         lines += ["## Inference", "", f"Batch {infer['batch']} x {infer['tokens']} tokens, forward under "
                   "`torch.inference_mode()`; ratio = median of per-round ratios to the base model.", ""]
-        lines += _table(["model", "median ms", "vs base", "95% interval"],
-                        [[name, v["median_ms"], _x(v.get("ratio")) if "ratio" in v else "1.000x", _ci(v)]
-                         for name, v in infer["variants"].items()])
+        lines += _inference_table(infer["variants"])
+        if "all_linear" in infer:
+            lines += ["LoRA on `all-linear` targets (on BERT: query, key, value and every dense layer) instead of "
+                      "query/value:", ""] + _inference_table(infer["all_linear"]["variants"])
     elif infer:
         lines += ["## Inference", "", f"**error** {infer.get('error')}", ""]
     mixed = cases.get("mixed")
@@ -151,14 +175,9 @@ def _inference(cases: dict) -> list[str]:
         lines += ["## Mixed-adapter batches", "", f"Batch {mixed['batch']} x {mixed['tokens']} tokens, 16 adapters "
                   "loaded; `single`: the active adapter alone, `same_adapter_names`: adapter_names naming one "
                   "adapter for every row, `mixed_N`: rows spread over N adapters.", ""]
-        names = list(mixed["lorafit"])
-        lines += _table(["batch", "lorafit ms", "lorafit vs single", "95% interval", "PEFT ms", "PEFT vs single"],
-                        [[n, mixed["lorafit"][n]["median_ms"], _x(mixed["lorafit"][n].get("ratio", 1.0)),
-                          _ci(mixed["lorafit"][n]), _get(mixed, "peft", n, "median_ms"),
-                          _x(_get(mixed, "peft", n, "ratio") or 1.0)]
-                         for n in names])
-        if "error" in mixed.get("peft", {}):
-            lines += [f"PEFT refused these mixed batches: {mixed['peft']['error']}", ""]
+        lines += _mixed_table(mixed)
+        if "lorafit" in mixed.get("all_linear", {}):
+            lines += ["LoRA on `all-linear` targets:", ""] + _mixed_table(mixed["all_linear"])
     elif mixed:
         lines += ["## Mixed-adapter batches", "", f"**error** {mixed.get('error')}", ""]
     switch = cases.get("switching")
@@ -166,6 +185,41 @@ def _inference(cases: dict) -> list[str]:
         lines += ["## Switching adapters", ""]
         lines += _table(["operation", "median ms"], [[k, v] for k, v in switch.items()
                                                      if k.endswith("_ms") or k == "reload_over_switch" or k == "error"])
+    return lines
+
+
+def _shared(case: dict | None) -> list[str]:
+    if not case or "policies" not in case:
+        return ["## Sharing the cores", "", f"**error** {case.get('error')}", ""] if case else []
+    lines = ["## Sharing the cores", "", f"lorafit classifier training step (batch {case['batch']} x {case['tokens']}, "
+             f"{case['cores']} threads on {case['cores']} cores, median of {case['steps']} steps) alone and beside one "
+             "busy Python process; one process per OpenMP wait policy (lorafit sets PASSIVE unless the environment "
+             f"sets one). A slowdown proportional to the cores taken is at most {case['bound']}x.", ""]
+    rows = []
+    for name, p in case["policies"].items():
+        if "error" in p:
+            rows.append([name, f"**error** {p['error']}", "", "", "", ""])
+            continue
+        rows.append([name, p["alone_ms"], p["spin_nice19_ms"], _x(p["spin_nice19_slowdown"]), p["spin_nice0_ms"],
+                     _x(p["spin_nice0_slowdown"])])
+    return lines + _table(["OMP_WAIT_POLICY", "alone ms", "beside nice 19 ms", "slowdown", "beside nice 0 ms",
+                           "slowdown"], rows)
+
+
+def _inference_table(variants: dict) -> list[str]:
+    return _table(["model", "median ms", "vs base", "95% interval"],
+                  [[name, v["median_ms"], _x(v.get("ratio")) if "ratio" in v else "1.000x", _ci(v)]
+                   for name, v in variants.items()])
+
+
+def _mixed_table(mixed: dict) -> list[str]:
+    lines = _table(["batch", "lorafit ms", "lorafit vs single", "95% interval", "PEFT ms", "PEFT vs single"],
+                   [[n, mixed["lorafit"][n]["median_ms"], _x(mixed["lorafit"][n].get("ratio", 1.0)),
+                     _ci(mixed["lorafit"][n]), _get(mixed, "peft", n, "median_ms"),
+                     _x(_get(mixed, "peft", n, "ratio") or 1.0)]
+                    for n in mixed["lorafit"]])
+    if "error" in mixed.get("peft", {}):
+        lines += [f"PEFT refused these mixed batches: {mixed['peft']['error']}", ""]
     return lines
 
 
@@ -214,6 +268,8 @@ def _gflops(g: dict) -> list[str]:
     if not g.get("matmul_peak_gflops"):
         return []
     bf16 = f" (bf16: {g['bf16_peak_gflops']} GFLOP/s)" if g.get("bf16_peak_gflops") else ""
+    if g.get("bf16_skipped"):
+        bf16 = f" (bf16 not probed: {g['bf16_skipped']})"
     lines = ["## Achieved GFLOP/s", "", f"fp32 matmul peak measured on this machine: {g['matmul_peak_gflops']} "
              f"GFLOP/s{bf16}, the best of the suite's start and end ({g.get('matmul_peaks_start_end')}). "
              f"Useful work: {g['formula']} (see notes).", ""]

@@ -27,9 +27,11 @@ from bench.common import BENCH, environment, load_average, median
 from bench.fixtures import Setup, Sizes, prepare
 from bench.worker import measure, measure_in_subprocess
 
-CASES = ("classifier", "inference", "mixed", "switching", "llm", "scaling", "gpu")
+CASES = ("classifier", "inference", "mixed", "switching", "llm", "scaling", "shared", "gpu")
 CLASSIFIER_VARIANTS = {"lorafit": ("classifier/lorafit", {}), "peft": ("classifier/peft", {}),
-                       "peft_grouped": ("classifier/peft", {"group_by_length": True})}
+                       "peft_grouped": ("classifier/peft", {"group_by_length": True}),
+                       "lorafit_all_linear": ("classifier/lorafit", {"targets": "all-linear"}),
+                       "peft_all_linear": ("classifier/peft", {"targets": "all-linear"})}
 LLM_VARIANTS = {"lorafit": ("llm/lorafit", {}), "peft": ("llm/peft", {})}
 
 
@@ -157,6 +159,8 @@ def run_suite(args: argparse.Namespace, out_dir: Path, workdir: Path, sizes: Siz
         save()
     if "gpu" in args.cases:
         cases["gpu"] = gpu_case(run, args.smoke)
+    if "shared" in args.cases:  # last: its busy processes raise the load average for a minute after
+        cases["shared"] = run("shared")
     if not args.smoke and _get_device(cases.get("gpu")) != "cuda":
         attach_gpu_results(results, Path(args.gpu_results))
     # the peak again at the end: a peak measured while the machine was busy would flatter every ratio to it

@@ -21,7 +21,7 @@ from bench.fixtures import Setup
 
 
 def _registry() -> dict:
-    from bench import classifier, cpu_cases, gpu, llm
+    from bench import classifier, cpu_cases, gpu, llm, shared
 
     return {
         "classifier/lorafit": classifier.run_lorafit,
@@ -34,6 +34,8 @@ def _registry() -> dict:
         "switching": cpu_cases.run_switching,
         "scaling": cpu_cases.run_scaling,
         "matmul": cpu_cases.run_matmul,
+        "shared": shared.run_shared,
+        "shared/steps": shared.time_steps,
         "gpu": gpu.run_gpu,
     }
 
@@ -53,8 +55,10 @@ def measure(name: str, setup: Setup, options: dict | None = None) -> dict:
 
 
 def measure_in_subprocess(name: str, setup: Setup, options: dict, log_dir: Path, tag: str,
-                          timeout: float = 3600) -> dict:
-    """``measure`` in a fresh Python process; its output goes to ``log_dir/tag.log``."""
+                          timeout: float = 3600, env: dict | None = None) -> dict:
+    """``measure`` in a fresh Python process (environment ``env``, default this one's).
+
+    Its output goes to ``log_dir/tag.log``."""
     log_dir.mkdir(parents=True, exist_ok=True)
     spec = log_dir / f"{tag}.spec.json"
     out = log_dir / f"{tag}.result.json"
@@ -63,7 +67,7 @@ def measure_in_subprocess(name: str, setup: Setup, options: dict, log_dir: Path,
     with open(log_dir / f"{tag}.log", "w", encoding="utf-8") as log:
         try:
             code = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(spec), str(out)], cwd=REPO,
-                                  stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+                                  stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env).returncode
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout:.0f} s (log: {log_dir / tag}.log)"}
     if not out.is_file():

@@ -49,7 +49,7 @@ def test_smoke_suite_produces_every_figure(bench, tmp_path):
     assert _errors(cases) <= EXPECTED_ERRORS, _errors(cases)
     assert results["meta"]["smoke"] and results["meta"]["versions"]["peft"]
 
-    for side in ("lorafit", "peft", "peft_grouped"):
+    for side in ("lorafit", "peft", "peft_grouped", "lorafit_all_linear", "peft_all_linear"):
         median = cases["classifier"][side]["median"]
         assert _positive(median["samples_per_second"]) and _positive(median["peak_rss_mb"])
         assert 0 <= median["accuracy"] <= 1
@@ -57,16 +57,23 @@ def test_smoke_suite_produces_every_figure(bench, tmp_path):
     for side in ("lorafit", "peft"):
         assert _positive(cases["llm"][side]["median"]["tokens_per_second"])
         assert _positive(cases["llm"][side]["median"]["peak_rss_mb"])
-    for variant in ("lorafit_unmerged", "lorafit_merged", "peft_unmerged"):
-        assert _positive(cases["inference"]["variants"][variant]["ratio"])
-    for side in ("lorafit", "peft"):
-        assert _positive(cases["mixed"][side]["mixed_4"]["ratio"]) and _positive(cases["mixed"][side]["mixed_16"]["ratio"])
+    for variants in (cases["inference"]["variants"], cases["inference"]["all_linear"]["variants"]):
+        for variant in ("lorafit_unmerged", "lorafit_merged", "peft_unmerged"):
+            assert _positive(variants[variant]["ratio"])
+    for mixed in (cases["mixed"], cases["mixed"]["all_linear"]):
+        for side in ("lorafit", "peft"):
+            assert _positive(mixed[side]["mixed_4"]["ratio"]) and _positive(mixed[side]["mixed_16"]["ratio"])
     assert _positive(cases["switching"]["lorafit_set_adapter_ms"]) and _positive(cases["switching"]["reload_base_ms"])
     scaling = cases["scaling"]
     assert list(scaling["by_rank"]) == ["1", "4", "16", "64"] and len(scaling["by_length"]) == 4
     assert all(_positive(v["lorafit"]["median_ms"]) and _positive(v["peft"]["median_ms"])
                for v in [*scaling["by_rank"].values(), *scaling["by_length"].values()])
     assert _positive(cases["matmul"]["best_gflops"])
+    shared = cases["shared"]
+    assert shared["bound"] == 2.0 if shared["cores"] == 2 else shared["bound"] > 1
+    for name, policy in shared["policies"].items():
+        assert policy["wait_policy"] == name and policy["threads"] == shared["cores"]
+        assert _positive(policy["alone_ms"]) and _positive(policy["spin_nice0_slowdown"])
 
     gpu = cases["gpu"]  # no CUDA here: the GPU suite's code ran on tiny configs on the CPU
     assert gpu["device"] in ("cpu", "cuda")
@@ -74,7 +81,7 @@ def test_smoke_suite_produces_every_figure(bench, tmp_path):
         assert _positive(figure["lorafit"]) and _positive(figure["peft"])
     assert _positive(gpu["inference"]["variants"]["lorafit_merged"]["ratio"])
 
-    assert len(results["targets"]) == 11
+    assert len(results["targets"]) == 14
     assert all(t["measured"] is not None and t["pass"] in (True, False) for t in results["targets"])
     assert _positive(results["gflops"]["classifier_lorafit"]["gflops"])
 
@@ -106,16 +113,52 @@ def test_targets_follow_the_ratios(bench):
         "classifier": {"lorafit": median(samples_per_second=70.0, peak_rss_mb=900.0, accuracy=0.90),
                        "peft": median(samples_per_second=30.0, peak_rss_mb=1000.0, accuracy=0.905),
                        "peft_grouped": median(samples_per_second=60.0, peak_rss_mb=1000.0, accuracy=0.90)},
-        "inference": {"variants": {"lorafit_unmerged": {"ratio": 1.04}, "lorafit_merged": {"ratio": 1.02}}},
-        "mixed": {"lorafit": {"mixed_4": {"ratio": 1.02}, "mixed_16": {"ratio": 1.2}}},
+        "inference": {"variants": {"lorafit_unmerged": {"ratio": 1.04}, "lorafit_merged": {"ratio": 1.02}},
+                      "all_linear": {"variants": {"lorafit_unmerged": {"ratio": 1.08}}}},
+        "mixed": {"lorafit": {"mixed_4": {"ratio": 1.02}, "mixed_16": {"ratio": 1.2}},
+                  "all_linear": {"lorafit": {"mixed_16": {"ratio": 1.09}}}},
         "switching": {"lorafit_set_adapter_ms": 0.5},
         "llm": {"lorafit": median(tokens_per_second=100.0, peak_rss_mb=3000.0),
-                "peft": median(tokens_per_second=88.0, peak_rss_mb=3400.0)}}}
+                "peft": median(tokens_per_second=88.0, peak_rss_mb=3400.0)},
+        "shared": {"bound": 2.0, "policies": {"PASSIVE": {"spin_nice19_slowdown": 1.1, "spin_nice0_slowdown": 2.2}}}}}
     verdicts = {t["target"]: t["pass"] for t in derive(results)["targets"]}
     assert verdicts["classifier samples/s vs PEFT + Trainer (article)"] is True  # 2.33x
     assert verdicts["classifier samples/s vs PEFT + Trainer, group_by_length"] is False  # 1.17x
     assert verdicts["classifier final accuracy vs PEFT"] is True  # -0.5 points
     assert verdicts["inference, lorafit merged vs base model"] is False
     assert verdicts["16-adapter mixed batch vs single-adapter batch"] is False
+    assert verdicts["inference, all-linear, lorafit unmerged vs base model"] is False  # 1.08x
+    assert verdicts["16-adapter mixed batch vs single-adapter batch, all-linear"] is True  # 1.09x
     assert verdicts["LLM training tokens/s vs PEFT + Trainer"] is False  # 1.14x
     assert verdicts["LLM training peak memory vs PEFT"] is True
+    assert verdicts["training beside one busy process (nice 19 or 0) vs alone"] is False  # 2.2x on 2 cores
+
+
+def test_the_bf16_probe_is_skipped_without_fast_bf16(bench, monkeypatch):
+    """Without AVX512-BF16/AMX one bf16 probe took minutes: it is not run there, and the report says so."""
+    import lorafit.cpu
+    from bench import cpu_cases
+    from bench.fixtures import Sizes
+    from bench.report import gflops
+    from bench.report_md import _gflops
+
+    monkeypatch.setattr(lorafit.cpu, "cpu_has_bf16", lambda: False)
+    setup = type("S", (), {"sizes": Sizes.smoke()})()
+    result = cpu_cases.run_matmul(setup, {})
+    assert "bf16_best_gflops" not in result and "no fast bf16" in result["bf16_skipped"]
+    assert _positive(result["best_gflops"])
+    assert "bf16 not probed: this CPU has no fast bf16" in "\n".join(_gflops(gflops({"cases": {"matmul": result}})))
+
+
+def test_a_slow_matmul_probe_keeps_within_its_budget(bench):
+    """A dtype with no fast kernel (here: float64 with a 50 ms budget) gets a smaller n and fewer calls."""
+    import time
+
+    import torch
+
+    from bench.common import matmul_peak_gflops
+
+    started = time.perf_counter()
+    result = matmul_peak_gflops(n=4096, repeats=50, dtype=torch.float64, budget_s=0.05)
+    assert time.perf_counter() - started < 2.0
+    assert result["n"] < 4096 and 1 <= result["calls"] < 50 and _positive(result["best_gflops"])

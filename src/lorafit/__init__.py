@@ -4,6 +4,12 @@ The public API mirrors PEFT's names so code moves over: ``LoraConfig``, ``get_lo
 ``get_peft_model``) and ``LoraModel`` (with ``from_pretrained``, ``save_pretrained``, adapters by name).
 """
 
+# first, before torch is imported: the OpenMP runtime torch loads reads its settings once (lorafit/cpu.py)
+from lorafit.cpu import choose_thread_policy, started_as_command
+
+if started_as_command():
+    choose_thread_policy()
+
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
 from lorafit.layers import BASE_ADAPTER, LoraEmbedding, LoraLayer, LoraLinear
