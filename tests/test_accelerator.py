@@ -9,7 +9,7 @@ import pytest
 
 from lorafit.errors import LorafitError
 from lorafit.training import accelerator
-from lorafit.training.accelerator import check_accelerator_settings, cpu_has_bf16
+from lorafit.training.accelerator import check_accelerator_settings
 from lorafit.training.settings import TrainConfig
 from test_cli import _tiny_train_args, assert_one_line_error, read_jsonl, run_cli, tiny_bert_dir  # noqa: F401
 
@@ -29,15 +29,6 @@ def test_bf16_is_refused_on_a_cpu_without_it(monkeypatch):
         check_accelerator_settings(_config(mixed_precision="bf16"), cuda=False)
     monkeypatch.setattr(accelerator, "cpu_has_bf16", lambda: True)
     check_accelerator_settings(_config(mixed_precision="bf16"), cuda=False)
-
-
-@pytest.mark.parametrize("flags, found", [("fpu avx2 avx512f avx512_bf16 amx_tile", True),
-                                          ("fpu sse avx2 amx_bf16", True), ("fpu sse avx2 avx512f", False)])
-def test_bf16_is_read_from_the_cpu_flags(tmp_path, flags, found):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\n")
-    assert cpu_has_bf16(cpuinfo) is found
-    assert cpu_has_bf16(tmp_path / "missing") is False
 
 
 @pytest.mark.parametrize("tracker", ["wandb", "mlflow"])

@@ -575,7 +575,7 @@ def test_max_grad_norm_clips_every_step(tmp_path, monkeypatch, max_norm):
 
 
 def test_bf16_computes_in_bf16_and_keeps_the_adapter_fp32(tmp_path):
-    from lorafit.training.accelerator import cpu_has_bf16
+    from lorafit.cpu import cpu_has_bf16
 
     if not cpu_has_bf16():
         pytest.skip("this CPU has no bf16 instructions (AVX512-BF16 or AMX)")

@@ -15,25 +15,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
+from lorafit.cpu import cpu_has_bf16
 from lorafit.errors import LorafitError
 from lorafit.training.settings import TrainConfig
 
-# the CPU flags under which torch's CPU autocast computes in bf16 at speed (Linux /proc/cpuinfo names)
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # the package each tracker needs; accelerate names the same ones
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # wandb and mlflow file runs under a project; tensorboard's events go to <output-dir>/tensorboard
 TRACKER_PROJECT = {"tensorboard": "tensorboard", "wandb": "lorafit", "mlflow": "lorafit"}
-
-
-def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX); False where /proc/cpuinfo is missing."""
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
-    return any(flag in flags for flag in BF16_CPU_FLAGS)
 
 
 def check_accelerator_settings(config: TrainConfig, cuda: bool | None = None) -> None:
