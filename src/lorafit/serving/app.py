@@ -6,6 +6,7 @@ unexpected exception is logged and answered with a generic 500, never a tracebac
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hmac
@@ -131,18 +132,18 @@ class _Guard:
 
     def _check(self, scope) -> None:
         headers = dict(scope["headers"])
-        length = headers.get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.settings.max_body_bytes:
+        # /health, /metrics and the page stay open, as vLLM leaves them
+        if self.key is not None and scope["path"].startswith("/v1/"):
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            if not given or scheme.lower() != b"bearer":
+                raise Unauthorized("missing API key; send 'Authorization: Bearer KEY' with the key the server "
+                                   f"was started with (--api-key or {API_KEY_ENV})")
+            if not hmac.compare_digest(given.strip(), self.key):
+                raise Unauthorized("wrong API key; send the key the server was started with "
+                                   f"(--api-key or {API_KEY_ENV})")
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.settings.max_body_bytes:
             raise self._too_large()
-        if self.key is None or not scope["path"].startswith("/v1/"):
-            return  # /health, /metrics and the page stay open, as vLLM leaves them
-        scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
-        if not given or scheme.lower() != b"bearer":
-            raise Unauthorized("missing API key; send 'Authorization: Bearer KEY' with the key the server was "
-                               f"started with (--api-key or {API_KEY_ENV})")
-        if not hmac.compare_digest(given.strip(), self.key):
-            raise Unauthorized("wrong API key; send the key the server was started with "
-                               f"(--api-key or {API_KEY_ENV})")
 
     def _too_large(self) -> TooLarge:
         return TooLarge(f"the request body is over {self.settings.max_body_bytes} bytes; send less, or start "
@@ -242,7 +243,7 @@ def create_app(engine, settings: ServeSettings, metrics: Metrics | None = None) 
         endpoint = request.url.path
         if not body.stream:
             metrics.first_token_after(endpoint, time.monotonic() - started)
-            return JSONResponse(await replies.collect(reply, firsts))
+            return await _unless_disconnected(request, replies.collect(reply, firsts))
 
         def first_token() -> None:
             metrics.first_token_after(endpoint, time.monotonic() - started)
@@ -282,6 +283,26 @@ def create_app(engine, settings: ServeSettings, metrics: Metrics | None = None) 
         return JSONResponse({"id": body.lora_name, "object": "model", "deleted": True})
 
     return app
+
+
+async def _unless_disconnected(request: Request, collecting) -> Response:
+    """The whole response, or nothing if the client leaves first: its generations are cancelled then
+    (Starlette cancels a streamed response whose client left, but not a handler still computing one)."""
+    async def client_left() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(collecting), asyncio.ensure_future(client_left())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work, watch):
+            task.cancel()
+        await asyncio.gather(work, watch, return_exceptions=True)
+    if work.cancelled():
+        request.state.outcome = 499
+        return Response(status_code=499)
+    return JSONResponse(work.result())  # or the error it raised
 
 
 async def _counted(request: Request, events):
