@@ -45,8 +45,11 @@ class Sizes:
     serve_llm_adapters: int = 8
     serve_cls_adapters: int = 4
     serve_llm_requests: int = 200
+    # one request at a time is slow by design: its rate is steady after the first few, so a prefix of the same
+    # requests measures it and keeps the case near 15 minutes on two busy cores
+    serve_baseline_llm_requests: int = 64
     serve_llm_clients: int = 16
-    serve_max_tokens: int = 64
+    serve_max_tokens: int = 32
     serve_cls_requests: int = 512
     serve_cls_clients: int = 64
     serve_max_batch: int = 64
@@ -61,7 +64,7 @@ class Sizes:
         return cls(infer_batch=8, infer_tokens=16, infer_rounds=3, mixed_rounds=2, switch_repeats=20,
                    reload_repeats=2, llm_max_length=64, llm_examples=16, scaling_lengths=(8, 16, 32, 64),
                    scaling_steps=2, matmul_n=256, serve_llm_adapters=2, serve_cls_adapters=2,
-                   serve_llm_requests=12, serve_llm_clients=4, serve_max_tokens=6, serve_cls_requests=24,
+                   serve_llm_requests=12, serve_baseline_llm_requests=12, serve_llm_clients=4, serve_max_tokens=6, serve_cls_requests=24,
                    serve_cls_clients=8, serve_max_batch=8, serve_reference_prompts=4)
 
 

@@ -239,7 +239,9 @@ def _serving(case: dict | None, results: dict) -> list[str]:
               f"{c['llm_requests']} chat requests from {c['llm_clients']} concurrent clients ({c['prompts']}, "
               f"max_tokens {c['max_tokens']}), spread over the adapters in turn; {c['cls_requests']} classify requests "
               f"of {c['cls_texts_per_request']} text from {c['cls_clients']} clients. Batched: `--max-batch "
-              f"{c['max_batch']}`; one at a time: the same server with `--max-batch 1`. Server threads: "
+              f"{c['max_batch']}`; one at a time: the same server with `--max-batch 1`, given the first "
+              f"{c.get('baseline_llm_requests', c['llm_requests'])} of the same chat requests (its rate is steady "
+              "after the first few; replies are compared on those). Server threads: "
               f"{c['server_threads']}. Machine load: 1-minute load average before -> after each load, and "
               f"{_arrow(case.get('load_average'))} over the whole case; the clients share the server's cores.", ""]
     rows = []

@@ -231,7 +231,8 @@ def run_serve(setup: Setup, options: dict) -> dict:
                f"random A and B (B x {B_SCALE})",
         "classifier": f"{len(cls)} adapters on {Path(setup.cls_model).name}, r={s.r} on {'/'.join(CLS_TARGETS)} "
                       "+ a 2-class head, random",
-        "llm_requests": s.serve_llm_requests, "llm_clients": s.serve_llm_clients, "max_tokens": s.serve_max_tokens,
+        "llm_requests": s.serve_llm_requests, "baseline_llm_requests": s.serve_baseline_llm_requests,
+        "llm_clients": s.serve_llm_clients, "max_tokens": s.serve_max_tokens,
         "cls_requests": s.serve_cls_requests, "cls_clients": s.serve_cls_clients, "cls_texts_per_request": 1,
         "max_batch": s.serve_max_batch, "server_threads": threads or "torch default (all cores)",
         "prompts": "the built-in instruct task's held-out prompts (validation split), chat template, greedy"}}
@@ -241,8 +242,9 @@ def run_serve(setup: Setup, options: dict) -> dict:
             # one request per adapter first: the first forward of a shape sets up kernels and caches
             load(server.url, "/v1/chat/completions", [chat_body(n, prompts[0], 4) for n in names], 1)
             load(server.url, "/v1/classify", [{"model": n, "input": [texts[0]]} for n in cls_names], 1)
+            bodies = llm_bodies if variant == "batched" else llm_bodies[:s.serve_baseline_llm_requests]
             figures = {"startup_seconds": server.startup_seconds, "max_batch": max_batch,
-                       "llm": load(server.url, "/v1/chat/completions", llm_bodies, s.serve_llm_clients),
+                       "llm": load(server.url, "/v1/chat/completions", bodies, s.serve_llm_clients),
                        "classify": load(server.url, "/v1/classify", cls_bodies, s.serve_cls_clients)}
             if variant == "batched":
                 figures["reference_prompts"] = load(server.url, "/v1/chat/completions", reference_bodies,
@@ -250,8 +252,8 @@ def run_serve(setup: Setup, options: dict) -> dict:
         result[variant] = figures
     batched, single = result["batched"], result["one_at_a_time"]
     for kind in ("llm", "classify"):
-        same = sum(a == b and a is not None for a, b in zip(batched[kind]["outputs"], single[kind]["outputs"]))
-        result[f"{kind}_same_output_fraction"] = round(same / len(batched[kind]["outputs"]), 4)
+        pairs = list(zip(batched[kind]["outputs"], single[kind]["outputs"]))  # the baseline's requests
+        result[f"{kind}_same_output_fraction"] = round(sum(a == b and a is not None for a, b in pairs) / len(pairs), 4)
     for figures in (batched, single):
         for kind in ("llm", "classify"):
             figures[kind].pop("outputs")
