@@ -215,7 +215,6 @@ def test_classify_returns_each_label_and_every_probability(engine, served):
         assert list(row["probs"]) == LABELS
         assert [row["probs"][label] for label in LABELS] == pytest.approx([float(p) for p in probs], abs=1e-4)
         assert row["label"] == max(row["probs"], key=row["probs"].get)
-    assert reply["usage"]["prompt_tokens"] > 0
 
 
 # --- bad requests ---------------------------------------------------------------------------------
