@@ -16,10 +16,35 @@ import time
 import httpx
 import pytest
 
+from lorafit.cli import build_parser, settings_from_args
+from lorafit.serving.app import ServeSettings
+from lorafit.training.settings import field_docs
 from test_cli import assert_one_line_error, run_cli
 from test_serve_app import PROMPT, served  # noqa: F401
 
 TIMEOUT = 60
+
+
+def test_help_has_examples_and_every_setting(capsys):
+    code, out, _ = run_cli(capsys, "serve", "--help")
+    assert code == 0 and "lorafit serve --adapter poet=runs/a/best" in out
+    compact = " ".join(out.split())
+    for name, doc in field_docs(ServeSettings).items():
+        assert f"--{name.replace('_', '-')}" in compact and doc in compact, name
+    assert "--adapter NAME=DIR" in compact
+    code, out, _ = run_cli(capsys)
+    assert re.search(r"^\s+serve\s", out, re.M)
+
+
+def test_flags_build_the_settings_with_loopback_defaults():
+    parser = build_parser()
+    assert settings_from_args(parser.parse_args(["serve"]), ServeSettings) == ServeSettings()
+    assert ServeSettings().host == "127.0.0.1" and ServeSettings().port == 8000
+    args = parser.parse_args(["serve", "--adapter", "a=x", "--adapter", "b=y", "--port", "9000", "--max-batch", "3",
+                              "--max-queue", "5", "--adapter-root", "r", "--host", "0.0.0.0"])
+    assert args.adapter == ["a=x", "b=y"]
+    assert settings_from_args(args, ServeSettings) == ServeSettings(port=9000, max_batch=3, max_queue=5,
+                                                                    adapter_root="r", host="0.0.0.0")
 
 
 @pytest.mark.parametrize("args, fragments", [

@@ -16,6 +16,7 @@ import uvicorn
 from lorafit.serving.app import ServeSettings, create_app
 from lorafit.serving.metrics import Metrics
 from test_serve_app import CONTEXT, PROMPT, served, start_engine, stop_engine  # noqa: F401
+from test_serve_metrics import total
 
 KEY = "test-key"
 TIMEOUT = 60
@@ -162,8 +163,6 @@ def test_load_and_unload_while_requests_run(api, server):
 def test_a_client_that_disconnects_stops_its_generation(api, server):
     """The stream is closed after two chunks; the worker must stop decoding (no more decode batches)
     long before the 400 tokens asked for, which a client that stays gets, are generated."""
-    from test_serve_app import total
-
     def decode_forwards() -> float:
         from prometheus_client.parser import text_string_to_metric_families
 

@@ -12,6 +12,7 @@ import dataclasses
 import hmac
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -257,14 +258,13 @@ def create_app(engine, settings: ServeSettings, metrics: Metrics | None = None) 
         body = parse_body(await request.body(), ClassifyRequest)
         entry = entry_of(request, body.model)
         if not body.texts:
-            raise BadRequest("'input' is an empty list; give at least one text", )
+            raise BadRequest("'input' is an empty list; give at least one text")
         results = await engine.classify(entry.id, body.texts)
-        tokens = sum(len(engine.encode_text(entry.id, text)) for text in body.texts)
         data = [{"index": i, "label": r.label, "probs": r.probs, "num_classes": len(r.probs)}
                 for i, r in enumerate(results)]
-        return JSONResponse({"id": f"classify-{time.time_ns():x}", "object": "list", "created": int(time.time()),
-                             "model": entry.id, "data": data,
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        # no "usage": the engine does not count a classifier's tokens per request
+        return JSONResponse({"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                             "model": entry.id, "data": data})
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> JSONResponse:
