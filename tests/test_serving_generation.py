@@ -8,6 +8,7 @@ import asyncio
 import pytest
 import torch
 
+from conftest import tiny_gpt2
 from test_generate import build_base, build_tokenizer
 
 from lorafit.config import LoraConfig
@@ -29,8 +30,10 @@ def greedy_alone(model, ids: list[int], steps: int) -> list[int]:
     return sequence[len(ids):]
 
 
-def test_rows_that_leave_take_their_padding_with_them():
-    model = LoraModel(build_base(len(build_tokenizer()))).eval()
+@pytest.mark.parametrize("build", [lambda: build_base(len(build_tokenizer())), tiny_gpt2], ids=["llama", "gpt2"])
+def test_rows_that_leave_take_their_padding_with_them(build):
+    """Llama's rotary positions and GPT-2's learned ones both follow each row's own position ids."""
+    model = LoraModel(build()).eval()
     batch = RunningBatch(model, pad_id=0)
     prompts = {"long": list(range(10, 40)), "short": [11, 12, 13], "mid": list(range(20, 30))}
     generated = {name: [] for name in prompts}
