@@ -73,8 +73,8 @@ def test_smollm2_two_adapters_batched_equal_each_alone(tmp_path):
     path = resolve_model("smollm2")
     for i, name in enumerate(("poet", "coder")):
         torch.manual_seed(i)
-        lora = get_lora_model(AutoModelForCausalLM.from_pretrained(path),
-                              LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        lora = get_lora_model(AutoModelForCausalLM.from_pretrained(path), config)
         for param in lora.parameters():
             if param.requires_grad:  # small non-zero factors: the adapters change replies without wrecking them
                 torch.nn.init.normal_(param, std=0.02)
