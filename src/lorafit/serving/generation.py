@@ -143,8 +143,6 @@ class RunningBatch:
 class GenerationWorker(Worker):
     """Continuous batching: each pass admits queued requests into free rows, then decodes one token for all."""
 
-    kind = "causal-lm"
-
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.batch = RunningBatch(self.served.model, self.served.pad_id)

@@ -71,8 +71,6 @@ class Control:
 class Worker(threading.Thread):
     """One base model's thread. Subclasses say how a batch is formed and run (``work``)."""
 
-    kind = ""
-
     def __init__(self, served: ServedBase, max_batch: int, max_queue: int, observer=None) -> None:
         super().__init__(name=f"lorafit-serve {served.id}", daemon=True)
         self.served = served
