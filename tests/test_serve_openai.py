@@ -160,24 +160,35 @@ def test_load_and_unload_while_requests_run(api, server):
     assert all(n >= 1 for n in answered)
 
 
-def test_a_client_that_disconnects_stops_its_generation(api, server):
-    """The stream is closed after two chunks; the worker must stop decoding (no more decode batches)
-    long before the 400 tokens asked for, which a client that stays gets, are generated."""
-    def decode_forwards() -> float:
-        from prometheus_client.parser import text_string_to_metric_families
+def scrape(server) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
 
-        text = httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for f in text_string_to_metric_families(text) for s in f.samples}
-        return total(samples, "lorafit_batch_size_count", kind="decode")
+    text = httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_a_client_that_disconnects_stops_its_generation(api, server, streamed):
+    """The client leaves early (closing the stream after two chunks, or timing out on a whole response);
+    the worker must stop decoding long before the 400 tokens a client that stays gets."""
+    def decode_forwards() -> float:
+        return total(scrape(server), "lorafit_batch_size_count", kind="decode")
+
+    def closed() -> float:
+        return total(scrape(server), "lorafit_requests_total", endpoint="/v1/completions", status="499")
 
     whole = api.completions.create(model="a", prompt=PROMPT, max_tokens=400, temperature=0)
     assert whole.usage.completion_tokens == 400 and whole.choices[0].finish_reason == "length"
-    before = decode_forwards()
-    stream = api.completions.create(model="a", prompt=PROMPT, max_tokens=400, temperature=0, stream=True)
-    for _, chunk in zip(range(2), stream):
-        assert chunk.choices[0].finish_reason is None  # still generating
-    stream.close()
+    before, closed_before = decode_forwards(), closed()
+    if streamed:
+        stream = api.completions.create(model="a", prompt=PROMPT, max_tokens=400, temperature=0, stream=True)
+        for _, chunk in zip(range(2), stream):
+            assert chunk.choices[0].finish_reason is None  # still generating
+        stream.close()
+    else:
+        with pytest.raises(openai.APITimeoutError):
+            api.with_options(timeout=0.3).completions.create(model="a", prompt=PROMPT, max_tokens=400, temperature=0)
     deadline = time.monotonic() + 10
     while True:  # the worker notices between decoding steps
         seen = decode_forwards()
@@ -186,5 +197,4 @@ def test_a_client_that_disconnects_stops_its_generation(api, server):
             break
         assert time.monotonic() < deadline, "the generation went on after the client left"
     assert seen - before < 300
-    counts = httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
-    assert 'lorafit_requests_total{endpoint="/v1/completions",model="a",status="499"} 1' in counts
+    assert closed() - closed_before == 1
