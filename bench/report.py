@@ -46,6 +46,7 @@ def derive(results: dict) -> dict:
         "switch_ms": _get(cases, "switching", "lorafit_set_adapter_ms"),
         "llm_speedup_vs_peft": _ratio(llm["lorafit"].get("tokens_per_second"), llm["peft"].get("tokens_per_second")),
         "llm_peak_memory_ratio": _ratio(llm["lorafit"].get("peak_rss_mb"), llm["peft"].get("peak_rss_mb")),
+        **serving_figures(cases.get("serve") or {}),
     }
     f = figures
     targets = [
@@ -67,8 +68,34 @@ def derive(results: dict) -> dict:
                lambda v: v <= 1.10),
         target("switching the active adapter", "< 5 ms", f["switch_ms"], lambda v: v < 5.0),
         target("LLM training tokens/s vs PEFT + Trainer", ">= 1.5x", f["llm_speedup_vs_peft"], lambda v: v >= 1.5),
+        target("serving: errors under load (LLM and classifier, batched and one at a time)", "0",
+               f["serve_errors"], lambda v: v == 0),
+        target("serving: LLM requests/s, batched vs one at a time", ">= 3.0x", f["serve_llm_throughput_ratio"],
+               lambda v: v >= 3.0),
+        target("serving: LLM p99 latency, batched vs one at a time", "<= 1.0x", f["serve_llm_p99_ratio"],
+               lambda v: v <= 1.0),
+        target("serving: classifier requests/s, batched vs one at a time", ">= 5.0x",
+               f["serve_classify_throughput_ratio"], lambda v: v >= 5.0),
     ]
     return {"figures": figures, "targets": targets, "gflops": gflops(results)}
+
+
+def serving_figures(serve: dict) -> dict:
+    """The serving case's ratios: the batched server against the same server taking one request at a time."""
+    batched, single = serve.get("batched", {}), serve.get("one_at_a_time", {})
+    loads = [figures.get(kind) for figures in (batched, single) for kind in ("llm", "classify")]
+    return {
+        "serve_errors": sum(load["errors"] for load in loads) if loads and all(loads) else None,
+        "serve_llm_throughput_ratio": _ratio(_get(batched, "llm", "requests_per_second"),
+                                             _get(single, "llm", "requests_per_second")),
+        "serve_llm_tokens_ratio": _ratio(_get(batched, "llm", "completion_tokens_per_second"),
+                                         _get(single, "llm", "completion_tokens_per_second")),
+        "serve_llm_p99_ratio": _ratio(_get(batched, "llm", "p99_latency_s"), _get(single, "llm", "p99_latency_s")),
+        "serve_classify_throughput_ratio": _ratio(_get(batched, "classify", "requests_per_second"),
+                                                  _get(single, "classify", "requests_per_second")),
+        "serve_classify_p99_ratio": _ratio(_get(batched, "classify", "p99_latency_s"),
+                                           _get(single, "classify", "p99_latency_s")),
+    }
 
 
 def gflops(results: dict) -> dict:

@@ -85,6 +85,11 @@ async def reply(engine: Engine, name: str, prompt: str, params: SamplingParams, 
     return "".join(texts), last
 
 
+@pytest.fixture(scope="module")
+def expected(models) -> list[str]:
+    return reference_replies(models)
+
+
 def reference_replies(models) -> list[str]:
     """Each prompt alone, through the one generation path (`lorafit generate`), with its adapter."""
     from transformers import AutoModelForCausalLM
@@ -99,7 +104,7 @@ def reference_replies(models) -> list[str]:
             for (name, prompt), n in zip(PROMPTS, MAX_TOKENS)]
 
 
-def test_greedy_replies_in_a_running_mixed_batch_equal_each_alone(models):
+def test_greedy_replies_in_a_running_mixed_batch_equal_each_alone(models, expected):
     recorder = Recorder()
     engine = make_engine(models, max_batch=4, observer=recorder)
 
@@ -118,7 +123,6 @@ def test_greedy_replies_in_a_running_mixed_batch_equal_each_alone(models):
         return results
 
     results = asyncio.run(staggered())
-    expected = reference_replies(models)
     assert len(set(expected)) == len(expected), "the prompts and adapters should give different replies"
     assert [text for text, _ in results] == expected
     # the requests really shared batches: several joined a running batch, and decoding steps held 3+ rows
@@ -129,3 +133,109 @@ def test_greedy_replies_in_a_running_mixed_batch_equal_each_alone(models):
     for (text, last), n in zip(results, MAX_TOKENS):
         assert last.finish_reason in ("stop", "length")
         assert (last.finish_reason == "length") == (last.completion_tokens == n)
+
+
+def test_requests_arriving_together_equal_each_alone(models, expected):
+    """Prompts of different lengths prefilled in one left-padded batch, then decoded together."""
+    engine = make_engine(models, max_batch=8)
+
+    async def together():
+        results = await asyncio.gather(*[reply(engine, model_id(models, name), prompt, SamplingParams(max_tokens=n))
+                                         for (name, prompt), n in zip(PROMPTS, MAX_TOKENS)])
+        await engine.shutdown()
+        return results
+
+    assert [text for text, _ in asyncio.run(together())] == expected
+
+
+def test_one_request_at_a_time_with_max_batch_1(models, expected):
+    recorder = Recorder()
+    engine = make_engine(models, max_batch=1, observer=recorder)
+
+    async def run():
+        results = await asyncio.gather(*[reply(engine, model_id(models, name), prompt, SamplingParams(max_tokens=n))
+                                         for (name, prompt), n in zip(PROMPTS[:4], MAX_TOKENS[:4])])
+        await engine.shutdown()
+        return results
+
+    assert [text for text, _ in asyncio.run(run())] == expected[:4]
+    assert {size for _, size in recorder.batches} == {1}
+
+
+def test_stop_strings_end_the_reply_without_the_match(models, expected):
+    words = expected[3].split()
+    assert len(words) >= 4
+    # one stop inside a word-to-word boundary (two tokens), so a partial match must be held back
+    stop = f"{words[1][-2:]} {words[2][:2]}"
+    engine = make_engine(models)
+
+    async def run():
+        name, prompt = PROMPTS[3]
+        ids = engine.encode_chat(name, [{"role": "user", "content": prompt}])
+        deltas = [d async for d in engine.generate(name, ids, SamplingParams(max_tokens=MAX_TOKENS[3], stop=[stop]))]
+        await engine.shutdown()
+        return deltas
+
+    deltas = asyncio.run(run())
+    assert "".join(d.text for d in deltas) == expected[3][:expected[3].index(stop)]
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].completion_tokens < MAX_TOKENS[3]
+    assert all(d.finish_reason is None for d in deltas[:-1])
+
+
+def test_seeded_sampling_repeats_alone_and_in_a_batch(models):
+    engine = make_engine(models, max_batch=4)
+    params = dict(max_tokens=16, temperature=1.0, top_p=0.9)
+
+    async def run():
+        alone = [(await reply(engine, "b", "hello world", SamplingParams(seed=seed, **params)))[0] for seed in (7, 7, 8)]
+        mixed = await asyncio.gather(reply(engine, "b", "hello world", SamplingParams(seed=7, **params)),
+                                     reply(engine, "a", "the red cat", SamplingParams(seed=7, **params)),
+                                     reply(engine, "c", "one two", SamplingParams(max_tokens=16)))
+        await engine.shutdown()
+        return alone, mixed[0][0]
+
+    alone, mixed = asyncio.run(run())
+    assert alone[0] == alone[1] == mixed
+    assert alone[2] != alone[0]
+
+
+def test_bad_requests_are_refused_before_the_first_delta(models):
+    engine = make_engine(models)
+
+    async def first(model, ids, params):
+        return await engine.generate(model, ids, params).__anext__()
+
+    async def run():
+        ids = engine.encode_chat("a", [{"role": "user", "content": "hello"}])
+        with pytest.raises(UnknownModel, match="served models: .*a, b, c"):
+            await first("nope", ids, SamplingParams(max_tokens=4))
+        with pytest.raises(ContextTooLong, match="max_tokens 200 plus the longest prompt .* context of 128"):
+            await first("a", ids, SamplingParams(max_tokens=200))
+        with pytest.raises(BadRequest, match="non-empty list of token ids"):
+            await first("a", [], SamplingParams(max_tokens=4))
+        with pytest.raises(BadRequest, match="token ids from 0"):
+            await first("a", [10_000], SamplingParams(max_tokens=4))
+        await engine.shutdown()
+        with pytest.raises(ShuttingDown):
+            await first("a", ids, SamplingParams(max_tokens=4))
+
+    asyncio.run(run())
+    for kwargs, message in [({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 4, "temperature": -1}, "temperature"),
+                            ({"max_tokens": 4, "top_p": 0}, "top_p"), ({"max_tokens": 4, "stop": [""]}, "stop"),
+                            ({"max_tokens": 4, "seed": -1}, "seed")]:
+        with pytest.raises(BadRequest, match=message):
+            SamplingParams(**kwargs)
+    with pytest.raises(BadRequest, match="messages must be"):
+        engine.encode_chat("a", [{"role": "user", "content": None}])
+
+
+def test_models_lists_the_base_and_its_adapters(models):
+    engine = make_engine(models)
+    entries = {e.id: e for e in engine.models()}
+    base = str(models["base"])
+    assert set(entries) == {base, *ADAPTERS}
+    assert entries[base].parent is None and entries[base].kind == "causal-lm"
+    assert all(entries[n].parent == base and entries[n].root == str(models[n]) for n in ADAPTERS)
+    assert entries["a"].context_length == 128
+    assert engine.stop_ids("a") == sorted({2, build_tokenizer().convert_tokens_to_ids("<|im_end|>")})
+    asyncio.run(engine.shutdown())

@@ -121,14 +121,14 @@ class Worker(threading.Thread):
 
     # --- the thread ------------------------------------------------------------------------------
     def run(self) -> None:
-        with torch.inference_mode():
-            while self._wait_for_work():
-                self._run_controls()
-                try:
+        while self._wait_for_work():
+            self._run_controls()  # outside inference mode: loaded weights must be ordinary tensors
+            try:
+                with torch.inference_mode():
                     self.work()
-                except Exception as error:  # a bug outside a forward: fail what runs, keep serving
-                    log.exception("lorafit serve: worker of %s failed a batch", self.served.id)
-                    self.fail_running(model_failed(error))
+            except Exception as error:  # a bug outside a forward: fail what runs, keep serving
+                log.exception("lorafit serve: worker of %s failed a batch", self.served.id)
+                self.fail_running(model_failed(error))
         self._run_controls(everything=True)
         error = ShuttingDown("the server shut down before this request ran; retry on another server")
         self.fail_running(error)
