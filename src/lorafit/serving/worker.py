@@ -149,10 +149,7 @@ class Worker(threading.Thread):
             self.controls = [c for c in self.controls if c not in due]
         for control in due:
             try:
-                # an adapter loaded here must hold normal tensors: the fast LoRA path reads their version counters
-                with torch.inference_mode(False):
-                    result = control.run()
-                control.handoff.settle(result)
+                control.handoff.settle(control.run())
             except Exception as error:
                 control.handoff.settle(error=error)
 
