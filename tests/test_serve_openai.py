@@ -126,6 +126,25 @@ def test_errors_are_openais_exception_classes(api, server):
         api.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], stream=True)
 
 
+def test_a_failure_mid_stream_is_an_error_event_the_client_raises(api, server, monkeypatch):
+    from lorafit.serving.engine import TextDelta
+    from lorafit.serving.errors import ModelFailed
+
+    async def failing_midway(model_id, ids, params):
+        yield TextDelta("one", None, len(ids), 1)
+        raise ModelFailed("the model failed on this request's batch (RuntimeError: secret internals)")
+
+    monkeypatch.setattr(server.engine, "generate", failing_midway)
+    stream = api.chat.completions.create(model="a", messages=[{"role": "user", "content": PROMPT}], stream=True)
+    texts = []
+    with pytest.raises(openai.APIError) as err:
+        for chunk in stream:
+            texts.append(chunk.choices[0].delta.content)
+    assert "one" in texts and "secret" not in str(err.value)
+    monkeypatch.undo()
+    assert api.completions.create(model="a", prompt=PROMPT, max_tokens=2).choices[0].text is not None
+
+
 def test_load_and_unload_while_requests_run(api, server):
     headers = {"Authorization": f"Bearer {KEY}"}
     stop = threading.Event()

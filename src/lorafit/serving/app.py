@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import logging
 import time
@@ -25,8 +24,8 @@ from lorafit.errors import LorafitError, first_line
 from lorafit.serving import replies
 from lorafit.serving.errors import AdapterLoadError, BadRequest, ServeError
 from lorafit.serving.metrics import CONTENT_TYPE, Metrics
-from lorafit.serving.protocol import (ChatRequest, ClassifyRequest, CompletionRequest, LoadAdapterRequest,
-                                      UnloadAdapterRequest, error_body, parse_body)
+from lorafit.serving.protocol import (GENERIC_500, ChatRequest, ClassifyRequest, CompletionRequest,
+                                      LoadAdapterRequest, UnloadAdapterRequest, error_body, error_content, parse_body)
 from lorafit.training.settings import check_positive_int
 
 log = logging.getLogger("lorafit.serve")
@@ -125,7 +124,7 @@ class _Guard:
         except Exception as err:
             log.error("%s %s failed: %s", scope["method"], scope["path"], first_line(err), exc_info=err)
             if not status:
-                body = error_body(500, "the server failed on this request; the error is in its log", "internal_error")
+                body = error_body(500, GENERIC_500, "internal_error")
                 await JSONResponse(body, status_code=500)(scope, receive, sending)
         finally:
             outcome = state.get("outcome") or (status[0] if status else 500)
@@ -152,11 +151,10 @@ class _Guard:
 
 
 def _error_response(err: Exception) -> JSONResponse:
-    status = getattr(err, "status", 400)
+    status, body = error_content(err)
     headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
-    body = error_body(status, first_line(err), getattr(err, "code", "invalid_request"), getattr(err, "param", None))
     return JSONResponse(body, status_code=status, headers=headers)
 
 
