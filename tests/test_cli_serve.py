@@ -70,6 +70,15 @@ def test_bad_arguments_are_one_line_with_exit_code_2(capsys, served, tmp_path, a
     assert out == ""
 
 
+def test_an_adapter_that_cannot_load_is_one_line(capsys, served, tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_bytes((served.a / "adapter_config.json").read_bytes())
+    (tmp_path / "broken" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    code, out, err = run_cli(capsys, "serve", "--adapter", f"a={served.a}", "--adapter", f"x={tmp_path / 'broken'}",
+                             "--port", "0")
+    assert_one_line_error(code, err, "'x'")
+
+
 def test_port_in_use_is_one_line_before_any_model_loads(capsys, served):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))

@@ -92,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         raise LorafitError(f"--adapter-root '{settings.adapter_root}' is not a folder; pass the folder adapters "
                            "may be loaded from at run time")
     sock = bind(settings.host, settings.port)
+    if settings.api_key is None and not _loopback(sock.getsockname()[0]):
+        print(f"lorafit serve: warning: listening on {settings.host} without an API key: anyone who can reach this "
+              f"machine can use and change the served adapters; set {API_KEY_ENV}", file=sys.stderr)
     try:
         metrics = Metrics()
         engine = Engine(max_batch=settings.max_batch, max_queue=settings.max_queue, observer=metrics)
@@ -118,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         sock.close()
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(address.split("%")[0]).is_loopback
 
 
 def _url_host(host: str) -> str:
