@@ -223,9 +223,8 @@ class GenerationWorker(Worker):
 
     def _fail_all(self, requests: list[GenerateRequest], error: BaseException) -> None:
         log.error("lorafit serve: a forward of %s failed", self.served.id, exc_info=error)
-        failed = model_failed(error)
         for request in requests:
-            self.fail(request, failed)
+            self.fail(request, model_failed(error))
 
     def busy(self) -> bool:
         return bool(self.batch.rows)
