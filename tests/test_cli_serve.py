@@ -110,6 +110,7 @@ def start_server(args: list[str], env: dict | None = None) -> tuple[subprocess.P
     return process, url
 
 
+@pytest.mark.slow  # a whole process: importing torch and loading the models take most of its 15-30 s here
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(served):
     process, url = start_server(["--adapter", f"a={served.a}"], env={"LORAFIT_API_KEY": "k"})
     headers = {"Authorization": "Bearer k"}
