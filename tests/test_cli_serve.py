@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from lorafit.cli import build_parser, settings_from_args
-from lorafit.serving.app import ServeSettings
+from lorafit.serving.settings import ServeSettings
 from lorafit.training.settings import field_docs
 from test_cli import assert_one_line_error, run_cli
 from test_serve_app import PROMPT, served  # noqa: F401
@@ -34,6 +34,16 @@ def test_help_has_examples_and_every_setting(capsys):
     assert "--adapter NAME=DIR" in compact
     code, out, _ = run_cli(capsys)
     assert re.search(r"^\s+serve\s", out, re.M)
+
+
+def test_other_commands_do_not_need_the_servers_dependencies():
+    """Every command's parser is built with serve's flags: building it must not import FastAPI or uvicorn,
+    which only the serve extra installs."""
+    code = ("import sys; from lorafit.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_flags_build_the_settings_with_loopback_defaults():

@@ -21,7 +21,8 @@ from fastapi.testclient import TestClient
 
 from lorafit.config import LoraConfig
 from lorafit.model import get_lora_model
-from lorafit.serving.app import ServeSettings, create_app
+from lorafit.serving.app import create_app
+from lorafit.serving.settings import ServeSettings
 from lorafit.serving.engine import Engine
 from lorafit.serving.metrics import Metrics
 from lorafit.training.run_dir import save_adapter_info

@@ -13,7 +13,8 @@ import openai
 import pytest
 import uvicorn
 
-from lorafit.serving.app import ServeSettings, create_app
+from lorafit.serving.app import create_app
+from lorafit.serving.settings import ServeSettings
 from lorafit.serving.metrics import Metrics
 from test_serve_app import CONTEXT, PROMPT, served, start_engine, stop_engine  # noqa: F401
 from test_serve_metrics import total
