@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from lorafit.cli import build_parser, settings_from_args
-from lorafit.serving.app import ServeSettings
+from lorafit.serving.settings import ServeSettings
 from lorafit.training.settings import field_docs
 from test_cli import assert_one_line_error, run_cli
 from test_serve_app import PROMPT, served  # noqa: F401
@@ -34,6 +34,16 @@ def test_help_has_examples_and_every_setting(capsys):
     assert "--adapter NAME=DIR" in compact
     code, out, _ = run_cli(capsys)
     assert re.search(r"^\s+serve\s", out, re.M)
+
+
+def test_other_commands_do_not_need_the_servers_dependencies():
+    """Every command's parser is built with serve's flags: building it must not import FastAPI or uvicorn,
+    which only the serve extra installs."""
+    code = ("import sys; from lorafit.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_flags_build_the_settings_with_loopback_defaults():
@@ -70,6 +80,15 @@ def test_bad_arguments_are_one_line_with_exit_code_2(capsys, served, tmp_path, a
     assert out == ""
 
 
+def test_an_adapter_that_cannot_load_is_one_line(capsys, served, tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_bytes((served.a / "adapter_config.json").read_bytes())
+    (tmp_path / "broken" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    code, out, err = run_cli(capsys, "serve", "--adapter", f"a={served.a}", "--adapter", f"x={tmp_path / 'broken'}",
+                             "--port", "0")
+    assert_one_line_error(code, err, "'x'")
+
+
 def test_port_in_use_is_one_line_before_any_model_loads(capsys, served):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
@@ -101,6 +120,7 @@ def start_server(args: list[str], env: dict | None = None) -> tuple[subprocess.P
     return process, url
 
 
+@pytest.mark.slow  # a whole process: importing torch and loading the models take most of its 15-30 s here
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(served):
     process, url = start_server(["--adapter", f"a={served.a}"], env={"LORAFIT_API_KEY": "k"})
     headers = {"Authorization": "Bearer k"}

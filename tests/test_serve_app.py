@@ -21,7 +21,8 @@ from fastapi.testclient import TestClient
 
 from lorafit.config import LoraConfig
 from lorafit.model import get_lora_model
-from lorafit.serving.app import ServeSettings, create_app
+from lorafit.serving.app import create_app
+from lorafit.serving.settings import ServeSettings
 from lorafit.serving.engine import Engine
 from lorafit.serving.metrics import Metrics
 from lorafit.training.run_dir import save_adapter_info
@@ -307,15 +308,27 @@ def test_full_queue_is_503_with_retry_after(served):
         assert int(response.headers["retry-after"]) >= 1
 
 
-def test_unexpected_error_is_a_generic_500_and_a_log_line(engine, caplog, monkeypatch):
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("where", ["app", "model"])
+def test_unexpected_error_is_a_generic_500_and_a_log_line(engine, caplog, monkeypatch, where, stream):
+    """A bug in the app, or a forward that raised (the engine's ModelFailed): the client learns that it
+    failed, not the exception's text; the log has it; the next request is served."""
+    from lorafit.serving.errors import ModelFailed
+
     c = client(engine)
+    if where == "app":
+        def broken(model_id, prompt):
+            raise RuntimeError("secret internals")
 
-    def broken(model_id, prompt):
-        raise RuntimeError("secret internals")
+        monkeypatch.setattr(engine, "encode_text", broken)
+    else:
+        async def failing(model_id, ids, params):
+            raise ModelFailed("the model failed on this request's batch (RuntimeError: secret internals)")
+            yield
 
-    monkeypatch.setattr(engine, "encode_text", broken)
+        monkeypatch.setattr(engine, "generate", failing)
     with caplog.at_level(logging.ERROR, logger="lorafit.serve"):
-        response = complete(c)
+        response = complete(c, stream=stream)
     error = assert_openai_error(response, 500, "internal_error", "log")
     assert "secret" not in response.text and error["type"] == "server_error"
     assert any("secret internals" in r.getMessage() for r in caplog.records)

@@ -57,10 +57,10 @@ def test_metrics_parse_and_move_with_requests(engine, metrics):
 
 
 def test_metric_labels_are_escaped():
-    metrics = Metrics()
-    metrics.tokens('we"ird\\name\n', 3, 4)
+    observer = Metrics()
+    observer.tokens('we"ird\\name\n', 3, 4)
     from prometheus_client.parser import text_string_to_metric_families
 
-    samples = {s.name: s for f in text_string_to_metric_families(metrics.render()) for s in f.samples}
+    samples = {s.name: s for f in text_string_to_metric_families(observer.render()) for s in f.samples}
     assert samples["lorafit_prompt_tokens_total"].labels == {"model": 'we"ird\\name\n'}
     assert samples["lorafit_completion_tokens_total"].value == 4

@@ -13,7 +13,8 @@ import openai
 import pytest
 import uvicorn
 
-from lorafit.serving.app import ServeSettings, create_app
+from lorafit.serving.app import create_app
+from lorafit.serving.settings import ServeSettings
 from lorafit.serving.metrics import Metrics
 from test_serve_app import CONTEXT, PROMPT, served, start_engine, stop_engine  # noqa: F401
 from test_serve_metrics import total
@@ -126,6 +127,25 @@ def test_errors_are_openais_exception_classes(api, server):
         api.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], stream=True)
 
 
+def test_a_failure_mid_stream_is_an_error_event_the_client_raises(api, server, monkeypatch):
+    from lorafit.serving.engine import TextDelta
+    from lorafit.serving.errors import ModelFailed
+
+    async def failing_midway(model_id, ids, params):
+        yield TextDelta("one", None, len(ids), 1)
+        raise ModelFailed("the model failed on this request's batch (RuntimeError: secret internals)")
+
+    monkeypatch.setattr(server.engine, "generate", failing_midway)
+    stream = api.chat.completions.create(model="a", messages=[{"role": "user", "content": PROMPT}], stream=True)
+    texts = []
+    with pytest.raises(openai.APIError) as err:
+        for chunk in stream:
+            texts.append(chunk.choices[0].delta.content)
+    assert "one" in texts and "secret" not in str(err.value)
+    monkeypatch.undo()
+    assert api.completions.create(model="a", prompt=PROMPT, max_tokens=2).choices[0].text is not None
+
+
 def test_load_and_unload_while_requests_run(api, server):
     headers = {"Authorization": f"Bearer {KEY}"}
     stop = threading.Event()
@@ -160,24 +180,35 @@ def test_load_and_unload_while_requests_run(api, server):
     assert all(n >= 1 for n in answered)
 
 
-def test_a_client_that_disconnects_stops_its_generation(api, server):
-    """The stream is closed after two chunks; the worker must stop decoding (no more decode batches)
-    long before the 400 tokens asked for, which a client that stays gets, are generated."""
-    def decode_forwards() -> float:
-        from prometheus_client.parser import text_string_to_metric_families
+def scrape(server) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
 
-        text = httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for f in text_string_to_metric_families(text) for s in f.samples}
-        return total(samples, "lorafit_batch_size_count", kind="decode")
+    text = httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_a_client_that_disconnects_stops_its_generation(api, server, streamed):
+    """The client leaves early (closing the stream after two chunks, or timing out on a whole response);
+    the worker must stop decoding long before the 400 tokens a client that stays gets."""
+    def decode_forwards() -> float:
+        return total(scrape(server), "lorafit_batch_size_count", kind="decode")
+
+    def closed() -> float:
+        return total(scrape(server), "lorafit_requests_total", endpoint="/v1/completions", status="499")
 
     whole = api.completions.create(model="a", prompt=PROMPT, max_tokens=400, temperature=0)
     assert whole.usage.completion_tokens == 400 and whole.choices[0].finish_reason == "length"
-    before = decode_forwards()
-    stream = api.completions.create(model="a", prompt=PROMPT, max_tokens=400, temperature=0, stream=True)
-    for _, chunk in zip(range(2), stream):
-        assert chunk.choices[0].finish_reason is None  # still generating
-    stream.close()
+    before, closed_before = decode_forwards(), closed()
+    if streamed:
+        stream = api.completions.create(model="a", prompt=PROMPT, max_tokens=400, temperature=0, stream=True)
+        for _, chunk in zip(range(2), stream):
+            assert chunk.choices[0].finish_reason is None  # still generating
+        stream.close()
+    else:
+        with pytest.raises(openai.APITimeoutError):
+            api.with_options(timeout=0.3).completions.create(model="a", prompt=PROMPT, max_tokens=400, temperature=0)
     deadline = time.monotonic() + 10
     while True:  # the worker notices between decoding steps
         seen = decode_forwards()
@@ -186,5 +217,4 @@ def test_a_client_that_disconnects_stops_its_generation(api, server):
             break
         assert time.monotonic() < deadline, "the generation went on after the client left"
     assert seen - before < 300
-    counts = httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
-    assert 'lorafit_requests_total{endpoint="/v1/completions",model="a",status="499"} 1' in counts
+    assert closed() - closed_before == 1

@@ -4,6 +4,7 @@ the probabilities `lorafit predict` gives each adapter alone."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from lorafit.inference.loading import load_adapter_for_inference
 from lorafit.inference.predict import PredictSettings, predict_rows
 from lorafit.model import get_lora_model
 from lorafit.serving.engine import Engine, SamplingParams
-from lorafit.serving.errors import WrongTask
+from lorafit.serving.errors import ModelFailed, WrongTask
 from lorafit.training.run_dir import save_adapter_info
 
 TEXTS = ["a great and lovely film", "the plot was dull", "an okay movie", "terrible",
@@ -123,3 +124,24 @@ def test_tasks_are_refused_where_they_do_not_apply(classifiers):
     with pytest.raises(WrongTask):
         engine.encode_chat("x", [{"role": "user", "content": "hi"}])
 
+
+
+def test_a_forward_that_raises_fails_its_requests_and_the_worker_goes_on(classifiers):
+    engine = Engine(max_batch=4)
+    engine.add_adapter("x", classifiers["x"])
+    engine.start()
+    failing = threading.Event()
+    failing.set()
+    Gate(engine, fail_when=lambda kwargs: failing.is_set(), model_id="x")
+
+    async def run():
+        with pytest.raises(ModelFailed, match="injected failure"):
+            await engine.classify("x", TEXTS[:2])
+        failing.clear()
+        result = await engine.classify("x", TEXTS[:2])
+        await engine.shutdown()
+        return result
+
+    got = asyncio.run(run())
+    assert [r.probs for r in got] == [pytest.approx(w["probabilities"], abs=1e-5)
+                                      for w in predicted(classifiers["x"], TEXTS[:2])]

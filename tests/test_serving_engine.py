@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from pathlib import Path
 
 import pytest
-import torch
 
 from test_generate import build_base, build_tokenizer, save_adapter
 
@@ -17,8 +15,7 @@ from lorafit.inference.base_models import load_tokenizer
 from lorafit.inference.generate import GenerationSettings, generate_replies
 from lorafit.model import LoraModel
 from lorafit.serving.engine import Engine, SamplingParams
-from lorafit.serving.errors import (AdapterLoadError, BadRequest, ContextTooLong, ModelFailed, QueueFull,
-                                    ShuttingDown, UnknownModel)
+from lorafit.serving.errors import BadRequest, ContextTooLong, ShuttingDown, UnknownModel
 
 ADAPTERS = ("a", "b", "c")
 PROMPTS = [("a", "hello world"), ("b", "the cat sat on the mat and the dog sat on a red book"), ("base", "good day"),
@@ -187,7 +184,8 @@ def test_seeded_sampling_repeats_alone_and_in_a_batch(models):
     params = dict(max_tokens=16, temperature=1.0, top_p=0.9)
 
     async def run():
-        alone = [(await reply(engine, "b", "hello world", SamplingParams(seed=seed, **params)))[0] for seed in (7, 7, 8)]
+        alone = [(await reply(engine, "b", "hello world", SamplingParams(seed=seed, **params)))[0]
+                 for seed in (7, 7, 8)]
         mixed = await asyncio.gather(reply(engine, "b", "hello world", SamplingParams(seed=7, **params)),
                                      reply(engine, "a", "the red cat", SamplingParams(seed=7, **params)),
                                      reply(engine, "c", "one two", SamplingParams(max_tokens=16)))

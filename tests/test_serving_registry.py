@@ -142,3 +142,24 @@ def test_an_adapter_of_another_base_gets_its_own_worker(models, tmp_path):
     assert text_o == alone(other_base, other, "hello world", 10)
     assert text_a == alone(models["base"], models["a"], "hello world", 10)
     assert {e.id for e in engine.models()} >= {str(other_base), "o"}
+
+
+def test_a_name_unloaded_and_loaded_again_waits_for_the_unload(models, expected):
+    engine = make_engine(models, max_batch=4)
+    gate = Gate(engine, hold_at=3)
+
+    async def run():
+        running = asyncio.create_task(reply(engine, *PROMPTS[0], SamplingParams(max_tokens=MAX_TOKENS[0])))
+        await gate.wait_entered()
+        unloading = asyncio.create_task(engine.unload_adapter("a"))
+        await asyncio.sleep(0.01)
+        reloading = asyncio.create_task(engine.load_adapter("a", models["c"]))  # "a" now names c's weights
+        await asyncio.sleep(0.05)
+        gate.open()
+        await asyncio.gather(unloading, reloading)
+        first = (await running)[0]
+        again = (await reply(engine, "a", PROMPTS[3][1], SamplingParams(max_tokens=MAX_TOKENS[3])))[0]
+        await engine.shutdown()
+        return first, again
+
+    assert asyncio.run(run()) == (expected[0], expected[3])

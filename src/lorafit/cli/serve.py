@@ -24,14 +24,13 @@ from lorafit.cli import add_dataclass_flags, settings_from_args
 from lorafit.errors import Interrupted, LorafitError
 from lorafit.inference.loading import check_adapter_dir
 from lorafit.layers import BASE_ADAPTER
+from lorafit.serving.settings import API_KEY_ENV, ServeSettings
 
 NAME = "serve"
 HELP = "serve adapters over an OpenAI-compatible HTTP API"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lorafit.serving.app import ServeSettings
-
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="an adapter to serve under NAME (clients pass it as `model`); repeat for more")
     add_dataclass_flags(parser, ServeSettings)
@@ -76,12 +75,6 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from lorafit.serving.app import API_KEY_ENV, ServeSettings, create_app
-    from lorafit.serving.engine import Engine
-    from lorafit.serving.metrics import Metrics
-
     settings = settings_from_args(args, ServeSettings)
     if settings.api_key is None and os.environ.get(API_KEY_ENV):
         settings = ServeSettings(**{**vars(settings), "api_key": os.environ[API_KEY_ENV]})
@@ -91,7 +84,20 @@ def run(args: argparse.Namespace) -> int:
     if settings.adapter_root is not None and not Path(settings.adapter_root).is_dir():
         raise LorafitError(f"--adapter-root '{settings.adapter_root}' is not a folder; pass the folder adapters "
                            "may be loaded from at run time")
+    try:
+        import uvicorn
+
+        from lorafit.serving.app import create_app
+    except ImportError as err:
+        raise LorafitError(f"lorafit serve needs {err.name}: install the serve extra, "
+                           "pip install 'lorafit[serve]'") from None
+    from lorafit.serving.engine import Engine
+    from lorafit.serving.metrics import Metrics
+
     sock = bind(settings.host, settings.port)
+    if settings.api_key is None and not _loopback(sock.getsockname()[0]):
+        print(f"lorafit serve: warning: listening on {settings.host} without an API key: anyone who can reach this "
+              f"machine can use and change the served adapters; set {API_KEY_ENV}", file=sys.stderr)
     try:
         metrics = Metrics()
         engine = Engine(max_batch=settings.max_batch, max_queue=settings.max_queue, observer=metrics)
@@ -118,6 +124,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         sock.close()
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(address.split("%")[0]).is_loopback
 
 
 def _url_host(host: str) -> str:

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -25,51 +23,15 @@ from lorafit.errors import LorafitError, first_line
 from lorafit.serving import replies
 from lorafit.serving.errors import AdapterLoadError, BadRequest, ServeError
 from lorafit.serving.metrics import CONTENT_TYPE, Metrics
-from lorafit.serving.protocol import (ChatRequest, ClassifyRequest, CompletionRequest, LoadAdapterRequest,
-                                      UnloadAdapterRequest, error_body, parse_body)
-from lorafit.training.settings import check_positive_int
+from lorafit.serving.protocol import (GENERIC_500, ChatRequest, ClassifyRequest, CompletionRequest,
+                                      LoadAdapterRequest, UnloadAdapterRequest, error_body, error_content, parse_body)
+from lorafit.serving.settings import API_KEY_ENV, ServeSettings
 
 log = logging.getLogger("lorafit.serve")
-API_KEY_ENV = "LORAFIT_API_KEY"
 RETRY_AFTER_S = "1"
 # the endpoints metrics are counted under; anything else is "other", so a scan of random paths adds no series
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify",
              "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
-
-
-@dataclass
-class ServeSettings:
-    """How `lorafit serve` listens and queues. Every field is also a flag."""
-
-    model: str | None = None
-    """Base model for every --adapter, if not the one each was trained on; served alone without --adapter."""
-    host: str = "127.0.0.1"
-    """Address to listen on; 0.0.0.0 exposes the server to the network (set --api-key then)."""
-    port: int = 8000
-    """Port to listen on; 0 picks a free one."""
-    api_key: str | None = None
-    """Key clients must send as 'Authorization: Bearer KEY' on /v1/ endpoints; prefer the LORAFIT_API_KEY
-    environment variable, which other users cannot read in the process list."""
-    adapter_root: str | None = None
-    """Folder under which /v1/load_lora_adapter may load adapters at run time; without it, run-time loading is off."""
-    max_batch: int = 8
-    """Most requests per model in one forward pass; 1 runs one request at a time."""
-    max_queue: int = 256
-    """Most requests waiting per base model; more are answered 503 with Retry-After."""
-    max_body_bytes: int = 1_000_000
-    """Largest request body accepted; bigger ones are answered 413."""
-    shutdown_timeout: float = 30.0
-    """Seconds a SIGTERM waits for in-flight requests before closing their connections."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_body_bytes"):
-            check_positive_int(name, getattr(self, name))
-        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
-            raise LorafitError(f"--port must be 0 to 65535, got {self.port}")
-        if self.api_key is not None and not self.api_key.strip():
-            raise LorafitError("--api-key is empty; pass a key, or leave it out to serve without one")
-        if self.shutdown_timeout < 0:
-            raise LorafitError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")
 
 
 class TooLarge(ServeError):
@@ -125,7 +87,7 @@ class _Guard:
         except Exception as err:
             log.error("%s %s failed: %s", scope["method"], scope["path"], first_line(err), exc_info=err)
             if not status:
-                body = error_body(500, "the server failed on this request; the error is in its log", "internal_error")
+                body = error_body(500, GENERIC_500, "internal_error")
                 await JSONResponse(body, status_code=500)(scope, receive, sending)
         finally:
             outcome = state.get("outcome") or (status[0] if status else 500)
@@ -152,11 +114,10 @@ class _Guard:
 
 
 def _error_response(err: Exception) -> JSONResponse:
-    status = getattr(err, "status", 400)
+    status, body = error_content(err)
     headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
-    body = error_body(status, first_line(err), getattr(err, "code", "invalid_request"), getattr(err, "param", None))
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -46,7 +46,7 @@ class ClassifyWorker(Worker):
     """Each pass takes whole queued requests up to ``max_batch`` texts (a larger request runs alone, in
     chunks of ``max_batch``) and scores them in one forward per chunk."""
 
-    kind = "classification"
+    current: list[ClassifyRequest] = []  # the requests of the pass under way
 
     def work(self) -> None:
         rows = 0
@@ -58,7 +58,7 @@ class ClassifyWorker(Worker):
             rows += len(request.texts)
             return True
 
-        requests = [r for r in self.take(self.max_batch, fits) if not r.cancelled]
+        self.current = requests = [r for r in self.take(self.max_batch, fits) if not r.cancelled]
         items = [(r, text) for r in requests for text in r.texts]
         for start in range(0, len(items), self.max_batch):
             chunk = items[start:start + self.max_batch]
@@ -69,6 +69,7 @@ class ClassifyWorker(Worker):
         for request in requests:
             if not request.cancelled:
                 request.handoff.settle(request.results)
+        self.current = []
 
     def _run(self, chunk: list) -> None:
         adapters = [r.adapter for r, _ in chunk]
@@ -84,6 +85,12 @@ class ClassifyWorker(Worker):
             labels = self.served.adapters[request.adapter].labels
             best = max(range(len(row)), key=row.__getitem__)
             request.results.append(Classification(labels[best], dict(zip(labels, row))))
+
+    def fail_running(self, error: BaseException) -> None:
+        for request in self.current:
+            if not request.cancelled:
+                self.fail(request, error)
+        self.current = []
 
     def fail(self, request: ClassifyRequest, error: BaseException) -> None:
         request.cancelled = True

@@ -54,23 +54,21 @@ class Engine:
         spec = _read_spec(name, path, model)
         worker = self._workers.get(spec.key)
         if worker is None:
-            worker = self._new_worker(spec)
-            try:
-                _load_into(worker.served, spec)
-            except AdapterLoadError:
-                self._drop_worker(worker)
-                raise
+            self._register(self._load_with_new_base(spec))
         else:
             _load_into(worker.served, spec)
         self._route(name, spec.key, name)
-        return worker.served.adapter_entry(name)
+        return self._workers[spec.key].served.adapter_entry(name)
 
     def add_base(self, name: str) -> ModelEntry:
         """Serve a causal-LM base model alone (its adapters, if any, share it)."""
         if self._started:
             raise RuntimeError("the engine is running: add base models before start()")
         key = base_key(name, CAUSAL)
-        worker = self._workers.get(key) or self._new_worker(None, name)
+        worker = self._workers.get(key)
+        if worker is None:
+            worker = self._new_worker(None, name)
+            self._register(worker)
         with self._lock:
             if self._routes.get(name, (key,))[0] != key:
                 raise BadRequest(f"the name {name!r} is already served; pick another name")
@@ -170,12 +168,8 @@ class Engine:
             spec = await asyncio.to_thread(_read_spec, name, path, model)
             worker = self._workers.get(spec.key)
             if worker is None:
-                worker = await asyncio.to_thread(self._new_worker, spec)
-                try:
-                    await asyncio.to_thread(_load_into, worker.served, spec)
-                except AdapterLoadError:
-                    self._drop_worker(worker)
-                    raise
+                worker = await asyncio.to_thread(self._load_with_new_base, spec)
+                self._register(worker)
                 worker.start()
             else:
                 handoff = Handoff(asyncio.get_running_loop())
@@ -218,18 +212,19 @@ class Engine:
             raise AdapterLoadError(f"base model '{name}' could not be loaded ({type(error).__name__}: "
                                    f"{first_line(error)}); check the model folder or name") from error
         kind = ClassifyWorker if task == CLASSIFICATION else GenerationWorker
-        worker = kind(served, self.max_batch, self.max_queue, self.observer)
-        with self._lock:
-            self._workers[served.key] = worker
-            self._routes.setdefault(served.id, (served.key, BASE_ROUTE))
+        return kind(served, self.max_batch, self.max_queue, self.observer)
+
+    def _load_with_new_base(self, spec: AdapterSpec) -> Worker:
+        """A worker for the adapter's base, loaded for it, with the adapter in it (not yet registered)."""
+        worker = self._new_worker(spec)
+        _load_into(worker.served, spec)
         return worker
 
-    def _drop_worker(self, worker: Worker) -> None:
-        """Forget a base loaded for an adapter that then failed to load (its thread never started)."""
+    def _register(self, worker: Worker) -> None:
+        """Serve a newly loaded base (under its name, unless that is taken) and the adapters it holds."""
         with self._lock:
-            self._workers.pop(worker.served.key, None)
-            if self._routes.get(worker.served.id) == (worker.served.key, BASE_ROUTE):
-                del self._routes[worker.served.id]
+            self._workers[worker.served.key] = worker
+            self._routes.setdefault(worker.served.id, (worker.served.key, BASE_ROUTE))
 
     def _route(self, name: str, key: tuple, adapter: str) -> None:
         with self._lock:

@@ -143,8 +143,6 @@ class RunningBatch:
 class GenerationWorker(Worker):
     """Continuous batching: each pass admits queued requests into free rows, then decodes one token for all."""
 
-    kind = "causal-lm"
-
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.batch = RunningBatch(self.served.model, self.served.pad_id)
@@ -223,9 +221,8 @@ class GenerationWorker(Worker):
 
     def _fail_all(self, requests: list[GenerateRequest], error: BaseException) -> None:
         log.error("lorafit serve: a forward of %s failed", self.served.id, exc_info=error)
-        failed = model_failed(error)
         for request in requests:
-            self.fail(request, failed)
+            self.fail(request, model_failed(error))
 
     def busy(self) -> bool:
         return bool(self.batch.rows)

@@ -7,11 +7,15 @@ Fields a client may send but lorafit cannot honour (logprobs, tools, penalties) 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lorafit.errors import first_line
 from lorafit.serving.errors import BadRequest, ServeError
+
+log = logging.getLogger("lorafit.serve")
 
 # Fields of OpenAI's API that lorafit does not implement, and the value a client sends when it means "off".
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
@@ -169,3 +173,17 @@ def error_body(status: int, message: str, code: str | None, param: str | None = 
     """OpenAI's error object: the openai package raises the exception class of ``status`` with it."""
     kind = "server_error" if status >= 500 else ERROR_TYPES.get(status, "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+GENERIC_500 = "the server failed on this request; the error is in its log"
+
+
+def error_content(err: Exception) -> tuple[int, dict]:
+    """The status and OpenAI error body of a refusal; a failure of the model (500) is logged, and the
+    client told only that it happened: exception texts can hold paths and internals."""
+    status = getattr(err, "status", 400)
+    message = first_line(err)
+    if status == 500:
+        log.error("request failed: %s", message)
+        message = GENERIC_500
+    return status, error_body(status, message, getattr(err, "code", "invalid_request"), getattr(err, "param", None))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from lorafit.serving.errors import ServeError
-from lorafit.serving.protocol import error_body
+from lorafit.serving.protocol import GENERIC_500, error_body, error_content
 
 log = logging.getLogger("lorafit.serve")
 
@@ -192,8 +192,8 @@ async def stream(reply: Reply, firsts: list, include_usage: bool,
 
 def _error_event(err: Exception) -> str:
     if isinstance(err, ServeError):
-        body = error_body(err.status, str(err), err.code)
+        body = error_content(err)[1]
     else:
         log.error("generation failed mid-stream: %s", err, exc_info=err)
-        body = error_body(500, "the server failed while generating; the error is in its log", "internal_error")
+        body = error_body(500, GENERIC_500, "internal_error")
     return f"data: {json.dumps(body)}\n\n"

@@ -71,8 +71,6 @@ class Control:
 class Worker(threading.Thread):
     """One base model's thread. Subclasses say how a batch is formed and run (``work``)."""
 
-    kind = ""
-
     def __init__(self, served: ServedBase, max_batch: int, max_queue: int, observer=None) -> None:
         super().__init__(name=f"lorafit-serve {served.id}", daemon=True)
         self.served = served
@@ -144,9 +142,11 @@ class Worker(threading.Thread):
             return not (self.closing and not self.pending and not self.busy())
 
     def _run_controls(self, everything: bool = False) -> None:
-        with self.cond:
-            due = [c for c in self.controls if everything or c.ready()]
-            self.controls = [c for c in self.controls if c not in due]
+        with self.cond:  # in order: a load after an unload of the same name waits for the unload
+            count = 0
+            while count < len(self.controls) and (everything or self.controls[count].ready()):
+                count += 1
+            due, self.controls = self.controls[:count], self.controls[count:]
         for control in due:
             try:
                 # an adapter loaded here must hold normal tensors: the fast LoRA path reads their version counters
