@@ -46,6 +46,20 @@ def test_other_commands_do_not_need_the_servers_dependencies():
     assert result.stdout.strip() == "[]"
 
 
+def test_serve_without_the_serve_extra_is_one_line_naming_it(served):
+    """With FastAPI and uvicorn missing, `serve` says which extra to install; `--help` still works."""
+    blocked = "import sys; sys.modules.update(dict.fromkeys(('fastapi', 'uvicorn', 'starlette')))"
+    code = blocked + "; from lorafit.cli import main; sys.exit(main(sys.argv[1:]))"
+    run = [sys.executable, "-c", code]
+    helped = subprocess.run(run + ["--help"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert helped.returncode == 0 and "serve" in helped.stdout, helped.stderr
+    refused = subprocess.run(run + ["serve", "--adapter", f"a={served.a}", "--port", "0"], capture_output=True,
+                             text=True, timeout=TIMEOUT)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "pip install 'lorafit[serve]'" in refused.stderr
+
+
 def test_flags_build_the_settings_with_loopback_defaults():
     parser = build_parser()
     assert settings_from_args(parser.parse_args(["serve"]), ServeSettings) == ServeSettings()
