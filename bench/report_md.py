@@ -250,9 +250,10 @@ def _serving(case: dict | None, results: dict) -> list[str]:
             f = case.get(variant, {}).get(kind, {})
             rows.append([title, name, f.get("requests"), f.get("clients"), f.get("errors"), f.get("requests_per_second"),
                          f.get("completion_tokens_per_second", "-"), f.get("p50_latency_s"), f.get("p99_latency_s"),
+                         f"{_fmt(f.get('client_cpu_seconds'))} / {_fmt(f.get('server_cpu_seconds'))}",
                          _arrow(f.get("load_average"))])
     lines += _table(["load", "server", "requests", "clients", "errors", "requests/s", "completion tokens/s",
-                     "p50 latency s", "p99 latency s", "load"], rows)
+                     "p50 latency s", "p99 latency s", "CPU s: clients / server", "load"], rows)
     figures = results.get("figures", {})
     lines += [f"Batched over one at a time: LLM requests/s {_x(figures.get('serve_llm_throughput_ratio'))}, completion "
               f"tokens/s {_x(figures.get('serve_llm_tokens_ratio'))}, p99 latency {_x(figures.get('serve_llm_p99_ratio'))}; "
@@ -262,6 +263,13 @@ def _serving(case: dict | None, results: dict) -> list[str]:
               f"{_pct(case.get('classify_same_output_fraction'))} of classifier labels. Server start-up with every "
               f"adapter: {_get(case, 'batched', 'startup_seconds')} s / {_get(case, 'one_at_a_time', 'startup_seconds')} s.",
               ""]
+    ceiling = case.get("classifier_forward_ceiling")
+    if ceiling:
+        lines += [f"The classifier's forward alone (no HTTP, no queue; {ceiling['texts']} of the same texts, before the "
+                  f"servers start): {ceiling['one_at_a_time_ms_per_text']} ms per text one at a time, "
+                  f"{ceiling['batched_ms_per_text']} ms per text in batches of {ceiling['batch']}: "
+                  f"{_x(ceiling['ratio'])}, the most batching can gain on this CPU, where a forward costs about its "
+                  f"tokens (load {_arrow(ceiling.get('load_average'))}).", ""]
     return lines + _llama_reference(case)
 
 

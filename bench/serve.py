@@ -5,9 +5,14 @@ bases in one server); the same server is then started with ``--max-batch 1`` (ba
 at a time) and given the same load. The adapters carry random non-zero B (``init_lora_weights=False``,
 B scaled down so the replies stay near the base model's, with their natural spread of lengths): speed
 does not depend on what the adapter learned. Clients are asyncio coroutines on one ``httpx`` client in
-this process, each sending its next request when the last one is answered (closed loop), over loopback.
-Latency is per request, from sending it to the whole answer; throughput is requests (and completion
-tokens) over the wall time of the whole load.
+this process (the server runs in its own), each sending its next request when the last one is answered
+(closed loop), over loopback. Latency is per request, from sending it to the whole answer; throughput is
+requests (and completion tokens) over the wall time of the whole load. The CPU seconds the clients and
+the server used during each load are recorded, to show what the clients took from the server's cores.
+
+The classifier's ceiling: the forward alone (no HTTP, no queue), one text at a time against the same texts
+in 64-text batches, measured in this process before the servers start; the server cannot gain more from
+batching than its forward does.
 """
 
 from __future__ import annotations
@@ -178,10 +183,11 @@ async def _drive(url: str, path: str, bodies: list[dict], clients: int) -> tuple
         return answers, time.perf_counter() - started
 
 
-def load(url: str, path: str, bodies: list[dict], clients: int) -> dict:
-    """Throughput, latency percentiles, errors and every answer's output for one load."""
-    before = load_average()
+def load(url: str, path: str, bodies: list[dict], clients: int, server_pid: int | None = None) -> dict:
+    """Throughput, latency percentiles, errors, CPU seconds and every answer's output for one load."""
+    before, client_cpu, server_cpu = load_average(), time.process_time(), cpu_seconds(server_pid)
     answers, wall = asyncio.run(_drive(url, path, bodies, clients))
+    client_cpu, server_cpu = time.process_time() - client_cpu, _minus(cpu_seconds(server_pid), server_cpu)
     good = [a for a in answers if a["status"] == 200]
     errors = [a.get("exception") or f"HTTP {a['status']}: {json.dumps(a['body'])[:200]}"
               for a in answers if a["status"] != 200]
@@ -191,6 +197,7 @@ def load(url: str, path: str, bodies: list[dict], clients: int) -> dict:
               "wall_seconds": round(wall, 2), "requests_per_second": round(len(good) / wall, 3),
               "p50_latency_s": _round(percentile(latencies, 50)), "p99_latency_s": _round(percentile(latencies, 99)),
               "mean_latency_s": _round(sum(latencies) / len(latencies)) if latencies else None,
+              "client_cpu_seconds": round(client_cpu, 2), "server_cpu_seconds": _round(server_cpu),
               "load_average": {"before": before, "after": load_average()}}
     if path != "/v1/classify":
         result["completion_tokens"] = completion
@@ -200,6 +207,50 @@ def load(url: str, path: str, bodies: list[dict], clients: int) -> dict:
     else:
         result["outputs"] = [(a["body"]["data"][0]["label"] if a["status"] == 200 else None) for a in answers]
     return result
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User and system CPU seconds of a process so far (None without psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    if pid is None:
+        return None
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def _minus(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
+
+
+def forward_ceiling(adapters: dict[str, Path], texts: list[str], batch: int) -> dict:
+    """Seconds per text of the classifier's forward alone: one text at a time, then in ``batch``-text batches."""
+    import torch
+
+    from lorafit.serving.classify import class_probabilities
+    from lorafit.serving.engine import Engine
+
+    engine = Engine(max_batch=batch)
+    for name, directory in adapters.items():
+        engine.add_adapter(name, directory)
+    (served,) = [worker.served for worker in engine._workers.values()]
+    names, texts = list(adapters), texts[:2 * batch]
+    with torch.inference_mode():
+        class_probabilities(served, names[:1], texts[:1])  # the first forward sets up kernels
+        before, started = load_average(), time.perf_counter()
+        for i, text in enumerate(texts):
+            class_probabilities(served, [names[i % len(names)]], [text])
+        one = (time.perf_counter() - started) / len(texts)
+        started = time.perf_counter()
+        for start in range(0, len(texts), batch):
+            chunk = texts[start:start + batch]
+            class_probabilities(served, [names[i % len(names)] for i in range(len(chunk))], chunk)
+        batched = (time.perf_counter() - started) / len(texts)
+    return {"texts": len(texts), "batch": batch, "one_at_a_time_ms_per_text": round(1000 * one, 2),
+            "batched_ms_per_text": round(1000 * batched, 2), "ratio": round(one / batched, 3),
+            "load_average": {"before": before, "after": load_average()}}
 
 
 def _round(value: float | None) -> float | None:
@@ -236,6 +287,7 @@ def run_serve(setup: Setup, options: dict) -> dict:
         "cls_requests": s.serve_cls_requests, "cls_clients": s.serve_cls_clients, "cls_texts_per_request": 1,
         "max_batch": s.serve_max_batch, "server_threads": threads or "torch default (all cores)",
         "prompts": "the built-in instruct task's held-out prompts (validation split), chat template, greedy"}}
+    result["classifier_forward_ceiling"] = forward_ceiling(cls, texts, s.serve_max_batch)
     adapters = {**chat, **cls}
     for variant, max_batch in (("batched", s.serve_max_batch), ("one_at_a_time", 1)):
         with Server(adapters, max_batch, work / f"server-{variant}.log", threads) as server:
@@ -243,12 +295,13 @@ def run_serve(setup: Setup, options: dict) -> dict:
             load(server.url, "/v1/chat/completions", [chat_body(n, prompts[0], 4) for n in names], 1)
             load(server.url, "/v1/classify", [{"model": n, "input": [texts[0]]} for n in cls_names], 1)
             bodies = llm_bodies if variant == "batched" else llm_bodies[:s.serve_baseline_llm_requests]
+            pid = server.process.pid
             figures = {"startup_seconds": server.startup_seconds, "max_batch": max_batch,
-                       "llm": load(server.url, "/v1/chat/completions", bodies, s.serve_llm_clients),
-                       "classify": load(server.url, "/v1/classify", cls_bodies, s.serve_cls_clients)}
+                       "llm": load(server.url, "/v1/chat/completions", bodies, s.serve_llm_clients, pid),
+                       "classify": load(server.url, "/v1/classify", cls_bodies, s.serve_cls_clients, pid)}
             if variant == "batched":
                 figures["reference_prompts"] = load(server.url, "/v1/chat/completions", reference_bodies,
-                                                    s.serve_llm_clients)
+                                                    s.serve_llm_clients, pid)
         result[variant] = figures
     batched, single = result["batched"], result["one_at_a_time"]
     for kind in ("llm", "classify"):

@@ -80,9 +80,12 @@ def test_smoke_suite_produces_every_figure(bench, tmp_path):
             load = serve[variant][kind]
             assert load["requests"] == requests and load["errors"] == 0, load
             assert _positive(load["requests_per_second"]) and load["p99_latency_s"] >= load["p50_latency_s"] > 0
+            assert load["client_cpu_seconds"] > 0 and _positive(load["server_cpu_seconds"])
         assert _positive(serve[variant]["llm"]["completion_tokens_per_second"])
     assert serve["batched"]["max_batch"] == 8 and serve["one_at_a_time"]["max_batch"] == 1
     assert "skipped" in serve["llama_cpp"]
+    ceiling = serve["classifier_forward_ceiling"]
+    assert ceiling["texts"] == 16 and _positive(ceiling["ratio"]) and _positive(ceiling["batched_ms_per_text"])
 
     assert len(results["targets"]) == 15
     assert all(t["measured"] is not None and t["pass"] in (True, False) for t in results["targets"])

@@ -18,6 +18,7 @@ from lorafit.config import LoraConfig
 from lorafit.inference.loading import load_adapter_for_inference
 from lorafit.inference.predict import PredictSettings, predict_rows
 from lorafit.model import get_lora_model
+from lorafit.serving.classify import length_chunks
 from lorafit.serving.engine import Engine, SamplingParams
 from lorafit.serving.errors import ModelFailed, WrongTask
 from lorafit.training.run_dir import save_adapter_info
@@ -80,7 +81,7 @@ def test_mixed_batch_probabilities_equal_predict(classifiers):
         return results
 
     results = asyncio.run(run())
-    assert ("classify", 4 * len(TEXTS)) in recorder.batches  # the four queued requests ran as one mixed forward
+    assert ("classify", 4 * len(TEXTS)) in recorder.batches  # the four queued requests ran as one mixed batch
     for (name, texts), got in zip([("x", TEXTS[:1]), *[(n, TEXTS[i:] + TEXTS[:i]) for i, n in enumerate("xyxy")],
                                    ("z", TEXTS)], results):
         want = predicted(classifiers[name], texts)
@@ -145,3 +146,10 @@ def test_a_forward_that_raises_fails_its_requests_and_the_worker_goes_on(classif
     got = asyncio.run(run())
     assert [r.probs for r in got] == [pytest.approx(w["probabilities"], abs=1e-5)
                                       for w in predicted(classifiers["x"], TEXTS[:2])]
+
+
+def test_texts_run_longest_first_in_forwards_of_near_lengths():
+    # 16 and 15 pad to 32 tokens for 31 real; a 3 beside them would pad 48 for 34 (over a quarter): a new forward
+    assert length_chunks([16, 3, 3, 3, 15]) == [[0, 4], [1, 2, 3]]
+    assert length_chunks([5] * 70) == [list(range(70))]
+    assert length_chunks([]) == []

@@ -1,4 +1,5 @@
-"""Classification batches: the queued texts of any adapters of one classifier base, one mixed forward.
+"""Classification batches: the queued texts of any adapters of one classifier base, in mixed-adapter
+forwards of texts of near lengths.
 
 Texts are tokenized as `lorafit predict` tokenizes them (each adapter's max_length and truncation
 side from its lorafit.json) and scored with the fast paths predict uses, so the probabilities match.
@@ -26,8 +27,15 @@ class ClassifyRequest:
     cancelled: bool = False
 
 
+PADDING_ALLOWED = 0.25  # of a forward's tokens; past it a batch is cut into forwards of nearer lengths
+
+
 def class_probabilities(served, adapters: list[str], texts: list[str]) -> torch.Tensor:
-    """Softmax probabilities (rows, classes) of each text under its own adapter, in one forward."""
+    """Softmax probabilities (rows, classes) of each text under its own adapter.
+
+    The texts run longest first, in as few forwards as keep padding under ``PADDING_ALLOWED``: on a CPU
+    a forward costs about its padded tokens, so one forward padding short texts to a long one's length
+    can cost more than running them apart."""
     examples: list[dict | None] = [None] * len(texts)
     for adapter in set(adapters):
         rows = [i for i, name in enumerate(adapters) if name == adapter]
@@ -35,11 +43,31 @@ def class_probabilities(served, adapters: list[str], texts: list[str]) -> torch.
         encoded = tokenizer([texts[i] for i in rows], truncation=True, max_length=served.adapters[adapter].max_length)
         for j, i in enumerate(rows):
             examples[i] = {key: values[j] for key, values in encoded.items()}
-    batch = make_collator(served.tokenizer)(examples)
-    model = served.model
+    collate, model = make_collator(served.tokenizer), served.model
+    probs = torch.empty(0)
     with fast_section(model):
-        logits = model(**{k: v.to(model.device) for k, v in batch.items()}, adapter_names=adapters).logits
-    return logits.float().softmax(-1).cpu()
+        for rows in length_chunks([len(e["input_ids"]) for e in examples]):
+            batch = collate([examples[i] for i in rows])
+            logits = model(**{k: v.to(model.device) for k, v in batch.items()},
+                           adapter_names=[adapters[i] for i in rows]).logits.float().cpu()
+            if not probs.numel():
+                probs = torch.empty(len(texts), logits.shape[-1])
+            probs[torch.tensor(rows)] = logits.softmax(-1)
+    return probs
+
+
+def length_chunks(lengths: list[int]) -> list[list[int]]:
+    """Row indices longest first, cut where a chunk's padding would pass ``PADDING_ALLOWED`` of its tokens."""
+    chunks: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        width = lengths[chunks[-1][0]] if chunks else 0
+        if not chunks or (len(chunks[-1]) + 1) * width > (1 + PADDING_ALLOWED) * (real + lengths[i]):
+            chunks.append([])
+            real = 0
+        chunks[-1].append(i)
+        real += lengths[i]
+    return chunks
 
 
 class ClassifyWorker(Worker):
