@@ -6,6 +6,7 @@ every case runs and produces numbers, and that the report states every target wi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -75,12 +76,14 @@ def test_smoke_suite_produces_every_figure(bench, tmp_path):
     assert _positive(gpu["inference"]["variants"]["lorafit_merged"]["ratio"])
 
     serve = cases["serve"]  # lorafit serve in a subprocess, batched and one request at a time
+    has_psutil = importlib.util.find_spec("psutil") is not None  # the server's CPU time is read through it
     for variant in ("batched", "one_at_a_time"):
         for kind, requests in (("llm", 12), ("classify", 24)):
             load = serve[variant][kind]
             assert load["requests"] == requests and load["errors"] == 0, load
             assert _positive(load["requests_per_second"]) and load["p99_latency_s"] >= load["p50_latency_s"] > 0
-            assert load["client_cpu_seconds"] > 0 and _positive(load["server_cpu_seconds"])
+            assert load["client_cpu_seconds"] > 0
+            assert _positive(load["server_cpu_seconds"]) if has_psutil else load["server_cpu_seconds"] is None
         assert _positive(serve[variant]["llm"]["completion_tokens_per_second"])
     assert serve["batched"]["max_batch"] == 8 and serve["one_at_a_time"]["max_batch"] == 1
     assert "skipped" in serve["llama_cpp"]
