@@ -72,7 +72,7 @@ def length_chunks(lengths: list[int]) -> list[list[int]]:
 
 class ClassifyWorker(Worker):
     """Each pass takes whole queued requests up to ``max_batch`` texts (a larger request runs alone, in
-    chunks of ``max_batch``) and scores them in one forward per chunk."""
+    chunks of ``max_batch``) and scores each chunk together (``class_probabilities``)."""
 
     current: list[ClassifyRequest] = []  # the requests of the pass under way
 
