@@ -30,7 +30,7 @@ __all__ = ["Engine", "SamplingParams", "ModelEntry", "TextDelta", "Classificatio
 
 
 class Engine:
-    """Served models by name; see the package's SERVE contract for how the app uses it."""
+    """Served models by name: add_* before start(), then the app calls the async methods from its loop."""
 
     def __init__(self, max_batch: int = 8, max_queue: int = 256, observer: Observer | None = None,
                  device: str | None = None) -> None:
