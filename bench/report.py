@@ -95,7 +95,16 @@ def serving_figures(serve: dict) -> dict:
                                                   _get(single, "classify", "requests_per_second")),
         "serve_classify_p99_ratio": _ratio(_get(batched, "classify", "p99_latency_s"),
                                            _get(single, "classify", "p99_latency_s")),
+        # the server's CPU seconds per request, one at a time over batched: what batching saves, whatever
+        # share of the cores other work on the machine left the server
+        **{f"serve_{kind}_cpu_ratio": _ratio(_cpu_per_request(single, kind), _cpu_per_request(batched, kind))
+           for kind in ("llm", "classify")},
     }
+
+
+def _cpu_per_request(figures: dict, kind: str) -> float | None:
+    cpu, requests = _get(figures, kind, "server_cpu_seconds"), _get(figures, kind, "requests")
+    return cpu / requests if cpu and requests else None
 
 
 def gflops(results: dict) -> dict:

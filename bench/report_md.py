@@ -243,7 +243,8 @@ def _serving(case: dict | None, results: dict) -> list[str]:
               f"{c.get('baseline_llm_requests', c['llm_requests'])} of the same chat requests (its rate is steady "
               "after the first few; replies are compared on those). Server threads: "
               f"{c['server_threads']}. Machine load: 1-minute load average before -> after each load, and "
-              f"{_arrow(case.get('load_average'))} over the whole case; the clients share the server's cores.", ""]
+              f"{_arrow(case.get('load_average'))} over the whole case; the clients share the server's cores, and a load over "
+              "the machine's core count means other work shared them too (the server then had only part of them).", ""]
     rows = []
     for kind, title in (("llm", "LLM chat"), ("classify", "classifier")):
         for variant, name in (("batched", f"batched (max batch {c['max_batch']})"), ("one_at_a_time", "one at a time")):
@@ -258,7 +259,10 @@ def _serving(case: dict | None, results: dict) -> list[str]:
     lines += [f"Batched over one at a time: LLM requests/s {_x(figures.get('serve_llm_throughput_ratio'))}, completion "
               f"tokens/s {_x(figures.get('serve_llm_tokens_ratio'))}, p99 latency {_x(figures.get('serve_llm_p99_ratio'))}; "
               f"classifier requests/s {_x(figures.get('serve_classify_throughput_ratio'))}, p99 latency "
-              f"{_x(figures.get('serve_classify_p99_ratio'))}. Identical greedy replies batched and one at a time: "
+              f"{_x(figures.get('serve_classify_p99_ratio'))}. The server's CPU seconds per request, one at a time over "
+              f"batched (what batching saves, whatever share of the cores the machine's other work left the server): "
+              f"LLM {_x(figures.get('serve_llm_cpu_ratio'))}, classifier {_x(figures.get('serve_classify_cpu_ratio'))}. "
+              f"Identical greedy replies batched and one at a time: "
               f"{_pct(case.get('llm_same_output_fraction'))} of LLM requests, "
               f"{_pct(case.get('classify_same_output_fraction'))} of classifier labels. Server start-up with every "
               f"adapter: {_get(case, 'batched', 'startup_seconds')} s / {_get(case, 'one_at_a_time', 'startup_seconds')} s.",
