@@ -43,6 +43,18 @@ class Sizes:
     scaling_steps: int = 5
     matmul_n: int = 2048
     shared_steps: int = 20  # timed training steps per background load in the `shared` case
+    serve_llm_adapters: int = 8
+    serve_cls_adapters: int = 4
+    serve_llm_requests: int = 200
+    # one request at a time is slow by design: its rate is steady after the first few, so a prefix of the same
+    # requests measures it and keeps the case near 15 minutes on two busy cores
+    serve_baseline_llm_requests: int = 64
+    serve_llm_clients: int = 16
+    serve_max_tokens: int = 32
+    serve_cls_requests: int = 512
+    serve_cls_clients: int = 64
+    serve_max_batch: int = 64
+    serve_reference_prompts: int = 60  # the built-in instruct task's held-out prompts, all of them
 
     @classmethod
     def full(cls) -> "Sizes":
@@ -52,7 +64,9 @@ class Sizes:
     def smoke(cls) -> "Sizes":
         return cls(infer_batch=8, infer_tokens=16, infer_rounds=3, mixed_rounds=2, switch_repeats=20,
                    reload_repeats=2, llm_max_length=64, llm_examples=16, scaling_lengths=(8, 16, 32, 64),
-                   scaling_steps=2, matmul_n=256, shared_steps=3)
+                   scaling_steps=2, matmul_n=256, shared_steps=3, serve_llm_adapters=2, serve_cls_adapters=2,
+                   serve_llm_requests=12, serve_baseline_llm_requests=12, serve_llm_clients=4, serve_max_tokens=6,
+                   serve_cls_requests=24, serve_cls_clients=8, serve_max_batch=8, serve_reference_prompts=4)
 
 
 @dataclass

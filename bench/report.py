@@ -56,6 +56,7 @@ def derive(results: dict) -> dict:
         "shared_slowdown_passive": max((v for v in (_get(cases, "shared", "policies", "PASSIVE", f"{load}_slowdown")
                                                     for load in ("spin_nice19", "spin_nice0")) if v is not None),
                                        default=None),
+        **serving_figures(cases.get("serve") or {}),
     }
     bound = _get(cases, "shared", "bound", default=2.0)
     f = figures
@@ -84,8 +85,43 @@ def derive(results: dict) -> dict:
         target("LLM training tokens/s vs PEFT + Trainer", ">= 1.5x", f["llm_speedup_vs_peft"], lambda v: v >= 1.5),
         target("training beside one busy process (nice 19 or 0) vs alone", f"<= {bound}x (cores / free cores)",
                f["shared_slowdown_passive"], lambda v: v <= bound),
+        target("serving: errors under load (LLM and classifier, batched and one at a time)", "0",
+               f["serve_errors"], lambda v: v == 0),
+        target("serving: LLM requests/s, batched vs one at a time", ">= 3.0x", f["serve_llm_throughput_ratio"],
+               lambda v: v >= 3.0),
+        target("serving: LLM p99 latency, batched vs one at a time", "<= 1.0x", f["serve_llm_p99_ratio"],
+               lambda v: v <= 1.0),
+        target("serving: classifier requests/s, batched vs one at a time", ">= 5.0x",
+               f["serve_classify_throughput_ratio"], lambda v: v >= 5.0),
     ]
     return {"figures": figures, "targets": targets, "gflops": gflops(results)}
+
+
+def serving_figures(serve: dict) -> dict:
+    """The serving case's ratios: the batched server against the same server taking one request at a time."""
+    batched, single = serve.get("batched", {}), serve.get("one_at_a_time", {})
+    loads = [figures.get(kind) for figures in (batched, single) for kind in ("llm", "classify")]
+    return {
+        "serve_errors": sum(load["errors"] for load in loads) if loads and all(loads) else None,
+        "serve_llm_throughput_ratio": _ratio(_get(batched, "llm", "requests_per_second"),
+                                             _get(single, "llm", "requests_per_second")),
+        "serve_llm_tokens_ratio": _ratio(_get(batched, "llm", "completion_tokens_per_second"),
+                                         _get(single, "llm", "completion_tokens_per_second")),
+        "serve_llm_p99_ratio": _ratio(_get(batched, "llm", "p99_latency_s"), _get(single, "llm", "p99_latency_s")),
+        "serve_classify_throughput_ratio": _ratio(_get(batched, "classify", "requests_per_second"),
+                                                  _get(single, "classify", "requests_per_second")),
+        "serve_classify_p99_ratio": _ratio(_get(batched, "classify", "p99_latency_s"),
+                                           _get(single, "classify", "p99_latency_s")),
+        # the server's CPU seconds per request, one at a time over batched: what batching saves, whatever
+        # share of the cores other work on the machine left the server
+        **{f"serve_{kind}_cpu_ratio": _ratio(_cpu_per_request(single, kind), _cpu_per_request(batched, kind))
+           for kind in ("llm", "classify")},
+    }
+
+
+def _cpu_per_request(figures: dict, kind: str) -> float | None:
+    cpu, requests = _get(figures, kind, "server_cpu_seconds"), _get(figures, kind, "requests")
+    return cpu / requests if cpu and requests else None
 
 
 def gflops(results: dict) -> dict:

@@ -3,6 +3,7 @@
     python bench/run.py                      # full CPU suite (about 30 min), writes bench/results.{md,json}
     python bench/run.py --smoke --out /tmp/b # tiny models built from configs, seconds; what CI runs
     python bench/run.py --cases classifier,inference --repeats 5
+    python bench/run.py --cases serve --update  # re-run one case into the committed results
     python bench/run.py --cases gpu --out /tmp/gpu  # on a CUDA machine; keep its results.json as
                                                     # bench/results_gpu.json and results.md shows it
 
@@ -27,7 +28,7 @@ from bench.common import BENCH, environment, load_average, median
 from bench.fixtures import Setup, Sizes, prepare
 from bench.worker import measure, measure_in_subprocess
 
-CASES = ("classifier", "inference", "mixed", "switching", "llm", "scaling", "shared", "gpu")
+CASES = ("classifier", "inference", "mixed", "switching", "llm", "scaling", "serve", "shared", "gpu")
 CLASSIFIER_VARIANTS = {"lorafit": ("classifier/lorafit", {}), "peft": ("classifier/peft", {}),
                        "peft_grouped": ("classifier/peft", {"group_by_length": True}),
                        "lorafit_all_linear": ("classifier/lorafit", {"targets": "all-linear"}),
@@ -47,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="results.json of a GPU run on another machine, shown in results.md when this run "
                              "measures no GPU itself (default bench/results_gpu.json, used when present)")
     parser.add_argument("--workdir", help="scratch folder for runs and logs (default OUT/.work)")
+    parser.add_argument("--update", action="store_true",
+                        help="put this run's cases into OUT/results.json in place of the same cases of an earlier "
+                             "run, keeping the others (each case records when and under what load it ran)")
     parser.add_argument("--threads", type=int, help="torch threads in every measurement (default: torch's own "
                         "choice, all cores; smoke: 1, as tiny ops on busy shared cores stall on thread hand-offs)")
     isolate = parser.add_mutually_exclusive_group()
@@ -134,16 +138,21 @@ def run_suite(args: argparse.Namespace, out_dir: Path, workdir: Path, sizes: Siz
                         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_start": load_average(),
                         "sizes": setup.to_json()["sizes"]},
                "cases": {}}
+    if args.update:
+        results = earlier_results(out_dir, results["meta"])
     cases = results["cases"]
 
     def save() -> None:
-        results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        results["meta"]["load_average_end"] = load_average()
+        # an update's times and load are its own; the earlier run's stay as they were
+        meta = results["meta"]["updates"][-1] if args.update else results["meta"]
+        meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        meta["load_average_end"] = load_average()
         report.write(results, out_dir)
 
-    cases["matmul"] = run("matmul")
-    if not gpu_only:
-        cases["params"] = model_params(setup)
+    if not args.update:  # an update keeps the earlier run's peak and parameter counts, which its GFLOP/s use
+        cases["matmul"] = run("matmul")
+        if not gpu_only:
+            cases["params"] = model_params(setup)
     if "classifier" in args.cases:
         cases["classifier"] = {"tokens": run("classifier/tokens"), **alternate(run, CLASSIFIER_VARIANTS, args.repeats)}
         save()
@@ -157,15 +166,32 @@ def run_suite(args: argparse.Namespace, out_dir: Path, workdir: Path, sizes: Siz
     if "scaling" in args.cases:
         cases["scaling"] = run("scaling")
         save()
+    if "serve" in args.cases:
+        cases["serve"] = run("serve")
+        save()
     if "gpu" in args.cases:
         cases["gpu"] = gpu_case(run, args.smoke)
     if "shared" in args.cases:  # last: its busy processes raise the load average for a minute after
         cases["shared"] = run("shared")
     if not args.smoke and _get_device(cases.get("gpu")) != "cuda":
         attach_gpu_results(results, Path(args.gpu_results))
-    # the peak again at the end: a peak measured while the machine was busy would flatter every ratio to it
-    cases["matmul_end"] = run("matmul")
+    if not args.update:
+        # the peak again at the end: a peak measured while the machine was busy would flatter every ratio to it
+        cases["matmul_end"] = run("matmul")
     save()
+
+
+def earlier_results(out_dir: Path, meta: dict) -> dict:
+    """OUT/results.json with this run noted among its updates: ``--update`` replaces only the cases it runs."""
+    path = out_dir / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"--update needs an earlier {path}; run the suite without --update first")
+    results = json.loads(path.read_text(encoding="utf-8"))
+    for derived in ("figures", "targets", "gflops"):  # recomputed from the cases on every write
+        results.pop(derived, None)
+    update = {k: meta[k] for k in ("command", "started", "cases", "load_average_start")}
+    results["meta"].setdefault("updates", []).append({**update, "lorafit_commit": meta["versions"]["lorafit_commit"]})
+    return results
 
 
 def model_params(setup: Setup) -> dict:

@@ -21,7 +21,7 @@ from bench.fixtures import Setup
 
 
 def _registry() -> dict:
-    from bench import classifier, cpu_cases, gpu, llm, shared
+    from bench import classifier, cpu_cases, gpu, llm, serve, shared
 
     return {
         "classifier/lorafit": classifier.run_lorafit,
@@ -37,6 +37,7 @@ def _registry() -> dict:
         "shared": shared.run_shared,
         "shared/steps": shared.time_steps,
         "gpu": gpu.run_gpu,
+        "serve": serve.run_serve,
     }
 
 

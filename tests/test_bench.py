@@ -6,6 +6,7 @@ every case runs and produces numbers, and that the report states every target wi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -81,12 +82,27 @@ def test_smoke_suite_produces_every_figure(bench, tmp_path):
         assert _positive(figure["lorafit"]) and _positive(figure["peft"])
     assert _positive(gpu["inference"]["variants"]["lorafit_merged"]["ratio"])
 
-    assert len(results["targets"]) == 14
+    serve = cases["serve"]  # lorafit serve in a subprocess, batched and one request at a time
+    has_psutil = importlib.util.find_spec("psutil") is not None  # the server's CPU time is read through it
+    for variant in ("batched", "one_at_a_time"):
+        for kind, requests in (("llm", 12), ("classify", 24)):
+            load = serve[variant][kind]
+            assert load["requests"] == requests and load["errors"] == 0, load
+            assert _positive(load["requests_per_second"]) and load["p99_latency_s"] >= load["p50_latency_s"] > 0
+            assert load["client_cpu_seconds"] >= 0  # the clients speak HTTP themselves: a few ms here
+            assert _positive(load["server_cpu_seconds"]) if has_psutil else load["server_cpu_seconds"] is None
+        assert _positive(serve[variant]["llm"]["completion_tokens_per_second"])
+    assert serve["batched"]["max_batch"] == 8 and serve["one_at_a_time"]["max_batch"] == 1
+    assert "skipped" in serve["llama_cpp"]
+    ceiling = serve["classifier_forward_ceiling"]
+    assert ceiling["texts"] == 16 and _positive(ceiling["ratio"]) and _positive(ceiling["batched_ms_per_text"])
+
+    assert len(results["targets"]) == 18
     assert all(t["measured"] is not None and t["pass"] in (True, False) for t in results["targets"])
     assert _positive(results["gflops"]["classifier_lorafit"]["gflops"])
 
     markdown = (tmp_path / "results.md").read_text(encoding="utf-8")
-    assert "SMOKE RUN" in markdown and "transformers" in markdown
+    assert "SMOKE RUN" in markdown and "transformers" in markdown and "## Serving" in markdown
     for t in results["targets"]:
         assert t["target"] in markdown
     assert markdown.count("PASS") + markdown.count("FAIL") >= len(results["targets"])
@@ -120,7 +136,11 @@ def test_targets_follow_the_ratios(bench):
         "switching": {"lorafit_set_adapter_ms": 0.5},
         "llm": {"lorafit": median(tokens_per_second=100.0, peak_rss_mb=3000.0),
                 "peft": median(tokens_per_second=88.0, peak_rss_mb=3400.0)},
-        "shared": {"bound": 2.0, "policies": {"PASSIVE": {"spin_nice19_slowdown": 1.1, "spin_nice0_slowdown": 2.2}}}}}
+        "shared": {"bound": 2.0, "policies": {"PASSIVE": {"spin_nice19_slowdown": 1.1, "spin_nice0_slowdown": 2.2}}},
+        "serve": {"batched": {"llm": {"errors": 0, "requests_per_second": 2.9, "p99_latency_s": 9.0},
+                              "classify": {"errors": 0, "requests_per_second": 60.0, "p99_latency_s": 1.0}},
+                  "one_at_a_time": {"llm": {"errors": 0, "requests_per_second": 1.0, "p99_latency_s": 8.0},
+                                    "classify": {"errors": 1, "requests_per_second": 10.0, "p99_latency_s": 2.0}}}}}
     verdicts = {t["target"]: t["pass"] for t in derive(results)["targets"]}
     assert verdicts["classifier samples/s vs PEFT + Trainer (article)"] is True  # 2.33x
     assert verdicts["classifier samples/s vs PEFT + Trainer, group_by_length"] is False  # 1.17x
@@ -132,6 +152,23 @@ def test_targets_follow_the_ratios(bench):
     assert verdicts["LLM training tokens/s vs PEFT + Trainer"] is False  # 1.14x
     assert verdicts["LLM training peak memory vs PEFT"] is True
     assert verdicts["training beside one busy process (nice 19 or 0) vs alone"] is False  # 2.2x on 2 cores
+    assert verdicts["serving: LLM requests/s, batched vs one at a time"] is False  # 2.9x
+    assert verdicts["serving: LLM p99 latency, batched vs one at a time"] is False  # 1.125x
+    assert verdicts["serving: classifier requests/s, batched vs one at a time"] is True  # 6x
+    assert verdicts["serving: errors under load (LLM and classifier, batched and one at a time)"] is False
+
+
+def test_update_replaces_only_the_cases_it_runs(bench, tmp_path):
+    earlier = {"meta": {"command": "python bench/run.py", "started": "then"},
+               "cases": {"classifier": {"kept": 1}, "serve": {"old": 1}}, "targets": [], "figures": {}}
+    (tmp_path / "results.json").write_text(json.dumps(earlier), encoding="utf-8")
+    meta = {"command": "python bench/run.py --cases serve --update", "started": "now", "cases": ["serve"],
+            "load_average_start": [1.0, 1.0, 1.0], "versions": {"lorafit_commit": "abc"}}
+    results = bench.run.earlier_results(tmp_path, meta)
+    assert results["cases"] == earlier["cases"] and "targets" not in results
+    assert results["meta"]["started"] == "then" and results["meta"]["updates"][0]["cases"] == ["serve"]
+    with pytest.raises(SystemExit, match="--update needs an earlier"):
+        bench.run.earlier_results(tmp_path / "none", meta)
 
 
 def test_the_bf16_probe_is_skipped_without_fast_bf16(bench, monkeypatch):

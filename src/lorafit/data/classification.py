@@ -220,7 +220,7 @@ def tokenize(ds: datasets.Dataset, tokenizer, *, max_length: int, truncation_sid
     if truncation_side not in ("left", "right"):
         raise LorafitError(f"truncation side must be 'left' or 'right', not {truncation_side!r}")
     pair = "text_pair" in ds.column_names
-    _check_max_length(tokenizer, max_length, pair)
+    check_max_length(tokenizer, max_length, pair)
     # A copy, so the caller's tokenizer keeps its own truncation side.
     tok = copy.deepcopy(tokenizer)
     tok.truncation_side = truncation_side
@@ -234,7 +234,7 @@ def tokenize(ds: datasets.Dataset, tokenizer, *, max_length: int, truncation_sid
     return datasets.Dataset.from_dict(columns)
 
 
-def _check_max_length(tokenizer, max_length: int, pair: bool) -> None:
+def check_max_length(tokenizer, max_length: int, pair: bool) -> None:
     """Refuse a max length that leaves no room for text or exceeds the model's limit."""
     specials = tokenizer.num_special_tokens_to_add(pair=pair)
     if max_length <= specials:

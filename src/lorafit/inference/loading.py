@@ -58,7 +58,7 @@ def load_adapter_for_inference(adapter: str | Path, model: str | None = None, pa
     tokenizer = load_tokenizer(str(tokenizer_dir) if tokenizer_dir.is_dir() else base_path, padding_side=padding_side)
     task = adapter_task(adapter_dir, info)
     if task in ("classification", "token-classification"):
-        id2label = info.get("id2label") or _id2label_from_weights(adapter_dir)
+        id2label = info.get("id2label") or id2label_from_weights(adapter_dir)
         base = load_classifier(base_path, num_labels=len(id2label), id2label=id2label,
                                label2id={v: k for k, v in id2label.items()}, pad_token_id=tokenizer.pad_token_id,
                                per_token=task == "token-classification")
@@ -85,14 +85,15 @@ def check_adapters(specs: dict[str, Path], model: str | None) -> None:
                                f"{tasks[next(iter(specs))]} adapter; load adapters of one kind together")
         base = info.get("base_model") or read_adapter_config(directory).base_model_name_or_path
         if base:
-            bases[name] = _same_base_key(base)
+            bases[name] = same_base_key(base)
     if model is None and len(set(bases.values())) > 1:
         listing = ", ".join(f"{name}: {base}" for name, base in bases.items())
         raise LorafitError(f"the adapters were trained on different base models ({listing}); "
                            "load only adapters of one base model, or pass --model to use one for all")
 
 
-def _same_base_key(base: str) -> str:
+def same_base_key(base: str) -> str:
+    """One spelling per base model: local folders as absolute paths, names as given."""
     path = Path(base).expanduser()
     return str(path.resolve()) if path.is_dir() else base
 
@@ -110,7 +111,7 @@ def load_adapters(specs: dict[str, Path], model: str | None) -> LoadedAdapter:
     return loaded
 
 
-def _id2label_from_weights(adapter_dir: Path) -> dict[int, str]:
+def id2label_from_weights(adapter_dir: Path) -> dict[int, str]:
     """A PEFT adapter without lorafit's info file: count classes from the saved head's output rows."""
     from safetensors import SafetensorError, safe_open
 

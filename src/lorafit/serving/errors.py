@@ -54,3 +54,10 @@ class AdapterLoadError(ServeError):
     Served adapters are untouched."""
 
     code = "adapter_load_failed"
+
+
+class ModelFailed(ServeError):
+    """The model raised while running a batch: the requests in that batch fail with this, the worker goes on."""
+
+    status = 500
+    code = "internal_error"
