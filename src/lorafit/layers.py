@@ -172,13 +172,17 @@ class LoraLayer(nn.Module):
     def check_merge(self, names: list[str]) -> None:
         """The safe-merge check: raise, changing nothing, if merging ``names`` would put NaN or inf into the
         base weight."""
-        merged = self.base_layer.weight.data.clone()
+        merged = self.base_weight().clone()
         for name in self._unmerged(names):
             merged += self.delta_weight(name).to(merged.dtype)
         if not torch.isfinite(merged).all():
             raise LorafitError(f"merging {', '.join(map(repr, names))} would put NaN or inf into the base weights "
                                f"(of a {self.base_name}); the model is unchanged: the adapter's weights are not "
                                "finite or too large (did training diverge?)")
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as merging adds to it (a quantized layer's, de-quantized)."""
+        return self.base_layer.weight.data
 
     def _unmerged(self, names: list[str | None]) -> list[str]:
         """Those of ``names`` this layer has and has not merged yet, each once."""
@@ -365,6 +369,10 @@ LAYER_KINDS: dict[type[nn.Module], type[LoraLayer]] = {nn.Linear: LoraLinear, Co
 
 def layer_kind(module: nn.Module) -> type[LoraLayer] | None:
     """The LoRA layer class for a base module, or None when LoRA has no variant for its type."""
+    from lorafit.quantized import QuantizedLoraLinear, is_quantized  # it imports this module
+
+    if is_quantized(module):  # before nn.Linear, which bitsandbytes' layers subclass
+        return QuantizedLoraLinear
     return next((kind for base, kind in LAYER_KINDS.items() if isinstance(module, base)), None)
 
 

@@ -16,6 +16,7 @@ from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.fast import use_fast_paths
 from lorafit.files import write_text
 from lorafit.inference.base_models import load_tokenizer, model_reference, resolve_model
+from lorafit.inference.quantization import adapter_quantization
 from lorafit.inject import check_each_target_matches
 from lorafit.model import get_lora_model
 from lorafit.tasks.causal_lm import CausalLmTask
@@ -83,7 +84,8 @@ def train(task: Task) -> dict:
                           evaluate if validation is not None else None, config, run_dir, show)
     if not restore_best(model, run_dir):
         model.save_pretrained(run_dir / "best")
-    info = {"task": task.name, "base_model": model_reference(config.model), **task.adapter_info(tokenizer)}
+    info = {"task": task.name, "base_model": model_reference(config.model), **task.adapter_info(tokenizer),
+            **adapter_quantization(config)}
     save_adapter_info(run_dir / "best", info)
     tokenizer.save_pretrained(run_dir / "best" / "tokenizer")
     final.update(task.demo("after", model, tokenizer))

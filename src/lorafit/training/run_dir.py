@@ -183,7 +183,7 @@ def load_adapter_info(adapter_dir: Path) -> dict:
 # what lorafit writes into lorafit.json, by type
 _INFO_TYPES = {"task": str, "base_model": (str, type(None)), "id2label": dict, "max_length": (int, type(None)),
                "truncation_side": str, "text_column": str, "text_pair_column": (str, type(None)),
-               "label_column": str, "chat": bool, "train_on_prompt": bool}
+               "label_column": str, "chat": bool, "train_on_prompt": bool, "quantization": dict}
 
 
 def plot_curves(run_dir: Path, history: list[dict], metric: str) -> Path | None:
