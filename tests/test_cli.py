@@ -289,7 +289,7 @@ def tensors_equal(a: dict, b: dict) -> bool:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 CHOICES = {"task": "causal-lm", "truncation_side": "left", "eval_strategy": "steps", "save_strategy": "no",
-           "metric": "f1"}
+           "metric": "f1", "quantize": "4bit", "bnb_4bit_quant_type": "fp4", "bnb_4bit_compute_dtype": "bfloat16"}
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lorafit.errors import LorafitError
+from lorafit.fast.lora_update import linear_update
 from lorafit.layers import LoraLinear
 
 
@@ -101,6 +102,13 @@ class QuantizedLoraLinear(LoraLinear):
         super().__init__(base_layer, routing, fan_in_fan_out=False)  # a packed weight's shape is not (out, in)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         keep_standard_layout(base_layer)
+
+    @staticmethod
+    def fast_variant(layer: LoraLinear, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not result.requires_grad:
+            # bitsandbytes' int8 matmul returns a view made without grad, which autograd forbids changing in place
+            result = result.clone()
+        return linear_update(layer, x, result)
 
     @classmethod
     def adapter_shapes(cls, base_layer: nn.Module, r: int, fan_in_fan_out: bool = False) -> dict[str, tuple[int, ...]]:
