@@ -27,10 +27,11 @@ from bench.common import BENCH, environment, load_average, median
 from bench.fixtures import Setup, Sizes, prepare
 from bench.worker import measure, measure_in_subprocess
 
-CASES = ("classifier", "inference", "mixed", "switching", "llm", "scaling", "gpu")
+CASES = ("classifier", "inference", "mixed", "switching", "llm", "scaling", "gpu", "qlora")
 CLASSIFIER_VARIANTS = {"lorafit": ("classifier/lorafit", {}), "peft": ("classifier/peft", {}),
                        "peft_grouped": ("classifier/peft", {"group_by_length": True})}
 LLM_VARIANTS = {"lorafit": ("llm/lorafit", {}), "peft": ("llm/peft", {})}
+QLORA_VARIANTS = {side: ("qlora", {"side": side}) for side in ("fp32", "lorafit-4bit", "peft")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -154,6 +155,9 @@ def run_suite(args: argparse.Namespace, out_dir: Path, workdir: Path, sizes: Siz
             save()
     if "scaling" in args.cases:
         cases["scaling"] = run("scaling")
+        save()
+    if "qlora" in args.cases:
+        cases["qlora"] = alternate(run, QLORA_VARIANTS, args.llm_repeats)
         save()
     if "gpu" in args.cases:
         cases["gpu"] = gpu_case(run, args.smoke)

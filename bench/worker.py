@@ -21,7 +21,7 @@ from bench.fixtures import Setup
 
 
 def _registry() -> dict:
-    from bench import classifier, cpu_cases, gpu, llm
+    from bench import classifier, cpu_cases, gpu, llm, qlora
 
     return {
         "classifier/lorafit": classifier.run_lorafit,
@@ -35,6 +35,7 @@ def _registry() -> dict:
         "scaling": cpu_cases.run_scaling,
         "matmul": cpu_cases.run_matmul,
         "gpu": gpu.run_gpu,
+        "qlora": qlora.run_side,
     }
 
 
