@@ -1,10 +1,11 @@
 """QLoRA on SmolLM2: an fp32 base against lorafit's and PEFT's 4-bit (nf4) bases, same data and loop.
 
 Each side trains r=8 LoRA on every linear layer (the causal-LM default) over the same encoded examples of
-lorafit's built-in instruct set, batch 16, lr 3e-3 decaying linearly, AdamW, the same number of steps, in the
-same plain loop; lorafit's sides take lorafit's causal-LM loss, PEFT's side the model's own. Then each
-answers the built-in held-out prompts greedily (lorafit's generation path for all) and is scored by exact match.
-Both 4-bit sides keep bitsandbytes' standard weight layout on the CPU (``lorafit.quantized.keep_standard_layout``).
+lorafit's built-in instruct set, 48 steps of batch 4, lr 3e-3 decaying linearly, AdamW, gradient checkpointing
+(as QLoRA trains: otherwise activations, not weights, dominate the memory of a 135M model), in the same plain
+loop (options ``batch_size``, ``steps`` and ``gradient_checkpointing`` change that); lorafit's sides take
+lorafit's causal-LM loss, PEFT's side the model's own. Then each answers the built-in held-out prompts
+greedily (lorafit's generation path for all) and is scored by exact match. Both 4-bit sides keep bitsandbytes' standard weight layout on the CPU (``lorafit.quantized.keep_standard_layout``).
 
 Memory: ``train_peak_rss_mb`` is the largest resident set sampled during training (every 50 ms), the
 figure QLoRA is about, and ``train_peak_over_start_mb`` that peak less the resident set before the model was
@@ -23,8 +24,9 @@ from importlib import resources
 from bench.common import peak_rss_mb
 from bench.fixtures import Setup
 
-BATCH, LR, R, ALPHA, MAX_LENGTH = 16, 3e-3, 8, 16, 256
-SMOKE_STEPS, FULL_STEPS = 2, 24
+BATCH, LR, R, ALPHA, MAX_LENGTH = 4, 3e-3, 8, 16, 256
+SMOKE_STEPS, FULL_STEPS = 2, 48
+CHECKPOINTING = True
 
 
 def _rss_mb() -> float:
@@ -56,7 +58,7 @@ def _records(name: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _load(side: str, model_path: str):
+def _load(side: str, model_path: str, checkpointing: bool):
     """(model, loss function) for one side: fp32 / lorafit 4-bit through lorafit, PEFT's QLoRA through PEFT."""
     import torch
 
@@ -70,7 +72,8 @@ def _load(side: str, model_path: str):
         base = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quant, dtype=torch.float32)
         for module in base.modules():  # the 4-bit kernels lorafit's side runs (see lorafit.quantized)
             keep_standard_layout(module)
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=R, lora_alpha=ALPHA, lora_dropout=0.05,
                                                 target_modules="all-linear"))
         return model, lambda m, batch: m(**batch).loss
@@ -84,6 +87,8 @@ def _load(side: str, model_path: str):
     base = load_causal_lm(model_path, quantization=quantization)
     model = get_lora_model(base, LoraConfig(task_type="CAUSAL_LM", r=R, lora_alpha=ALPHA, lora_dropout=0.05,
                                             target_modules="all-linear"))
+    if checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
     return model, causal_loss
 
 
@@ -95,15 +100,17 @@ def run_side(setup: Setup, options: dict) -> dict:
     from lorafit.tasks.causal_lm import exact_match, heldout_pairs, reply_budget
     from lorafit.inference.generate import GenerationSettings, generate_replies
 
-    steps = SMOKE_STEPS if setup.smoke else FULL_STEPS
+    steps = SMOKE_STEPS if setup.smoke else options.get("steps", FULL_STEPS)
+    batch_size, checkpointing = options.get("batch_size", BATCH), options.get("gradient_checkpointing", CHECKPOINTING)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(setup.llm_model)
     examples, _ = tokenize_lm(_records("train"), tokenizer, max_length=MAX_LENGTH)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
     collate = make_lm_collator(tokenizer.pad_token_id)
-    batches = [collate([examples[order[(s * BATCH + i) % len(order)]] for i in range(BATCH)]) for s in range(steps)]
+    batches = [collate([examples[order[(s * batch_size + i) % len(order)]] for i in range(batch_size)])
+               for s in range(steps)]
     before_load = _rss_mb()
-    model, loss_fn = _load(options["side"], setup.llm_model)
+    model, loss_fn = _load(options["side"], setup.llm_model, checkpointing)
     loaded = _rss_mb()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.01)
@@ -128,6 +135,7 @@ def run_side(setup: Setup, options: dict) -> dict:
     started = time.perf_counter()
     replies = generate_replies(model, tokenizer, [prompt for prompt, _ in pairs], settings)
     return {"tokens_per_second": round(tokens / seconds, 1), "train_seconds": round(seconds, 1), "steps": steps,
+            "batch_size": batch_size, "gradient_checkpointing": checkpointing,
             "first_loss": losses[0], "last_loss": losses[-1], "train_peak_rss_mb": round(sampler.peak, 1),
             "train_peak_over_start_mb": round(sampler.peak - before_load, 1),
             "peak_rss_mb": peak_rss_mb(), "rss_before_load_mb": round(before_load, 1),

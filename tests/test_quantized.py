@@ -124,10 +124,12 @@ def identity_weight(layer: nn.Module) -> torch.Tensor:
     return (out - (layer.bias if layer.bias is not None else 0)).T
 
 
-@pytest.mark.parametrize("kind", ["nf4", "fp4-double"])
+@pytest.mark.parametrize("kind", list(SETTINGS))
 def test_dequantized_weight_is_what_the_layer_multiplies_with(llama_dir, kind):
     layer = quantized_llama(llama_dir, SETTINGS[kind]).model.layers[1].mlp.down_proj
-    torch.testing.assert_close(dequantized_weight(layer), identity_weight(layer), atol=ATOL, rtol=0)
+    # LLM.int8() multiplies in fp16: its output is the int8 weight times its scale, rounded to fp16
+    rtol = 1e-3 if kind == "int8" else 0
+    torch.testing.assert_close(dequantized_weight(layer), identity_weight(layer), atol=ATOL, rtol=rtol)
 
 
 @pytest.mark.parametrize("kind", list(SETTINGS))
