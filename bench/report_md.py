@@ -66,6 +66,7 @@ def render(results: dict) -> str:
     lines += _inference(cases)
     lines += _llm(cases.get("llm"))
     lines += _scaling(cases.get("scaling"))
+    lines += _qlora(cases.get("qlora"))
     lines += _shared(cases.get("shared"))
     lines += _gflops(results.get("gflops", {}))
     lines += _serving(cases.get("serve"), results)
@@ -264,6 +265,15 @@ def _scaling(case: dict | None) -> list[str]:
                         [[k, v["lorafit"]["median_ms"], v["peft"]["median_ms"], _x(v["lorafit"].get("ratio"))]
                          for k, v in case[key].items()])
     return lines
+
+
+def _qlora(case: dict | None) -> list[str]:
+    if not case:
+        return []
+    from bench.qlora import summary_rows
+
+    return ["", "### QLoRA: SmolLM2 on a 4-bit (nf4) base, against the fp32 base and PEFT's QLoRA", "",
+            *summary_rows(case), ""]
 
 
 def _gflops(g: dict) -> list[str]:

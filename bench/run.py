@@ -28,12 +28,13 @@ from bench.common import BENCH, environment, load_average, median
 from bench.fixtures import Setup, Sizes, prepare
 from bench.worker import measure, measure_in_subprocess
 
-CASES = ("classifier", "inference", "mixed", "switching", "llm", "scaling", "serve", "shared", "gpu")
+CASES = ("classifier", "inference", "mixed", "switching", "llm", "scaling", "serve", "qlora", "shared", "gpu")
 CLASSIFIER_VARIANTS = {"lorafit": ("classifier/lorafit", {}), "peft": ("classifier/peft", {}),
                        "peft_grouped": ("classifier/peft", {"group_by_length": True}),
                        "lorafit_all_linear": ("classifier/lorafit", {"targets": "all-linear"}),
                        "peft_all_linear": ("classifier/peft", {"targets": "all-linear"})}
 LLM_VARIANTS = {"lorafit": ("llm/lorafit", {}), "peft": ("llm/peft", {})}
+QLORA_VARIANTS = {side: ("qlora", {"side": side}) for side in ("fp32", "lorafit-4bit", "peft")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -168,6 +169,9 @@ def run_suite(args: argparse.Namespace, out_dir: Path, workdir: Path, sizes: Siz
         save()
     if "serve" in args.cases:
         cases["serve"] = run("serve")
+        save()
+    if "qlora" in args.cases:
+        cases["qlora"] = alternate(run, QLORA_VARIANTS, args.llm_repeats)
         save()
     if "gpu" in args.cases:
         cases["gpu"] = gpu_case(run, args.smoke)

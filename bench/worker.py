@@ -21,7 +21,7 @@ from bench.fixtures import Setup
 
 
 def _registry() -> dict:
-    from bench import classifier, cpu_cases, gpu, llm, serve, shared
+    from bench import classifier, cpu_cases, gpu, llm, qlora, serve, shared
 
     return {
         "classifier/lorafit": classifier.run_lorafit,
@@ -38,6 +38,7 @@ def _registry() -> dict:
         "shared/steps": shared.time_steps,
         "gpu": gpu.run_gpu,
         "serve": serve.run_serve,
+        "qlora": qlora.run_side,
     }
 
 

@@ -58,6 +58,9 @@ def test_smoke_suite_produces_every_figure(bench, tmp_path):
     for side in ("lorafit", "peft"):
         assert _positive(cases["llm"][side]["median"]["tokens_per_second"])
         assert _positive(cases["llm"][side]["median"]["peak_rss_mb"])
+    for side in ("fp32", "lorafit-4bit", "peft"):
+        assert _positive(cases["qlora"][side]["median"]["tokens_per_second"])
+        assert _positive(cases["qlora"][side]["median"]["train_peak_rss_mb"])
     for variants in (cases["inference"]["variants"], cases["inference"]["all_linear"]["variants"]):
         for variant in ("lorafit_unmerged", "lorafit_merged", "peft_unmerged"):
             assert _positive(variants[variant]["ratio"])

@@ -289,7 +289,8 @@ def tensors_equal(a: dict, b: dict) -> bool:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 CHOICES = {"task": "causal-lm", "truncation_side": "left", "eval_strategy": "steps", "save_strategy": "no",
-           "metric": "f1", "init_lora_weights": "pissa_niter_4", "mixed_precision": "bf16", "report_to": "tensorboard"}
+           "metric": "f1", "init_lora_weights": "pissa_niter_4", "mixed_precision": "bf16", "report_to": "tensorboard",
+           "quantize": "4bit", "bnb_4bit_quant_type": "fp4", "bnb_4bit_compute_dtype": "bfloat16"}
 
 
 @pytest.fixture

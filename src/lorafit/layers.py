@@ -198,8 +198,8 @@ class LoraLayer(nn.Module):
             weight -= self.delta_weight(name).to(weight.dtype)
 
     def unmerged_weight(self) -> torch.Tensor:
-        """A copy of the base weight with every merged adapter taken out."""
-        weight = self.base_layer.weight.data.clone()
+        """A copy of the base weight (de-quantized where it is packed) with every merged adapter taken out."""
+        weight = self.base_weight().clone()
         for name in reversed(self.merged_adapters):
             self.unmerge_from(weight, name)
         return weight
@@ -207,7 +207,7 @@ class LoraLayer(nn.Module):
     def check_merge(self, names: list[str]) -> None:
         """The safe-merge check: raise, changing nothing, if merging ``names`` would put NaN or inf into the
         base weight."""
-        merged = self.base_layer.weight.data.clone()
+        merged = self.base_weight().clone()
         base = self.unmerged_weight() if any(n in self.lora_magnitude_vector for n in names) else None
         for name in self._unmerged(names):
             self.merge_into(merged, name, base)
@@ -215,6 +215,10 @@ class LoraLayer(nn.Module):
             raise LorafitError(f"merging {', '.join(map(repr, names))} would put NaN or inf into the base weights "
                                f"(of a {self.base_name}); the model is unchanged: the adapter's weights are not "
                                "finite or too large (did training diverge?)")
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as merging adds to it (a quantized layer's, de-quantized)."""
+        return self.base_layer.weight.data
 
     def _unmerged(self, names: list[str | None]) -> list[str]:
         """Those of ``names`` this layer has and has not merged yet, each once."""
@@ -419,6 +423,10 @@ LAYER_KINDS: dict[type[nn.Module], type[LoraLayer]] = {nn.Linear: LoraLinear, Co
 
 def layer_kind(module: nn.Module) -> type[LoraLayer] | None:
     """The LoRA layer class for a base module, or None when LoRA has no variant for its type."""
+    from lorafit.quantized import QuantizedLoraLinear, is_quantized  # it imports this module
+
+    if is_quantized(module):  # before nn.Linear, which bitsandbytes' layers subclass
+        return QuantizedLoraLinear
     return next((kind for base, kind in LAYER_KINDS.items() if isinstance(module, base)), None)
 
 

@@ -17,6 +17,7 @@ from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
 from lorafit.inject import inject_adapter, lora_layers, saved_module_wrappers, unwrap_all
 from lorafit.layers import BASE_ADAPTER, BatchRouting, LoraLayer
+from lorafit.quantized import dequantize_model
 from lorafit.saved_modules import BaseBiases, ModulesToSave
 from lorafit.serialization import (adapter_tensor_targets, check_adapter_fits, copy_all_or_nothing, read_adapter,
                                    save_adapter, tensor_shapes)
@@ -258,9 +259,13 @@ class LoraModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge and return the plain transformers model with no lorafit modules left in it."""
+        """Merge and return the plain transformers model with no lorafit modules left in it.
+
+        A base quantized by bitsandbytes comes back de-quantized: an fp32 model whose weights are the
+        quantized ones expanded (their rounding stays) plus, in fp32, the merged updates."""
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         unwrap_all(self.model, keep_adapter=(adapter_names or self.active_adapters or [None])[0])
+        dequantize_model(self.model)
         return self.model
 
     def unload(self) -> nn.Module:

@@ -18,6 +18,7 @@ from lorafit.inference.evaluate import EvalSettings, evaluate_adapter, label_spa
 from lorafit.inference.loading import load_adapter_for_inference
 from lorafit.training.entities import format_entity_report
 from lorafit.training.metrics import format_report
+from lorafit.training.settings import QuantizeSettings
 
 NAME = "eval"
 HELP = "score an adapter on a labelled data file"
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="labelled file: CSV, TSV, JSON Lines, JSON, Parquet; for a "
                         "token-classification adapter also CoNLL (.conll, .txt, .iob, .bio, .bioes)")
     add_dataclass_flags(parser, EvalSettings)
+    add_dataclass_flags(parser, QuantizeSettings)
     parser.add_argument("--encoding", help="encoding of --data when not UTF-8")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
@@ -35,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, EvalSettings)
     table = read_eval_data(args.adapter, args.data, settings, args.encoding)
-    loaded = load_adapter_for_inference(args.adapter, args.model)
+    loaded = load_adapter_for_inference(args.adapter, args.model,
+                                        quantization=settings_from_args(args, QuantizeSettings))
     metrics = evaluate_adapter(loaded, table, settings, source=Path(args.data).name)
     print(json.dumps(metrics, indent=2) if args.json else describe(metrics, loaded))
     return 0

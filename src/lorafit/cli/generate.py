@@ -25,6 +25,7 @@ from lorafit.data.readers import read_table
 from lorafit.errors import LorafitError
 from lorafit.inference.generate import GenerationSettings, check_context, encode_prompt, generate_from_ids
 from lorafit.inference.loading import LoadedAdapter, check_adapter_dir, load_adapters
+from lorafit.training.settings import QuantizeSettings
 from lorafit.layers import BASE_ADAPTER
 from lorafit.model import DEFAULT_ADAPTER
 from lorafit.files import check_output_file, write_text
@@ -52,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoding", help="encoding of --input when not UTF-8")
     parser.add_argument("--output", help="write JSON Lines here instead of streaming to the terminal")
     add_dataclass_flags(parser, GenerationSettings)
+    add_dataclass_flags(parser, QuantizeSettings)
 
 
 def parse_adapter_specs(values: list[str]) -> dict[str, Path]:
@@ -185,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     check_inputs(args)
     specs = parse_adapter_specs(args.adapter)
     requests = read_requests(args, list(specs), settings.chat_template)  # bad input fails before the slow load
-    loaded = load_adapters(specs, args.model)
+    loaded = load_adapters(specs, args.model, settings_from_args(args, QuantizeSettings))
     for request in requests:
         prompt = request.messages if request.messages is not None else request.prompt
         request.input_ids = encode_prompt(loaded.tokenizer, prompt, settings, loaded.task == "seq2seq")

@@ -26,6 +26,8 @@ from lorafit.files import check_output_dir, replace_dir
 from lorafit.inference.combine import CombineSettings, load_combined
 from lorafit.inference.loading import LoadedAdapter, load_adapter_for_inference
 from lorafit.inference.adapter_info import save_adapter_info
+from lorafit.quantized import quantized_formats
+from lorafit.training.settings import QuantizeSettings
 
 NAME = "merge"
 HELP = "fold an adapter into its base model, or combine several adapters into a new one"
@@ -40,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-safe-merge", dest="safe_merge", action="store_false",
                         help="skip the check that merged (or combined) weights are finite")
     add_dataclass_flags(parser, CombineSettings)
+    add_dataclass_flags(parser, QuantizeSettings)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if combining:
         loaded = load_combined(args.adapter, settings, args.model)
     else:
-        loaded = load_adapter_for_inference(args.adapter[0], args.model)
+        loaded = load_adapter_for_inference(args.adapter[0], args.model,
+                                            quantization=settings_from_args(args, QuantizeSettings))
     if args.safe_merge:
         check_finite(loaded.model, label)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +66,12 @@ def run(args: argparse.Namespace) -> int:
         replace_dir(output, lambda tmp: write_adapter(loaded, tmp, args.model))
         print(f"combined adapter ({settings.combination} of {len(args.adapter)}) written to {output}")
         return 0
+    formats = quantized_formats(loaded.model)
     merged = loaded.model.merge_and_unload(safe_merge=args.safe_merge)
+    if formats:
+        print(f"the base model was quantized ({', '.join(formats)}): merged in fp32 into its de-quantized weights, so "
+              "the merged model is fp32 and keeps the quantization's rounding (--quantize none merges into the "
+              "unquantized base instead)")
 
     def write(tmp: Path) -> None:
         merged.save_pretrained(tmp)

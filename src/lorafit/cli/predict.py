@@ -21,6 +21,7 @@ from lorafit.inference.loading import load_adapter_for_inference
 from lorafit.inference.predict import PredictSettings, pair_column_of, predict_rows, read_texts
 from lorafit.files import check_output_file, write_text
 from lorafit.tasks.token_classification import format_tagged
+from lorafit.training.settings import QuantizeSettings
 
 NAME = "predict"
 HELP = "label texts with a trained classifier or tagger adapter"
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", help="file of texts: CSV, TSV, JSON Lines, JSON, Parquet")
     parser.add_argument("--output", help="write JSON Lines here instead of printing")
     add_dataclass_flags(parser, PredictSettings)
+    add_dataclass_flags(parser, QuantizeSettings)
     parser.add_argument("--encoding", help="encoding of --input when not UTF-8")
 
 
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, PredictSettings)
     if args.output:
         check_output_file(args.output, "--output", "predictions.jsonl", args.input, "texts")
-    loaded = load_adapter_for_inference(args.adapter, args.model)
+    loaded = load_adapter_for_inference(args.adapter, args.model,
+                                        quantization=settings_from_args(args, QuantizeSettings))
     if loaded.task in ("causal-lm", "seq2seq"):
         raise LorafitError(f"'{args.adapter}' is a {loaded.task} adapter; use `lorafit generate` for it")
     texts, pairs = read_texts(args.texts, args.input, settings, loaded.info.get("text_column") or "text",

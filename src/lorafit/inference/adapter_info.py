@@ -47,5 +47,6 @@ def load_adapter_info(adapter_dir: Path) -> dict:
 _INFO_TYPES = {"task": str, "base_model": (str, type(None)), "id2label": dict, "max_length": (int, type(None)),
                "truncation_side": str, "text_column": str, "text_pair_column": (str, type(None)),
                "label_column": str, "chat": bool, "train_on_prompt": bool, "tokens_column": str,
-               "tags_column": (str, type(None)), "input_column": str, "target_column": str}
+               "tags_column": (str, type(None)), "input_column": str, "target_column": str,
+               "quantization": dict}
 _INFO_TASKS = ("classification", "causal-lm", "token-classification", "seq2seq")

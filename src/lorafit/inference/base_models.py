@@ -19,6 +19,9 @@ from huggingface_hub.errors import EntryNotFoundError
 
 from lorafit.errors import LorafitError, first_line
 from lorafit.files import create_dir_once
+from lorafit.inject import CLASSIFIER_HEAD_NAMES
+from lorafit.inference.quantization import bnb_config, check_quantized, quantizes
+from lorafit.training.settings import QuantizeSettings
 
 BUILTIN_MODELS: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2, a 22M-parameter BERT encoder for classification "
@@ -268,14 +271,17 @@ def load_classifier(
     label2id: dict[str, int],
     pad_token_id: int | None = None,
     per_token: bool = False,
+    quantization: QuantizeSettings | None = None,
 ):
     """AutoModelForSequenceClassification (``per_token``: AutoModelForTokenClassification, a label per token)
-    in fp32, with config.pad_token_id set when given (decoder models such as GPT-2/Llama need it to find the
-    last token)."""
+    in fp32 (its linear layers quantized as ``quantization`` says, the head kept in fp32 for training), with
+    config.pad_token_id set when given (decoder models such as GPT-2/Llama need it to find the last token)."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     refuse_pickled_weights(name_or_path)
     extra = {} if pad_token_id is None else {"pad_token_id": pad_token_id}
+    if quantizes(quantization):
+        extra["quantization_config"] = bnb_config(quantization, keep=list(CLASSIFIER_HEAD_NAMES))
     model = _from_pretrained(
         (AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification).from_pretrained,
         name_or_path,
@@ -290,22 +296,29 @@ def load_classifier(
     )
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
+    check_quantized(model, name_or_path, quantization)
     return model
 
 
-def load_causal_lm(name_or_path: str, *, dtype=torch.float32):
-    """AutoModelForCausalLM."""
+def load_causal_lm(name_or_path: str, *, dtype=torch.float32, quantization: QuantizeSettings | None = None):
+    """AutoModelForCausalLM, its linear layers but the LM head quantized as ``quantization`` says."""
     from transformers import AutoModelForCausalLM
 
     refuse_pickled_weights(name_or_path)
-    return _from_pretrained(
-        AutoModelForCausalLM.from_pretrained, name_or_path, is_model=True, dtype=dtype
+    extra = {"quantization_config": bnb_config(quantization)} if quantizes(quantization) else {}
+    model = _from_pretrained(
+        AutoModelForCausalLM.from_pretrained, name_or_path, is_model=True, dtype=dtype, **extra
     )
+    check_quantized(model, name_or_path, quantization)
+    return model
 
 
-def load_seq2seq_lm(name_or_path: str, *, dtype=torch.float32):
-    """AutoModelForSeq2SeqLM (encoder-decoders such as T5 and BART)."""
+def load_seq2seq_lm(name_or_path: str, *, dtype=torch.float32, quantization: QuantizeSettings | None = None):
+    """AutoModelForSeq2SeqLM (encoder-decoders such as T5 and BART), never quantized."""
     from transformers import AutoModelForSeq2SeqLM
 
+    if quantizes(quantization):
+        raise LorafitError(f"--quantize {quantization.quantize} is not supported for encoder-decoder (seq2seq) models "
+                           "yet; leave --quantize out to use the model in fp32")
     refuse_pickled_weights(name_or_path)
     return _from_pretrained(AutoModelForSeq2SeqLM.from_pretrained, name_or_path, is_model=True, dtype=dtype)

@@ -10,6 +10,8 @@ from lorafit.model import DEFAULT_ADAPTER, LoraModel
 from lorafit.inference.adapter_info import load_adapter_info
 from lorafit.inference.base_models import (load_causal_lm, load_classifier, load_seq2seq_lm, load_tokenizer,
                                           resolve_model)
+from lorafit.inference.quantization import inference_quantization
+from lorafit.training.settings import QuantizeSettings
 from lorafit.serialization import CONFIG_NAME, WEIGHTS_NAME, damaged_weights_error, read_adapter_config
 
 
@@ -45,8 +47,10 @@ def check_adapter_dir(adapter: str | Path) -> Path:
     return path
 
 
-def load_adapter_for_inference(adapter: str | Path, model: str | None = None, padding_side: str = "right") -> LoadedAdapter:
-    """Base model (``model`` or the one the adapter names), its tokenizer, and the adapter on top."""
+def load_adapter_for_inference(adapter: str | Path, model: str | None = None, padding_side: str = "right",
+                               quantization: QuantizeSettings | None = None) -> LoadedAdapter:
+    """Base model (``model`` or the one the adapter names), its tokenizer, and the adapter on top; the base
+    quantized as ``quantization`` says, else as the adapter was trained."""
     adapter_dir = check_adapter_dir(adapter)
     info = load_adapter_info(adapter_dir)
     config = read_adapter_config(adapter_dir)  # a damaged config fails before the base model is loaded
@@ -57,13 +61,16 @@ def load_adapter_for_inference(adapter: str | Path, model: str | None = None, pa
     tokenizer_dir = adapter_dir / "tokenizer"
     tokenizer = load_tokenizer(str(tokenizer_dir) if tokenizer_dir.is_dir() else base_path, padding_side=padding_side)
     task = adapter_task(adapter_dir, info)
+    quantization = inference_quantization(quantization, info)
     if task in ("classification", "token-classification"):
         id2label = info.get("id2label") or id2label_from_weights(adapter_dir)
         base = load_classifier(base_path, num_labels=len(id2label), id2label=id2label,
                                label2id={v: k for k, v in id2label.items()}, pad_token_id=tokenizer.pad_token_id,
-                               per_token=task == "token-classification")
+                               per_token=task == "token-classification", quantization=quantization)
+    elif task == "seq2seq":
+        base = load_seq2seq_lm(base_path, quantization=quantization)
     else:
-        base = (load_seq2seq_lm if task == "seq2seq" else load_causal_lm)(base_path)
+        base = load_causal_lm(base_path, quantization=quantization)
         if base.generation_config.pad_token_id is None:
             base.generation_config.pad_token_id = tokenizer.pad_token_id
     lora_model = LoraModel.from_pretrained(base, adapter_dir)
@@ -98,10 +105,12 @@ def same_base_key(base: str) -> str:
     return str(path.resolve()) if path.is_dir() else base
 
 
-def load_adapters(specs: dict[str, Path], model: str | None) -> LoadedAdapter:
+def load_adapters(specs: dict[str, Path], model: str | None,
+                  quantization: QuantizeSettings | None = None) -> LoadedAdapter:
     """The base model with every adapter loaded under its name, ready for left-padded batches."""
     check_adapters(specs, model)
-    loaded = load_adapter_for_inference(next(iter(specs.values())), model, padding_side="left")
+    loaded = load_adapter_for_inference(next(iter(specs.values())), model, padding_side="left",
+                                        quantization=quantization)
     if list(specs) != [DEFAULT_ADAPTER]:
         # load_adapter_for_inference names its one adapter "default": start again with the names given
         loaded.model = LoraModel(loaded.model.unload())

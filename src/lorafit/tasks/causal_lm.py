@@ -115,7 +115,7 @@ class CausalLmTask(Task):
         return lm_data.describe_lm_data(self.data, tokenized, self.config)
 
     def load_base(self, model_path: str, tokenizer):
-        base = load_causal_lm(model_path)
+        base = load_causal_lm(model_path, quantization=self.config)
         if base.generation_config.pad_token_id is None:
             base.generation_config.pad_token_id = tokenizer.pad_token_id
         return base

@@ -167,7 +167,8 @@ class ClassificationTask(Task):
     def load_base(self, model_path: str, tokenizer):
         labels = self.data.labels
         return load_classifier(model_path, num_labels=len(labels.names), id2label=labels.id2label,
-                               label2id=labels.label2id, pad_token_id=tokenizer.pad_token_id)
+                               label2id=labels.label2id, pad_token_id=tokenizer.pad_token_id,
+                               quantization=self.config)
 
     def collator(self, tokenizer):
         return text_data.make_collator(tokenizer)

@@ -19,6 +19,7 @@ from lorafit.config import ALL_LINEAR, LoraConfig
 from lorafit.fast import use_fast_paths
 from lorafit.files import replace_dir, write_text
 from lorafit.inference.base_models import load_tokenizer, model_reference, resolve_model
+from lorafit.inference.quantization import adapter_quantization
 from lorafit.inject import check_each_target_matches
 from lorafit.model import get_lora_model
 from lorafit.tasks.causal_lm import CausalLmTask
@@ -110,7 +111,8 @@ def _train(task: Task, config: TrainConfig) -> dict:
         # a PiSSA/OLoRA adapter is saved as the plain LoRA it equals on the base model as it is on disk
         on_main_process(lambda: replace_dir(run_dir / "best", lambda tmp: model.save_pretrained(
             tmp, path_initial_model_for_weight_conversion=initial)))
-    info = {"task": task.name, "base_model": model_reference(config.model), **task.adapter_info(tokenizer)}
+    info = {"task": task.name, "base_model": model_reference(config.model), **task.adapter_info(tokenizer),
+            **adapter_quantization(config)}
     on_main_process(lambda: (save_adapter_info(run_dir / "best", info),
                              tokenizer.save_pretrained(run_dir / "best" / "tokenizer")))
     if is_main_process():

@@ -86,7 +86,7 @@ class Seq2SeqTask(Task):
         return "\n".join(lines)
 
     def load_base(self, model_path: str, tokenizer):
-        base = load_seq2seq_lm(model_path)
+        base = load_seq2seq_lm(model_path, quantization=self.config)
         if not getattr(base.config, "is_encoder_decoder", False):
             raise LorafitError(f"--model {self.config.model} is not an encoder-decoder; seq2seq needs one such as T5 "
                                "or BART (for a decoder-only model use --task causal-lm)")

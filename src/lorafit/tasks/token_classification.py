@@ -182,7 +182,8 @@ class TokenClassificationTask(Task):
     def load_base(self, model_path: str, tokenizer):
         space = self.data.tags
         return load_classifier(model_path, num_labels=len(space.names), id2label=space.id2label,
-                               label2id=space.label2id, pad_token_id=tokenizer.pad_token_id, per_token=True)
+                               label2id=space.label2id, pad_token_id=tokenizer.pad_token_id, per_token=True,
+                               quantization=self.config)
 
     def collator(self, tokenizer):
         return tagged.make_token_collator(tokenizer)

@@ -30,8 +30,34 @@ TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 256, "token-classification": 128, "seq2seq": 256}
 
 
+QUANTIZE_CHOICES = ("4bit", "8bit", "none")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
-class TrainConfig:
+class QuantizeSettings:
+    """How the base model is loaded: as is, or quantized by bitsandbytes (QLoRA). Every field is a flag of
+    train, eval, predict, generate and merge; the names after --quantize are transformers' BitsAndBytesConfig's."""
+
+    quantize: str | None = None
+    """Load the base model's linear layers quantized, 4bit or 8bit (QLoRA; needs `pip install lorafit[qlora]`),
+    or none. Default: as the adapter was trained (eval, predict, generate, merge), else none."""
+    bnb_4bit_quant_type: str = "nf4"
+    """With --quantize 4bit: the 4-bit number format, nf4 (QLoRA's NormalFloat) or fp4."""
+    bnb_4bit_use_double_quant: bool = False
+    """With --quantize 4bit: quantize the quantization constants too (about 0.4 bits less per weight)."""
+    bnb_4bit_compute_dtype: str = "float32"
+    """With --quantize 4bit: the dtype the de-quantized weights are multiplied in: float32, bfloat16 or float16."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _choice("quantize", self.quantize, QUANTIZE_CHOICES + (None,))
+        _choice("bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
+        _choice("bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, COMPUTE_DTYPES)
+
+
+@dataclass
+class TrainConfig(QuantizeSettings):
     """A fine-tuning run. Every field is also a command-line flag (``max_length`` -> ``--max-length``)."""
 
     task: str = "classification"
@@ -161,7 +187,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # the one check of every setting, whether it came from a flag, a YAML file or Python,
         # run before anything is loaded or written
-        _check_types(self)
+        super().__post_init__()
         _choice("task", self.task, TASKS)
         _choice("truncation_side", self.truncation_side, ("left", "right"))
         _choice("eval_strategy", self.eval_strategy, STRATEGIES)
@@ -295,9 +321,12 @@ def _field_kinds(cls: type) -> dict[str, tuple[Any, bool]]:
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each dataclass field, read from the source (help texts come from here)."""
+    docs = {}
+    for parent in cls.__mro__[1:]:  # a config's fields include those it inherits (TrainConfig's quantization)
+        if dataclasses.is_dataclass(parent):
+            docs.update(field_docs(parent))
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
-    docs = {}
     for node, after in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
             docs[node.target.id] = " ".join(str(after.value.value).split())
