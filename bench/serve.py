@@ -56,7 +56,7 @@ def make_adapters(base_dir: str, out: Path, count: int, task: str, r: int, seed:
     from lorafit.config import LoraConfig
     from lorafit.inference.base_models import load_causal_lm, load_classifier
     from lorafit.model import get_lora_model
-    from lorafit.training.run_dir import save_adapter_info
+    from lorafit.inference.adapter_info import save_adapter_info
 
     prefix = "chat" if task == "causal-lm" else "cls"
     adapters = {f"{prefix}{i}": out / f"{prefix}{i}" for i in range(count)}

@@ -25,7 +25,7 @@ from lorafit.serving.app import create_app
 from lorafit.serving.settings import ServeSettings
 from lorafit.serving.engine import Engine
 from lorafit.serving.metrics import Metrics
-from lorafit.training.run_dir import save_adapter_info
+from lorafit.inference.adapter_info import save_adapter_info
 from test_cli import build_tiny_bert
 from test_generate import build_tokenizer, save_adapter
 

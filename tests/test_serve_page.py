@@ -22,7 +22,7 @@ import torch
 from lorafit.config import LoraConfig
 from lorafit.inference.base_models import load_classifier
 from lorafit.model import get_lora_model
-from lorafit.training.run_dir import save_adapter_info
+from lorafit.inference.adapter_info import save_adapter_info
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -21,7 +21,7 @@ from lorafit.model import get_lora_model
 from lorafit.serving.classify import length_chunks
 from lorafit.serving.engine import Engine, SamplingParams
 from lorafit.serving.errors import ModelFailed, WrongTask
-from lorafit.training.run_dir import save_adapter_info
+from lorafit.inference.adapter_info import save_adapter_info
 
 TEXTS = ["a great and lovely film", "the plot was dull", "an okay movie", "terrible",
          "the acting was wonderful but the story dragged on and on for far too long"]

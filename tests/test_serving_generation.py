@@ -68,7 +68,7 @@ def test_smollm2_two_adapters_batched_equal_each_alone(tmp_path):
     from lorafit.inference.base_models import load_tokenizer, resolve_model
     from lorafit.inference.generate import GenerationSettings, generate_replies
     from lorafit.serving.engine import Engine, SamplingParams
-    from lorafit.training.run_dir import save_adapter_info
+    from lorafit.inference.adapter_info import save_adapter_info
 
     path = resolve_model("smollm2")
     for i, name in enumerate(("poet", "coder")):

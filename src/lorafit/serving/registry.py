@@ -24,7 +24,7 @@ from lorafit.inference.loading import adapter_task, check_adapter_dir, id2label_
 from lorafit.model import LoraModel
 from lorafit.serialization import read_adapter_config
 from lorafit.serving.schema import BASE_ROUTE, ModelEntry
-from lorafit.training.run_dir import load_adapter_info
+from lorafit.inference.adapter_info import load_adapter_info
 from lorafit.training.settings import DEFAULT_MAX_LENGTH
 
 CAUSAL, CLASSIFICATION = "causal-lm", "classification"
