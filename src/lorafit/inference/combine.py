@@ -10,7 +10,7 @@ import torch
 
 from lorafit.adapter_arithmetic import COMBINATIONS, SIGN_METHODS
 from lorafit.errors import LorafitError
-from lorafit.inference.loading import LoadedAdapter, _same_base_key, check_adapter_dir, load_adapter_for_inference
+from lorafit.inference.loading import LoadedAdapter, same_base_key, check_adapter_dir, load_adapter_for_inference
 from lorafit.model import DEFAULT_ADAPTER, LoraModel
 from lorafit.serialization import read_adapter_config
 from lorafit.inference.adapter_info import load_adapter_info
@@ -107,7 +107,7 @@ def _check_combinable(dirs: list[Path], model: str | None) -> None:
                                f"{directory} --output DIR`")
         base = load_adapter_info(directory).get("base_model") or config.base_model_name_or_path
         if base:
-            bases[directory] = _same_base_key(base)
+            bases[directory] = same_base_key(base)
     if model is None and len(set(bases.values())) > 1:
         listing = ", ".join(f"{directory}: {base}" for directory, base in bases.items())
         raise LorafitError(f"the adapters were trained on different base models ({listing}); combine adapters of "
