@@ -1,4 +1,4 @@
-"""The `lorafit` command line: one sub-command per module (train, eval, predict, merge, generate)."""
+"""The `lorafit` command line: one sub-command per module (train, eval, predict, merge, generate, export)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ LoRA fine-tuning for Hugging Face transformers models, offline on a laptop CPU o
   lorafit predict --adapter DIR "a text" "another text"
   lorafit generate --adapter DIR "a prompt"
   lorafit merge --adapter DIR --output DIR
+  lorafit export --adapter DIR --output FILE.gguf   (llama.cpp, Ollama; --format onnx for classifiers)
 
 Run `lorafit COMMAND --help` for each command's options."""
 
@@ -72,13 +73,13 @@ def settings_from_args(args: argparse.Namespace, cls: type):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorafit.cli import evaluate, generate, merge, predict, train
+    from lorafit.cli import evaluate, export, generate, merge, predict, train
 
     parser = _Parser(prog="lorafit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lorafit {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    for module in (train, evaluate, predict, merge, generate):
+    for module in (train, evaluate, predict, merge, generate, export):
         sub = commands.add_parser(module.NAME, help=module.HELP, description=module.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
