@@ -44,7 +44,9 @@ def refuse_unrepresentable(adapter_dir: Path) -> None:
         raise LorafitError(f"adapter '{adapter_dir}' uses DoRA, whose magnitude vectors llama.cpp's LoRA adapters "
                            f"cannot carry: {MERGED_HINT}")
     with safe_open(str(adapter_dir / WEIGHTS_NAME), "pt") as weights:
-        others = [key for key in weights.keys() if ".lora_" not in key]
+        # a targeted embedding or head is saved whole beside its factors (PEFT's save_embedding_layers): those are
+        # base weights, skipped as llama.cpp's converter skips them; a resized one fails the base GGUF's shape check
+        others = [key for key in weights.keys() if ".lora_" not in key and not key.endswith(".base_layer.weight")]
     if others:
         what = "a trained bias" if others[0].endswith(".bias") else "a fully trained module (modules_to_save or a resized vocabulary)"
         raise LorafitError(f"adapter '{adapter_dir}' holds '{others[0].removeprefix('base_model.model.')}', {what}, "
@@ -112,7 +114,7 @@ def check_against_base(tensors: dict[str, torch.Tensor], arch: GgufArchitecture,
         if shapes.get(name) != wanted:
             found = f"has shape {shapes[name]}" if name in shapes else "is missing"
             raise LorafitError(f"tensor '{name}' {found} in the base GGUF '{base_gguf}' but the adapter needs {wanted}: "
-                               "pass the GGUF of the model the adapter was trained on")
+                               "pass the GGUF of the model the adapter was trained on (a vocabulary resized in training cannot be exported)")
 
 
 def export_gguf_adapter(model, adapter_dir: Path, output: Path, outtype: str = "f32",
