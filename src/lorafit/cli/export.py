@@ -71,9 +71,23 @@ def run(args: argparse.Namespace) -> int:
 
     adapter_dir = check_adapter_dir(args.adapter)
     output = Path(settings.output)
+    _check_task(adapter_dir, settings.format)
     if settings.format == "onnx":
         return _export_onnx(adapter_dir, args.model, output, settings)
     return _export_gguf(adapter_dir, args.model, output, settings, load_adapter_for_inference)
+
+
+def _check_task(adapter_dir: Path, format: str) -> None:
+    """GGUF is for causal LMs, ONNX for classifiers: said before anything slow."""
+    from lorafit.inference.loading import adapter_task
+    from lorafit.training.run_dir import load_adapter_info
+
+    task = adapter_task(adapter_dir, load_adapter_info(adapter_dir))
+    if format == "gguf" and task != "causal-lm":
+        raise LorafitError(f"--format gguf exports causal-LM adapters; this is a {task} adapter: use --format onnx")
+    if format == "onnx" and task != "classification":
+        raise LorafitError(f"--format onnx exports classifiers; this is a {task} adapter: "
+                           "use --format gguf for llama.cpp or Ollama")
 
 
 def _export_onnx(adapter_dir: Path, model: str | None, output: Path, settings: ExportSettings) -> int:
@@ -105,9 +119,6 @@ def _export_gguf(adapter_dir: Path, model: str | None, output: Path, settings: E
         raise LorafitError(f"{'--merged' if settings.merged else '--ollama'} needs the base model as a GGUF file: pass "
                            "--base-gguf FILE (llama.cpp's convert_hf_to_gguf.py makes one from a transformers folder)")
     loaded = load(adapter_dir, model)
-    if loaded.task != "causal-lm":
-        raise LorafitError(f"--format gguf exports causal-LM adapters; this is a {loaded.task} adapter: "
-                           "use --format onnx")
     stops = stop_token_ids(loaded.model.get_base_model(), loaded.tokenizer)
     if settings.merged:
         result = export_gguf_merged(loaded.model, adapter_dir, base_gguf, output, settings.outtype)

@@ -56,8 +56,8 @@ def chat_pieces(tokenizer) -> ChatPieces:
     user_before, user_after = _split(user_text.removeprefix(system_after), MARKERS["user"], "a user message")
     alone_before, _ = _split(render("user"), MARKERS["user"], "a user message")
     if not alone_before.endswith(user_before):
-        raise LorafitError("the chat template renders a user message differently after a system message: "
-                           "leave out --ollama and write the TEMPLATE by hand")
+        raise LorafitError("the chat template renders a user message differently after a system message, so it "
+                           "cannot be written as an Ollama TEMPLATE: leave out --ollama and write the TEMPLATE by hand")
     default_system = alone_before[: len(alone_before) - len(user_before)]
     _, reply_text = _split(render("system", "user", "assistant"), MARKERS["user"], "a user message")
     assistant_before, assistant_after = _split(reply_text.removeprefix(user_after), MARKERS["assistant"],
