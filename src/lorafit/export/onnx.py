@@ -43,6 +43,10 @@ def export_onnx(loaded, output: Path) -> ExportResult:
     if loaded.task != "classification":
         raise LorafitError(f"--format onnx exports classifiers; this is a {loaded.task} adapter: "
                            "use --format gguf for llama.cpp or Ollama")
+    try:
+        import onnx  # noqa: F401  (the exporter writes through it)
+    except ImportError:
+        raise LorafitError("--format onnx needs the onnx package: pip install 'lorafit[export]'") from None
     started = time.perf_counter()
     merged = loaded.model.merge_and_unload().eval()
     tokenizer = loaded.tokenizer

