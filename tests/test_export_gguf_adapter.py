@@ -196,6 +196,8 @@ def test_what_a_gguf_adapter_cannot_carry_is_refused_in_one_line(tmp_path, capsy
     (["--format", "tflite"], ["--format must be one of gguf, onnx"]),
     (["--format", "onnx", "--merged"], ["are for --format gguf"]),
     (["--outtype", "bf16"], ["--outtype must be one of f32, f16, q8_0"]),
+    (["--outtype", "base"], ["('base' too with --merged)"]),
+    (["--format", "onnx"], ["--format onnx exports classifiers; this is a causal-lm adapter", "--format gguf"]),
     (["--base-gguf", "missing.gguf", "--merged"], ["--base-gguf 'missing.gguf' is not a file"]),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, capsys, tiny_base, args, fragments):

@@ -121,14 +121,38 @@ def test_llama_cpp_runs_the_merged_f16_gguf_as_lorafit_does(trained):
     assert agreement(replies, trained) >= AGREEMENT
 
 
-def test_merged_f32_gguf_holds_lorafits_merged_weights(trained):
-    from transformers import AutoModelForCausalLM
-
+@pytest.fixture(scope="module")
+def merged_f32(trained) -> Path:
     output = trained.root / "todo-merged-f32.gguf"
     timed_export("--adapter", trained.adapter, "--output", output, "--merged", "--outtype", "f32")
+    return output
+
+
+def test_merged_f32_gguf_holds_lorafits_merged_weights(trained, merged_f32):
+    from transformers import AutoModelForCausalLM
+
+    output = merged_f32
     # transformers de-quantizes the untouched tensors and undoes llama.cpp's Q/K order, as lorafit's base did
     read_back = AutoModelForCausalLM.from_pretrained(str(output.parent), gguf_file=output.name, dtype=torch.float32)
     merged = load_adapter_for_inference(trained.adapter).model.merge_and_unload()
     expected = merged.state_dict()
     for name, tensor in read_back.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_merged_gguf_in_the_bases_own_quantization(trained, merged_f32):
+    import gguf
+
+    output = trained.root / "todo-merged-base.gguf"
+    timed_export("--adapter", trained.adapter, "--output", output, "--merged", "--outtype", "base")
+    base = {t.name: t for t in gguf.GGUFReader(smollm2_gguf_path()).tensors}
+    exact = {t.name: t for t in gguf.GGUFReader(merged_f32).tensors}
+    written = gguf.GGUFReader(output).tensors
+    assert [(t.name, t.tensor_type) for t in written] == [(name, t.tensor_type) for name, t in base.items()]
+    for tensor in written:
+        if exact[tensor.name].tensor_type == gguf.GGMLQuantizationType.F32 and tensor.tensor_type != exact[tensor.name].tensor_type:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            reference = exact[tensor.name].data.reshape(values.shape)
+            blocks = reference.reshape(-1, 32)  # Q4_1: 16 levels between each block's min and max
+            step = (blocks.max(axis=1) - blocks.min(axis=1)) / 15
+            assert (abs(values.reshape(-1, 32) - blocks) <= step[:, None] / 2 + 1e-3 * step[:, None] + 1e-6).all(), tensor.name

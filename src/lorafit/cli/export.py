@@ -34,8 +34,9 @@ class ExportSettings:
     format: str = "gguf"
     """gguf (llama.cpp, Ollama) or onnx (classifiers, ONNX Runtime)."""
     outtype: str | None = None
-    """GGUF tensor type: f32, f16 or q8_0 (rows not a multiple of 32 stay f16). Default: f32 for an adapter,
-    f16 with --merged (only the tensors the adapter changes; the others keep the base GGUF's own)."""
+    """GGUF tensor type: f32, f16 or q8_0 (rows not a multiple of 32 stay f16); with --merged also base (the base
+    GGUF's own type, e.g. Q4_1). Default: f32 for an adapter, f16 with --merged (it sets only the tensors the
+    adapter changes; the others keep the base GGUF's own)."""
     merged: bool = False
     """Write the whole model with the adapter merged in, as one GGUF, instead of a LoRA adapter."""
     ollama: bool = False
@@ -57,7 +58,7 @@ class ExportSettings:
             self.outtype = "f16" if self.merged else "f32"
         from lorafit.export.gguf_names import check_outtype
 
-        check_outtype(self.outtype)
+        check_outtype(self.outtype, self.merged)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

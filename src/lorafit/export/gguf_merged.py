@@ -4,7 +4,8 @@ replaced by their merged values.
 Everything else comes from the base GGUF unchanged: its metadata (architecture settings, tokenizer, chat
 template) and the tensors the adapter does not touch, bit for bit in their own quantization. The merged
 tensors (``W0 + scaling * B A``, with ``W0`` de-quantized as lorafit trained on it) are written in
-``--outtype`` (f16 by default; f32 is exact, q8_0 the smallest).
+``--outtype`` (f16 by default; f32 is exact, q8_0 smaller; ``base`` re-quantizes each in the base GGUF's own type,
+where the `gguf` package can write it: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, not the K-quants).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from lorafit.errors import LorafitError
 from lorafit.export.gguf_adapter import ExportResult
-from lorafit.export.gguf_names import GgufArchitecture, check_outtype, encode, gguf_architecture
+from lorafit.export.gguf_names import BASE_OUTTYPE, GgufArchitecture, check_outtype, encode, encode_like, gguf_architecture
 from lorafit.files import atomic_path
 from lorafit.layers import LoraLayer
 from lorafit.serialization import WEIGHTS_NAME, plain_name
@@ -66,7 +67,7 @@ def export_gguf_merged(model, adapter_dir: Path, base_gguf: Path, output: Path, 
     import gguf
 
     started = time.perf_counter()
-    check_outtype(outtype)
+    check_outtype(outtype, merged=True)
     arch = gguf_architecture(model.get_base_model().config)
     reader = gguf.GGUFReader(base_gguf)
     base_arch = reader.get_field(gguf.Keys.General.ARCHITECTURE)
@@ -86,7 +87,9 @@ def export_gguf_merged(model, adapter_dir: Path, base_gguf: Path, output: Path, 
         writer = gguf.GGUFWriter(tmp, arch.name)
         copy_metadata(reader, writer)
         for name, base in base_tensors.items():
-            if name in changed:
+            if name in changed and outtype == BASE_OUTTYPE:
+                data, kind = encode_like(changed[name], base.tensor_type, name)
+            elif name in changed:
                 data, kind = encode(changed[name], outtype)
             else:
                 data, kind = base.data, base.tensor_type

@@ -24,6 +24,7 @@ ARCHITECTURES = {
     "phi3": ("PHI3", False),
 }
 OUTTYPES = ("f32", "f16", "q8_0")
+BASE_OUTTYPE = "base"  # --merged only: each changed tensor in the base GGUF's own type for it
 Q8_BLOCK = 32  # q8_0 packs rows in blocks of 32 values
 
 
@@ -72,9 +73,11 @@ def gguf_architecture(model_config) -> GgufArchitecture:
                             name_map=gguf.get_tensor_name_map(arch, model_config.num_hidden_layers))
 
 
-def check_outtype(outtype: str) -> None:
-    if outtype not in OUTTYPES:
-        raise LorafitError(f"--outtype must be one of {', '.join(OUTTYPES)}, got '{outtype}'")
+def check_outtype(outtype: str, merged: bool = False) -> None:
+    allowed = OUTTYPES + (BASE_OUTTYPE,) if merged else OUTTYPES
+    if outtype not in allowed:
+        extra = "" if merged else f" ('{BASE_OUTTYPE}' too with --merged)"
+        raise LorafitError(f"--outtype must be one of {', '.join(allowed)}{extra}, got '{outtype}'")
 
 
 def encode(tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, object]:
@@ -90,6 +93,20 @@ def encode(tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, object]:
         kind = gguf.GGMLQuantizationType.Q8_0
         return gguf.quants.quantize(data, kind), kind
     return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+
+
+def encode_like(tensor: torch.Tensor, kind, name: str) -> tuple[np.ndarray, object]:
+    """A tensor in a given ggml type (the base GGUF's for it), where the `gguf` package can write that type."""
+    import gguf
+
+    data = tensor.detach().to(torch.float32).contiguous().numpy()
+    if kind == gguf.GGMLQuantizationType.F32:
+        return data, kind
+    try:
+        return gguf.quants.quantize(data, kind), kind
+    except (NotImplementedError, gguf.quants.QuantError):
+        raise LorafitError(f"the base GGUF stores '{name}' as {kind.name}, which lorafit cannot write: "
+                           "pass --outtype q8_0, f16 or f32") from None
 
 
 def check_writable(output: Path, overwrite: bool, flag: str = "--output") -> None:
