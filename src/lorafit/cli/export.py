@@ -68,14 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, ExportSettings)
-    from lorafit.inference.loading import check_adapter_dir, load_adapter_for_inference
+    from lorafit.inference.loading import check_adapter_dir
 
     adapter_dir = check_adapter_dir(args.adapter)
     output = Path(settings.output)
     _check_task(adapter_dir, settings.format)
     if settings.format == "onnx":
         return _export_onnx(adapter_dir, args.model, output, settings)
-    return _export_gguf(adapter_dir, args.model, output, settings, load_adapter_for_inference)
+    return _export_gguf(adapter_dir, args.model, output, settings)
 
 
 def _check_task(adapter_dir: Path, format: str) -> None:
@@ -103,12 +103,14 @@ def _export_onnx(adapter_dir: Path, model: str | None, output: Path, settings: E
     return 0
 
 
-def _export_gguf(adapter_dir: Path, model: str | None, output: Path, settings: ExportSettings, load) -> int:
+def _export_gguf(adapter_dir: Path, model: str | None, output: Path, settings: ExportSettings) -> int:
     from lorafit.export.gguf_adapter import export_gguf_adapter, refuse_unrepresentable
     from lorafit.export.gguf_merged import export_gguf_merged
     from lorafit.export.gguf_names import check_writable
-    from lorafit.export.ollama import modelfile_path, write_modelfile
+    from lorafit.export.ollama import modelfile_for, modelfile_path
     from lorafit.inference.generate import stop_token_ids
+    from lorafit.files import write_text
+    from lorafit.inference.loading import load_adapter_for_inference
 
     check_writable(output, settings.overwrite)
     if settings.ollama:
@@ -119,8 +121,12 @@ def _export_gguf(adapter_dir: Path, model: str | None, output: Path, settings: E
     if base_gguf is None and (settings.merged or settings.ollama):
         raise LorafitError(f"{'--merged' if settings.merged else '--ollama'} needs the base model as a GGUF file: pass "
                            "--base-gguf FILE (llama.cpp's convert_hf_to_gguf.py makes one from a transformers folder)")
-    loaded = load(adapter_dir, model)
-    stops = stop_token_ids(loaded.model.get_base_model(), loaded.tokenizer)
+    loaded = load_adapter_for_inference(adapter_dir, model)
+    modelfile = None
+    if settings.ollama:  # built first: a chat template Ollama cannot take stops the export before it writes
+        stops = stop_token_ids(loaded.model.get_base_model(), loaded.tokenizer)
+        modelfile = modelfile_for(output, output if settings.merged else base_gguf,
+                                  None if settings.merged else output, loaded.tokenizer, stops)
     if settings.merged:
         result = export_gguf_merged(loaded.model, adapter_dir, base_gguf, output, settings.outtype)
         what = "merged model"
@@ -128,10 +134,10 @@ def _export_gguf(adapter_dir: Path, model: str | None, output: Path, settings: E
         result = export_gguf_adapter(loaded.model, adapter_dir, output, settings.outtype, base_gguf)
         what = "LoRA adapter"
     print(f"GGUF {what} written to {output} ({_mib(result.size)}, {settings.outtype}, {result.seconds:.1f} s)")
-    if settings.ollama:
-        modelfile = write_modelfile(output, output if settings.merged else base_gguf,
-                                    None if settings.merged else output, loaded.tokenizer, stops)
-        print(f"Ollama Modelfile written to {modelfile}: ollama create NAME -f {modelfile}")
+    if modelfile is not None:
+        path = modelfile_path(output)
+        write_text(path, modelfile)
+        print(f"Ollama Modelfile written to {path}: ollama create NAME -f {path}")
     elif not settings.merged:
         print(f"run it with llama.cpp: llama-cli -m {base_gguf or 'BASE.gguf'} --lora {output}")
     return 0
@@ -148,7 +154,8 @@ def _base_gguf(settings: ExportSettings, adapter_dir: Path, model: str | None) -
     from lorafit.serialization import read_adapter_config
     from lorafit.training.run_dir import load_adapter_info
 
-    base = model or load_adapter_info(adapter_dir).get("base_model") or read_adapter_config(adapter_dir).base_model_name_or_path
+    info = load_adapter_info(adapter_dir)
+    base = model or info.get("base_model") or read_adapter_config(adapter_dir).base_model_name_or_path
     converted = cache_root() / "models" / SMOLLM2_CACHE_NAME
     if base == "smollm2" or (base and Path(base).expanduser().resolve() == converted.resolve()):
         return smollm2_gguf_path()

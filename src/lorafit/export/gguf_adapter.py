@@ -48,12 +48,15 @@ def refuse_unrepresentable(adapter_dir: Path) -> None:
         # base weights, skipped as llama.cpp's converter skips them; a resized one fails the base GGUF's shape check
         others = [key for key in weights.keys() if ".lora_" not in key and not key.endswith(".base_layer.weight")]
     if others:
-        what = "a trained bias" if others[0].endswith(".bias") else "a fully trained module (modules_to_save or a resized vocabulary)"
-        raise LorafitError(f"adapter '{adapter_dir}' holds '{others[0].removeprefix('base_model.model.')}', {what}, "
-                           f"which llama.cpp's LoRA adapters cannot carry: {MERGED_HINT}")
+        what = ("a trained bias" if others[0].endswith(".bias")
+                else "a fully trained module (modules_to_save or a resized vocabulary)")
+        name = others[0].removeprefix("base_model.model.")
+        raise LorafitError(f"adapter '{adapter_dir}' holds '{name}', {what}, which llama.cpp's LoRA adapters cannot "
+                           f"carry: {MERGED_HINT}")
 
 
-def llama_lora_tensors(model, arch: GgufArchitecture, alpha: float, adapter: str = "default") -> dict[str, torch.Tensor]:
+def llama_lora_tensors(model, arch: GgufArchitecture, alpha: float,
+                       adapter: str = "default") -> dict[str, torch.Tensor]:
     """``{gguf name: tensor}`` for every LoRA layer of ``model`` (a LoraModel), in llama.cpp's layout.
 
     llama.cpp's ``lora_a`` is PEFT's A and its ``lora_b`` is PEFT's B (a GGUF lists sizes innermost first, so both
@@ -78,7 +81,9 @@ def llama_lora_tensors(model, arch: GgufArchitecture, alpha: float, adapter: str
                                f"cannot carry: {MERGED_HINT}")
         rank = layer.r[adapter]
         fold = layer.scaling[adapter] * rank / alpha  # 1.0 for plain LoRA; rsLoRA and patterns differ
-        lora_b = lora_b.detach().float() * fold if not math.isclose(fold, 1.0, rel_tol=1e-12) else lora_b.detach().float()
+        lora_b = lora_b.detach().float()
+        if not math.isclose(fold, 1.0, rel_tol=1e-12):  # plain LoRA's B is written exactly as trained
+            lora_b = lora_b * fold
         tensors[f"{name}.lora_a"] = lora_a.detach().float()
         tensors[f"{name}.lora_b"] = arch.to_llama_rows(module, lora_b)
     if not tensors:
@@ -114,7 +119,8 @@ def check_against_base(tensors: dict[str, torch.Tensor], arch: GgufArchitecture,
         if shapes.get(name) != wanted:
             found = f"has shape {shapes[name]}" if name in shapes else "is missing"
             raise LorafitError(f"tensor '{name}' {found} in the base GGUF '{base_gguf}' but the adapter needs {wanted}: "
-                               "pass the GGUF of the model the adapter was trained on (a vocabulary resized in training cannot be exported)")
+                               "pass the GGUF of the model the adapter was trained on (a vocabulary resized in "
+                               "training cannot be exported)")
 
 
 def export_gguf_adapter(model, adapter_dir: Path, output: Path, outtype: str = "f32",

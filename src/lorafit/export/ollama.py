@@ -125,15 +125,19 @@ def modelfile_path(output: Path) -> Path:
     return output.parent / MODELFILE
 
 
-def write_modelfile(output: Path, model_file: Path, adapter_file: Path | None, tokenizer, stop_ids: list[int]) -> Path:
-    """Write ``Modelfile`` beside ``output``; the exported file is named relative to it, the base by full path."""
+def modelfile_for(output: Path, model_file: Path, adapter_file: Path | None, tokenizer, stop_ids: list[int]) -> str:
+    """The Modelfile for files exported to ``output``'s folder: those are named relative to it, the base by full path."""
     def for_ollama(path: Path) -> str:
         return f"./{path.name}" if path.resolve().parent == output.resolve().parent else str(path.resolve())
 
     if '"""' in (tokenizer.chat_template or ""):
         raise LorafitError('the chat template contains """, which ends an Ollama TEMPLATE: leave out --ollama')
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_ids]
-    text = modelfile_text(for_ollama(model_file), for_ollama(adapter_file) if adapter_file else None, tokenizer, stops)
+    return modelfile_text(for_ollama(model_file), for_ollama(adapter_file) if adapter_file else None, tokenizer, stops)
+
+
+def write_modelfile(output: Path, model_file: Path, adapter_file: Path | None, tokenizer, stop_ids: list[int]) -> Path:
+    """Write ``Modelfile`` beside ``output``."""
     path = modelfile_path(output)
-    write_text(path, text)
+    write_text(path, modelfile_for(output, model_file, adapter_file, tokenizer, stop_ids))
     return path
