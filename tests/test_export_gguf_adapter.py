@@ -210,3 +210,34 @@ def test_output_is_required(tmp_path, capsys, tiny_base):
     adapter = saved_adapter(tiny_base, tmp_path / "adapter")
     code, _, err = run_cli(capsys, "export", "--adapter", adapter)
     assert_one_line_error(code, err, "pass --output")
+
+
+# --- the other architectures llama.cpp runs -------------------------------------------------------------
+
+SEPARATE = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj"}
+FUSED = {"attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj", "ffn_up": "mlp.gate_up_proj",
+         "ffn_down": "mlp.down_proj"}
+# architecture -> (llama.cpp's name for it, its tensors, whether Q/K rows are permuted)
+OTHERS = {"mistral": ("llama", SEPARATE, True), "qwen2": ("qwen2", SEPARATE, False), "qwen3": ("qwen3", SEPARATE, False),
+          "gemma2": ("gemma2", SEPARATE, False), "gemma3": ("gemma3", SEPARATE, False), "phi3": ("phi3", FUSED, False)}
+
+
+@pytest.mark.parametrize("arch", sorted(OTHERS))
+def test_other_architectures_get_llama_cpp_names(tmp_path, arch):
+    from test_interop_architectures import build
+
+    llama_arch, tensors, permuted = OTHERS[arch]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    lora = save_lora(build(arch), config, tmp_path / "adapter")
+    export_gguf_adapter(lora, tmp_path / "adapter", tmp_path / "a.gguf")
+    fields, values, _ = read_adapter_gguf(tmp_path / "a.gguf")
+    assert fields["general.architecture"] == llama_arch
+    assert set(values) == {f"blk.0.{short}.weight.lora_{ab}" for short in tensors for ab in "ab"}
+    for short, module in tensors.items():
+        delta = llama_cpp_delta(values, f"blk.0.{short}.weight", 8.0)
+        if permuted and short in ("attn_q", "attn_k"):
+            delta = reverse_permute(delta, 4, 4 if short == "attn_q" else 2)
+        layer = lora.get_base_model().get_submodule(f"model.layers.0.{module}")
+        np.testing.assert_allclose(delta, layer.delta_weight("default").detach().numpy(), rtol=1e-5, atol=1e-6)
