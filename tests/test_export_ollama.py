@@ -15,7 +15,7 @@ from test_chat import find_smollm_gguf
 
 from lorafit.data import chat
 from lorafit.errors import LorafitError
-from lorafit.export.ollama import chat_pieces, go_template, write_modelfile
+from lorafit.export.ollama import chat_pieces, go_template, modelfile_for
 
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -76,12 +76,11 @@ def test_modelfile_names_model_adapter_template_and_stops(tmp_path, smollm_token
     base = Path("/models/base.gguf")
     output = tmp_path / "todo.gguf"
     stop_id = smollm_tokenizer.convert_tokens_to_ids("<|im_end|>")
-    path = write_modelfile(output, base, output, smollm_tokenizer, [stop_id])
-    assert path == tmp_path / "Modelfile"
-    lines = path.read_text().splitlines()
+    text = modelfile_for(output, base, output, smollm_tokenizer, [stop_id])
+    lines = text.splitlines()
     assert lines[:2] == ["FROM /models/base.gguf", "ADAPTER ./todo.gguf"]
-    assert lines[2].startswith('TEMPLATE """{{ if not') and '"""' in path.read_text().split('TEMPLATE """')[1]
+    assert lines[2].startswith('TEMPLATE """{{ if not') and '"""' in text.split('TEMPLATE """')[1]
     assert lines[-2:] == ['PARAMETER stop "<|im_end|>"', "PARAMETER temperature 0"]
 
-    merged = write_modelfile(output, output, None, smollm_tokenizer, [stop_id]).read_text()
+    merged = modelfile_for(output, output, None, smollm_tokenizer, [stop_id])
     assert merged.startswith("FROM ./todo.gguf\nTEMPLATE") and "ADAPTER" not in merged

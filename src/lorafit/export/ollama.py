@@ -15,7 +15,6 @@ from pathlib import Path
 
 from lorafit.data import chat
 from lorafit.errors import LorafitError
-from lorafit.files import write_text
 
 MARKERS = {"system": "Zq7sysmark", "user": "Zq7usermark", "assistant": "Zq7asstmark"}
 MODELFILE = "Modelfile"
@@ -135,9 +134,3 @@ def modelfile_for(output: Path, model_file: Path, adapter_file: Path | None, tok
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_ids]
     return modelfile_text(for_ollama(model_file), for_ollama(adapter_file) if adapter_file else None, tokenizer, stops)
 
-
-def write_modelfile(output: Path, model_file: Path, adapter_file: Path | None, tokenizer, stop_ids: list[int]) -> Path:
-    """Write ``Modelfile`` beside ``output``."""
-    path = modelfile_path(output)
-    write_text(path, modelfile_for(output, model_file, adapter_file, tokenizer, stop_ids))
-    return path
