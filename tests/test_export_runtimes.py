@@ -114,8 +114,8 @@ def test_llama_cpp_applies_the_exported_adapter_as_lorafit_does(trained):
 
 # --merged output types llama.cpp must run as lorafit does (at least 57 of 60 replies equal): f16 rounds each merged
 # weight by at most 2^-11 of itself, q8_0 by half of 1/127 of its 32-value block's largest value. Re-quantizing to
-# the base's Q4_1 (half of 1/15 of a block's range) rounds most of a LoRA's change back to the base's own values,
-# so that file is checked for its quantization only (test_merged_gguf_in_the_bases_own_quantization).
+# the base's Q4_1 moves weights by up to half of 1/15 of a block's range, as much as the LoRA changed them: llama.cpp
+# then answers like the base (measured: 0 of 60 replies equal), so that file is checked for its quantization only.
 MERGED = ("f16", "q8_0")
 
 
@@ -167,5 +167,7 @@ def test_merged_gguf_in_the_bases_own_quantization(trained, merged):
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
             reference = exact[tensor.name].data.reshape(values.shape)
             blocks = reference.reshape(-1, 32)  # Q4_1: 16 levels between each block's min and max
-            step = (blocks.max(axis=1) - blocks.min(axis=1)) / 15
-            assert (abs(values.reshape(-1, 32) - blocks) <= step[:, None] / 2 + 1e-3 * step[:, None] + 1e-6).all(), tensor.name
+            low, step = blocks.min(axis=1), (blocks.max(axis=1) - blocks.min(axis=1)) / 15
+            # half a step, plus the f16 rounding (2^-11) of the stored step (times up to 15) and minimum
+            allowed = step / 2 + (15 * step + abs(low)) * 2**-11 + 1e-7
+            assert (abs(values.reshape(-1, 32) - blocks) <= allowed[:, None]).all(), tensor.name

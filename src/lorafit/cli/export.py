@@ -35,8 +35,8 @@ class ExportSettings:
     """gguf (llama.cpp, Ollama) or onnx (classifiers, ONNX Runtime)."""
     outtype: str | None = None
     """GGUF tensor type: f32, f16 or q8_0 (rows not a multiple of 32 stay f16); with --merged also base (the base
-    GGUF's own type, e.g. Q4_1: small, but 4 bits round most of a LoRA's change away). Default: f32 for an adapter, f16
-    with --merged (it sets only the tensors the adapter changes; the others keep the base GGUF's own)."""
+    GGUF's own type, e.g. Q4_1: small, but 4-bit rounding is as large as a LoRA's change and can undo it). Default:
+    f32 for an adapter, f16 with --merged (it sets only the tensors the adapter changes; the others keep the base's)."""
     merged: bool = False
     """Write the whole model with the adapter merged in, as one GGUF, instead of a LoRA adapter."""
     ollama: bool = False
