@@ -1,4 +1,4 @@
-"""The `lorafit` command line: one sub-command per module (train, eval, predict, merge, generate, serve)."""
+"""The `lorafit` command line: one sub-command per module (train, eval, predict, merge, generate, export, serve)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ LoRA fine-tuning for Hugging Face transformers models, offline on a laptop CPU o
   lorafit generate --adapter DIR "a prompt"
   lorafit merge --adapter DIR --output DIR
   lorafit merge --adapter DIR --adapter DIR --weights 0.6 0.4 --combination ties --density 0.5 --output DIR
+  lorafit export --adapter DIR --output FILE.gguf   (llama.cpp, Ollama; --format onnx for classifiers)
   lorafit serve --adapter NAME=DIR    an OpenAI-compatible HTTP server, requests batched across adapters
 
 Run `lorafit COMMAND --help` for each command's options."""
@@ -75,13 +76,13 @@ def settings_from_args(args: argparse.Namespace, cls: type):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorafit.cli import evaluate, generate, merge, predict, serve, train
+    from lorafit.cli import evaluate, export, generate, merge, predict, serve, train
 
     parser = _Parser(prog="lorafit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lorafit {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    for module in (train, evaluate, predict, merge, generate, serve):
+    for module in (train, evaluate, predict, merge, generate, export, serve):
         sub = commands.add_parser(module.NAME, help=module.HELP, description=module.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
