@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tokenizers import pre_tokenizers
 
-from lorafit.data.classification import make_collator
+from lorafit.data.classification import LabelSpace, make_collator
 from lorafit.data.readers import read_table, read_text
 from lorafit.errors import LorafitError
 
@@ -66,22 +66,12 @@ class TaggedSentences:
 
 
 @dataclass(frozen=True)
-class TagSpace:
+class TagSpace(LabelSpace):
     """The tags: ``names[i]`` is class id ``i``. ``entities`` when every tag is O or B-/I-/E-/S- plus a type."""
-
-    names: tuple[str, ...]
 
     @property
     def entities(self) -> bool:
         return all(is_scheme_tag(name) for name in self.names)
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.names))
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.names)}
 
 
 def is_scheme_tag(tag: str) -> bool:
