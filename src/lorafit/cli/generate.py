@@ -56,11 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_flags(parser, QuantizeSettings)
 
 
-def parse_adapter_specs(values: list[str]) -> dict[str, Path]:
-    """NAME=DIR or DIR (named "default") per --adapter, in the order given."""
+def parse_adapter_specs(values: list[str], *, names_required: bool = False) -> dict[str, Path]:
+    """NAME=DIR per --adapter (or, unless ``names_required``, DIR alone, named "default"), in the order given,
+    each folder checked before any model is loaded."""
     specs: dict[str, Path] = {}
     for value in values:
         name, sep, directory = value.partition("=")
+        name = name.strip()
+        if names_required and (not sep or not name or not directory):
+            raise LorafitError(f"--adapter '{value}' needs a name: pass NAME=DIR (clients ask for NAME as `model`)")
         if not sep or Path(value).is_dir():
             name, directory = DEFAULT_ADAPTER, value
         if not name or not directory:

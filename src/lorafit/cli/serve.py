@@ -21,9 +21,8 @@ import sys
 from pathlib import Path
 
 from lorafit.cli import add_dataclass_flags, settings_from_args
+from lorafit.cli.generate import parse_adapter_specs
 from lorafit.errors import Interrupted, LorafitError
-from lorafit.inference.loading import check_adapter_dir
-from lorafit.layers import BASE_ADAPTER
 from lorafit.serving.settings import API_KEY_ENV, ServeSettings
 
 NAME = "serve"
@@ -34,22 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="an adapter to serve under NAME (clients pass it as `model`); repeat for more")
     add_dataclass_flags(parser, ServeSettings)
-
-
-def parse_adapter_specs(values: list[str]) -> dict[str, Path]:
-    """NAME=DIR per --adapter, each folder checked before any model is loaded."""
-    specs: dict[str, Path] = {}
-    for value in values:
-        name, sep, directory = value.partition("=")
-        name = name.strip()
-        if not sep or not name or not directory:
-            raise LorafitError(f"--adapter '{value}' needs a name: pass NAME=DIR (clients ask for NAME as `model`)")
-        if name == BASE_ADAPTER:
-            raise LorafitError(f"adapter name {BASE_ADAPTER!r} is reserved for the base model; pick another NAME")
-        if name in specs:
-            raise LorafitError(f"two adapters are named {name!r}; give each --adapter its own NAME")
-        specs[name] = check_adapter_dir(directory)
-    return specs
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -78,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, ServeSettings)
     if settings.api_key is None and os.environ.get(API_KEY_ENV):
         settings = ServeSettings(**{**vars(settings), "api_key": os.environ[API_KEY_ENV]})
-    specs = parse_adapter_specs(args.adapter)
+    specs = parse_adapter_specs(args.adapter, names_required=True)
     if not specs and settings.model is None:
         raise LorafitError("nothing to serve: pass --adapter NAME=DIR (repeat for more) or --model BASE")
     if settings.adapter_root is not None and not Path(settings.adapter_root).is_dir():
