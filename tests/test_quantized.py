@@ -178,3 +178,10 @@ def test_classifier_head_stays_fp32_and_trains(tmp_path):
     model(input_ids=IDS, labels=torch.tensor([0, 1])).loss.backward()
     trained = {n for n, p in model.named_parameters() if p.grad is not None}
     assert any("classifier" in n for n in trained) and any("lora_B" in n for n in trained)
+
+
+def test_dora_on_a_quantized_base_is_refused_in_one_line(llama_dir):
+    from lorafit.errors import LorafitError
+
+    with pytest.raises(LorafitError, match=r"DoRA \(use_dora\) on a quantized base \(4-bit nf4\) is not supported"):
+        get_lora_model(quantized_llama(llama_dir, SETTINGS["nf4"]), LoraConfig(**lora_config(use_dora=True)))
