@@ -23,7 +23,7 @@ from test_cli import assert_one_line_error, run_cli
 
 from lorafit import LoraConfig, LoraModel, LorafitError
 from lorafit.export.gguf_adapter import export_gguf_adapter
-from lorafit.training.run_dir import save_adapter_info
+from lorafit.inference.adapter_info import save_adapter_info
 
 gguf = pytest.importorskip("gguf")
 

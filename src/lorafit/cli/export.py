@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 def _check_task(adapter_dir: Path, format: str) -> None:
     """GGUF is for causal LMs, ONNX for classifiers: said before anything slow."""
     from lorafit.inference.loading import adapter_task
-    from lorafit.training.run_dir import load_adapter_info
+    from lorafit.inference.adapter_info import load_adapter_info
 
     task = adapter_task(adapter_dir, load_adapter_info(adapter_dir))
     if format == "gguf" and task != "causal-lm":
@@ -152,7 +152,7 @@ def _base_gguf(settings: ExportSettings, adapter_dir: Path, model: str | None) -
         return path
     from lorafit.inference.base_models import SMOLLM2_CACHE_NAME, cache_root, smollm2_gguf_path
     from lorafit.serialization import read_adapter_config
-    from lorafit.training.run_dir import load_adapter_info
+    from lorafit.inference.adapter_info import load_adapter_info
 
     info = load_adapter_info(adapter_dir)
     base = model or info.get("base_model") or read_adapter_config(adapter_dir).base_model_name_or_path
