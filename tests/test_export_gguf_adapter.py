@@ -206,6 +206,18 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys, tiny_base, args, fra
     assert_one_line_error(code, err, *fragments)
 
 
+@pytest.mark.parametrize("task", ["token-classification", "seq2seq"])
+@pytest.mark.parametrize("export_format", ["gguf", "onnx"])
+def test_a_task_neither_format_carries_is_refused_without_pointing_to_the_other(tmp_path, capsys, tiny_base, task,
+                                                                                export_format):
+    adapter = saved_adapter(tiny_base, tmp_path / "adapter")
+    save_adapter_info(adapter, {"task": task, "base_model": str(tiny_base)})
+    code, _, err = run_cli(capsys, "export", "--adapter", adapter, "--output", tmp_path / "a.gguf",
+                           "--format", export_format)
+    assert_one_line_error(code, err, f"this is a {task} adapter", "lorafit merge")
+    assert "use --format" not in err
+
+
 def test_output_is_required(tmp_path, capsys, tiny_base):
     adapter = saved_adapter(tiny_base, tmp_path / "adapter")
     code, _, err = run_cli(capsys, "export", "--adapter", adapter)
