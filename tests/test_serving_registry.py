@@ -16,6 +16,7 @@ from test_serving_worker import Gate
 
 from lorafit.inference.base_models import load_tokenizer
 from lorafit.inference.generate import GenerationSettings, generate_replies
+from lorafit.errors import LorafitError
 from lorafit.model import LoraModel
 from lorafit.serialization import WEIGHTS_NAME
 from lorafit.serving.engine import SamplingParams
@@ -163,3 +164,17 @@ def test_a_name_unloaded_and_loaded_again_waits_for_the_unload(models, expected)
         return first, again
 
     assert asyncio.run(run()) == (expected[0], expected[3])
+
+
+@pytest.mark.parametrize("task", ["token-classification", "seq2seq"])
+def test_an_adapter_of_a_task_the_server_does_not_serve_is_refused_naming_those_it_does(tmp_path, task):
+    from conftest import tiny_llama
+
+    from lorafit import LoraConfig
+    from lorafit.inference.adapter_info import save_adapter_info
+    from lorafit.serving.registry import read_adapter_spec
+
+    LoraModel(tiny_llama(), LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path)
+    save_adapter_info(tmp_path, {"task": task, "base_model": "some-base"})
+    with pytest.raises(LorafitError, match=f"is a {task} adapter; lorafit serve serves causal-LM and classifier"):
+        read_adapter_spec("x", tmp_path)

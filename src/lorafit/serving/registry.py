@@ -64,6 +64,10 @@ def read_adapter_spec(name: str, directory: str | Path, model: str | None = None
     if not base:
         raise LorafitError(f"adapter '{path}' does not say which base model it was trained on; pass its base model")
     task = adapter_task(path, info)
+    if task not in (CAUSAL, CLASSIFICATION):
+        command = "lorafit predict" if task == "token-classification" else "lorafit generate"
+        raise LorafitError(f"adapter '{path}' is a {task} adapter; lorafit serve serves causal-LM and classifier "
+                           f"adapters: use `{command} --adapter {path}` for it")
     spec = AdapterSpec(name, path, task, str(base))
     if task == CLASSIFICATION:
         if info.get("text_pair_column"):
