@@ -81,6 +81,22 @@ def test_outputs_equal_peft_with_each_others_files(llama_dir, kind, tmp_path):
             assert not torch.allclose(ours(input_ids=IDS).logits, ours_logits, atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_dora_on_a_quantized_base_equals_peft_with_each_others_files(llama_dir, kind, tmp_path):
+    ours, theirs = both(llama_dir, SETTINGS[kind], use_dora=True)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+    ours.load_adapter(tmp_path / "peft", "from_peft")
+    ours.set_adapter("from_peft")
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, atol=ATOL, rtol=0)
+        ours.set_adapter("default")
+        reloaded = peft.PeftModel.from_pretrained(quantized_llama(llama_dir, SETTINGS[kind]), str(tmp_path / "ours"))
+        torch.testing.assert_close(ours(input_ids=IDS).logits, reloaded.eval()(input_ids=IDS).logits,
+                                   atol=ATOL, rtol=0)
+
+
 def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
     model.train()
     model.zero_grad()

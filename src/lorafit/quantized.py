@@ -19,6 +19,7 @@ from torch import nn
 from lorafit.errors import LorafitError
 from lorafit.fast.lora_update import linear_update
 from lorafit.layers import LoraLinear
+from lorafit.variants import dora
 
 
 def quantized_linear_types() -> tuple[type, ...]:
@@ -111,8 +112,10 @@ class QuantizedLoraLinear(LoraLinear):
         return linear_update(layer, x, result)
 
     @classmethod
-    def adapter_shapes(cls, base_layer: nn.Module, r: int, fan_in_fan_out: bool = False) -> dict[str, tuple[int, ...]]:
-        return {"lora_A.weight": (r, base_layer.in_features), "lora_B.weight": (base_layer.out_features, r)}
+    def adapter_shapes(cls, base_layer: nn.Module, r: int, fan_in_fan_out: bool = False,
+                       use_dora: bool = False) -> dict[str, tuple[int, ...]]:
+        shapes = {"lora_A.weight": (r, base_layer.in_features), "lora_B.weight": (base_layer.out_features, r)}
+        return {**shapes, dora.MAGNITUDE: (base_layer.out_features,)} if use_dora else shapes
 
     def weight_dtype(self) -> torch.dtype:
         return torch.float32
