@@ -294,6 +294,20 @@ def test_a_layer_no_adapter_adapts_is_refused_and_changes_nothing(tmp_path):
     assert not [m for m in ours.modules() if "new" in getattr(m, "r", {})]
 
 
+@pytest.mark.parametrize("order", [["dora", "plain"], ["plain", "dora"]])
+@pytest.mark.parametrize("combination", ["svd", "linear", "cat"])
+def test_a_dora_adapter_is_refused_in_any_place_and_changes_nothing(tmp_path, order, combination):
+    """add_weighted_adapter combines B A updates; a DoRA adapter's trained magnitudes are not one (PEFT drops
+    them, and gives the new adapter fresh ones when the first adapter is DoRA)."""
+    dirs = _saved_bert_adapters(tmp_path, dora=dict(r=4, use_dora=True), plain=dict(r=4))
+    ours = LoraModel.from_pretrained(tiny_bert_cls(0), dirs[order[0]], adapter_name=order[0])
+    ours.load_adapter(dirs[order[1]], order[1])
+    with pytest.raises(LorafitError, match="adapter 'dora' is a DoRA adapter"):
+        ours.add_weighted_adapter(order, [1.0, 1.0], "new", combination_type=combination)
+    assert list(ours.peft_config) == order
+    assert not [m for m in ours.modules() if "new" in getattr(m, "r", {})]
+
+
 def test_saved_combination_loads_in_peft_with_the_same_outputs(saved, tmp_path):
     ours, _ = both("llama", saved["llama"], ["a", "b", "c"])
     ours.add_weighted_adapter(["a", "b", "c"], [0.6, 0.4, 0.2], "new", combination_type="ties_svd", density=0.7)

@@ -9,7 +9,6 @@ The reference for llama.cpp's layout is outside lorafit: llama.cpp's rule for ap
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -180,11 +179,8 @@ def test_command_writes_the_adapter_and_refuses_to_overwrite(tmp_path, capsys, t
 ])
 def test_what_a_gguf_adapter_cannot_carry_is_refused_in_one_line(tmp_path, capsys, tiny_base, case, fragments):
     config = {"modules_to_save": {"modules_to_save": ["lm_head"]}, "bias": {"bias": "all", "biased": True},
-              "dora": {}}[case]
+              "dora": {"use_dora": True}}[case]
     adapter = saved_adapter(tiny_base, tmp_path / "adapter", **config)
-    if case == "dora":  # lorafit does not train DoRA yet; PEFT writes this flag
-        settings = json.loads((adapter / "adapter_config.json").read_text())
-        (adapter / "adapter_config.json").write_text(json.dumps({**settings, "use_dora": True}))
     code, _, err = run_cli(capsys, "export", "--adapter", adapter, "--output", tmp_path / "a.gguf")
     assert_one_line_error(code, err, *fragments)
     assert not (tmp_path / "a.gguf").exists()
@@ -204,6 +200,18 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys, tiny_base, args, fra
     adapter = saved_adapter(tiny_base, tmp_path / "adapter")
     code, _, err = run_cli(capsys, "export", "--adapter", adapter, "--output", tmp_path / "a.gguf", *args)
     assert_one_line_error(code, err, *fragments)
+
+
+@pytest.mark.parametrize("task", ["token-classification", "seq2seq"])
+@pytest.mark.parametrize("export_format", ["gguf", "onnx"])
+def test_a_task_neither_format_carries_is_refused_without_pointing_to_the_other(tmp_path, capsys, tiny_base, task,
+                                                                                export_format):
+    adapter = saved_adapter(tiny_base, tmp_path / "adapter")
+    save_adapter_info(adapter, {"task": task, "base_model": str(tiny_base)})
+    code, _, err = run_cli(capsys, "export", "--adapter", adapter, "--output", tmp_path / "a.gguf",
+                           "--format", export_format)
+    assert_one_line_error(code, err, f"this is a {task} adapter", "lorafit merge")
+    assert "use --format" not in err
 
 
 def test_output_is_required(tmp_path, capsys, tiny_base):

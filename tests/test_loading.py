@@ -128,3 +128,21 @@ def test_a_pickled_base_with_a_payload_never_runs(tmp_path, capsys, small_run, t
     assert_one_line_error(code, err, "pytorch_model.bin")
     assert not marker.exists()
 
+
+
+def test_adapters_trained_on_differently_quantized_bases_need_one_quantize(tmp_path):
+    """The base is loaded once for every --adapter: quantized as the first was trained, the others would run on a
+    base they were not trained on."""
+    from test_causal_lm import save_tiny_model
+
+    from lorafit import LoraConfig, LoraModel, LorafitError
+    from lorafit.inference.adapter_info import save_adapter_info
+    from lorafit.inference.base_models import load_causal_lm
+    from lorafit.inference.loading import load_adapters
+
+    base_dir = save_tiny_model(tmp_path / "base", "llama")
+    for name, recorded in [("plain", {}), ("qlora", {"quantization": {"quantize": "4bit"}})]:
+        LoraModel(load_causal_lm(base_dir), LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path / name)
+        save_adapter_info(tmp_path / name, {"task": "causal-lm", "base_model": base_dir, **recorded})
+    with pytest.raises(LorafitError, match=r"'qlora' .*4bit.* but 'plain' .*unquantized.*pass --quantize"):
+        load_adapters({"plain": tmp_path / "plain", "qlora": tmp_path / "qlora"}, None)

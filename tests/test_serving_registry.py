@@ -14,8 +14,9 @@ from test_serving_engine import expected, make_engine, models, reply  # noqa: F4
 from test_serving_engine import MAX_TOKENS, PROMPTS
 from test_serving_worker import Gate
 
-from lorafit.inference.base_models import load_tokenizer
+from lorafit.inference.base_models import load_causal_lm, load_tokenizer
 from lorafit.inference.generate import GenerationSettings, generate_replies
+from lorafit.errors import LorafitError
 from lorafit.model import LoraModel
 from lorafit.serialization import WEIGHTS_NAME
 from lorafit.serving.engine import SamplingParams
@@ -163,3 +164,50 @@ def test_a_name_unloaded_and_loaded_again_waits_for_the_unload(models, expected)
         return first, again
 
     assert asyncio.run(run()) == (expected[0], expected[3])
+
+
+@pytest.mark.parametrize("task", ["token-classification", "seq2seq"])
+def test_an_adapter_of_a_task_the_server_does_not_serve_is_refused_naming_those_it_does(tmp_path, task):
+    from conftest import tiny_llama
+
+    from lorafit import LoraConfig
+    from lorafit.inference.adapter_info import save_adapter_info
+    from lorafit.serving.registry import read_adapter_spec
+
+    LoraModel(tiny_llama(), LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path)
+    save_adapter_info(tmp_path, {"task": task, "base_model": "some-base"})
+    with pytest.raises(LorafitError, match=f"is a {task} adapter; lorafit serve serves causal-LM and classifier"):
+        read_adapter_spec("x", tmp_path)
+
+
+def test_a_qlora_adapter_is_served_on_its_quantized_base_as_generate_loads_it(tmp_path):
+    """An adapter trained on a 4-bit base gets that base (as `lorafit generate` loads it), not the fp32 one
+    plain adapters of the same model share."""
+    pytest.importorskip("bitsandbytes")
+    from test_causal_lm import save_tiny_model
+
+    from lorafit import LoraConfig
+    from lorafit.inference.adapter_info import save_adapter_info
+    from lorafit.inference.loading import load_adapter_for_inference
+    from lorafit.inference.quantization import adapter_quantization
+    from lorafit.quantized import is_quantized
+    from lorafit.serving.registry import load_base, read_adapter_spec
+    from lorafit.training.settings import QuantizeSettings
+
+    base_dir = save_tiny_model(tmp_path / "base", "llama")
+    for name, quantization in [("plain", None), ("qlora", QuantizeSettings("4bit"))]:
+        torch.manual_seed(1)
+        LoraModel(load_causal_lm(base_dir, quantization=quantization),
+                  LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(tmp_path / name)
+        save_adapter_info(tmp_path / name, {"task": "causal-lm", "base_model": base_dir,
+                                            **adapter_quantization(quantization)})
+    plain, qlora = read_adapter_spec("plain", tmp_path / "plain"), read_adapter_spec("qlora", tmp_path / "qlora")
+    assert plain.key != qlora.key
+    served = load_base(qlora.base, qlora.task, qlora)
+    served.add(qlora)
+    served.model.set_adapter("qlora")
+    assert any(is_quantized(module) for module in served.model.modules())
+    reference = load_adapter_for_inference(tmp_path / "qlora").model
+    ids = torch.tensor([[5, 17, 33, 21, 41, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(served.model(input_ids=ids).logits, reference(input_ids=ids).logits)

@@ -66,6 +66,11 @@ def plan_weighted_adapter(configs: dict[str, LoraConfig], adapters: list[str], w
     unknown = [name for name in adapters if name not in configs]
     if unknown:
         raise LorafitError(f"no adapter named {', '.join(map(repr, unknown))}; loaded: {', '.join(configs) or 'none'}")
+    dora = next((name for name in adapters if configs[name].use_dora), None)
+    if dora is not None:  # PEFT drops the trained magnitudes, or gives the new adapter fresh ones
+        raise LorafitError(f"adapter {dora!r} is a DoRA adapter: its trained magnitudes cannot be combined, only B A "
+                           "updates; merge it into its base model alone (merge_and_unload, `lorafit merge` with one "
+                           "--adapter) instead")
     if len(weights) != len(adapters):
         raise LorafitError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s); give one weight per adapter")
     for weight in weights:

@@ -19,6 +19,7 @@ from torch import nn
 from lorafit.errors import LorafitError
 from lorafit.fast.lora_update import linear_update
 from lorafit.layers import LoraLinear
+from lorafit.variants import dora
 
 
 def quantized_linear_types() -> tuple[type, ...]:
@@ -113,14 +114,8 @@ class QuantizedLoraLinear(LoraLinear):
     @classmethod
     def adapter_shapes(cls, base_layer: nn.Module, r: int, fan_in_fan_out: bool = False,
                        use_dora: bool = False) -> dict[str, tuple[int, ...]]:
-        return {"lora_A.weight": (r, base_layer.in_features), "lora_B.weight": (base_layer.out_features, r)}
-
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool,
-                    use_dora: bool = False) -> None:
-        if use_dora:  # no parity test against PEFT's DoRA on bitsandbytes layers yet
-            raise LorafitError(f"DoRA (use_dora) on a quantized base ({describe_quantization(self.base_layer)}) is "
-                               "not supported yet; train a plain LoRA adapter, or leave --quantize out")
-        super().add_adapter(name, r, alpha, dropout, init, use_rslora)
+        shapes = {"lora_A.weight": (r, base_layer.in_features), "lora_B.weight": (base_layer.out_features, r)}
+        return {**shapes, dora.MAGNITUDE: (base_layer.out_features,)} if use_dora else shapes
 
     def weight_dtype(self) -> torch.dtype:
         return torch.float32

@@ -84,11 +84,14 @@ def _check_task(adapter_dir: Path, format: str) -> None:
     from lorafit.inference.adapter_info import load_adapter_info
 
     task = adapter_task(adapter_dir, load_adapter_info(adapter_dir))
-    if format == "gguf" and task != "causal-lm":
-        raise LorafitError(f"--format gguf exports causal-LM adapters; this is a {task} adapter: use --format onnx")
-    if format == "onnx" and task != "classification":
-        raise LorafitError(f"--format onnx exports classifiers; this is a {task} adapter: "
-                           "use --format gguf for llama.cpp or Ollama")
+    exported = {"gguf": "causal-lm", "onnx": "classification"}
+    if task == exported[format]:
+        return
+    other = next((name for name, kind in exported.items() if kind == task), None)
+    fix = (f"use --format {other}" if other else "lorafit export takes causal-LM adapters (gguf) and classifiers "
+           "(onnx); for other tasks, lorafit merge writes a plain transformers model")
+    what = {"gguf": "causal-LM adapters", "onnx": "classifiers"}[format]
+    raise LorafitError(f"--format {format} exports {what}; this is a {task} adapter: {fix}")
 
 
 def _export_onnx(adapter_dir: Path, model: str | None, output: Path, settings: ExportSettings) -> int:

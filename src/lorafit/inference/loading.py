@@ -10,7 +10,7 @@ from lorafit.model import DEFAULT_ADAPTER, LoraModel
 from lorafit.inference.adapter_info import load_adapter_info
 from lorafit.inference.base_models import (load_causal_lm, load_classifier, load_seq2seq_lm, load_tokenizer,
                                           resolve_model)
-from lorafit.inference.quantization import inference_quantization
+from lorafit.inference.quantization import inference_quantization, quantizes
 from lorafit.training.settings import QuantizeSettings
 from lorafit.serialization import CONFIG_NAME, WEIGHTS_NAME, damaged_weights_error, read_adapter_config
 
@@ -78,10 +78,12 @@ def load_adapter_for_inference(adapter: str | Path, model: str | None = None, pa
     return LoadedAdapter(lora_model, tokenizer, info, task)
 
 
-def check_adapters(specs: dict[str, Path], model: str | None) -> None:
-    """Refuse classifier adapters, and adapters of different tasks or bases, before loading anything."""
+def check_adapters(specs: dict[str, Path], model: str | None, quantization: QuantizeSettings | None = None) -> None:
+    """Refuse classifier adapters, and adapters of different tasks or bases (or, unless ``quantization`` says how
+    to load it, of a base quantized differently), before loading anything."""
     bases: dict[str, str] = {}
     tasks: dict[str, str] = {}
+    quantized: dict[str, QuantizeSettings | None] = {}
     for name, directory in specs.items():
         info = load_adapter_info(directory)
         task = tasks[name] = adapter_task(directory, info)
@@ -93,10 +95,24 @@ def check_adapters(specs: dict[str, Path], model: str | None) -> None:
         base = info.get("base_model") or read_adapter_config(directory).base_model_name_or_path
         if base:
             bases[name] = same_base_key(base)
+        quantized[name] = inference_quantization(None, info)
     if model is None and len(set(bases.values())) > 1:
         listing = ", ".join(f"{name}: {base}" for name, base in bases.items())
         raise LorafitError(f"the adapters were trained on different base models ({listing}); "
                            "load only adapters of one base model, or pass --model to use one for all")
+    first = next(iter(specs))
+    other = next((name for name in specs if quantized[name] != quantized[first]), None)
+    if other is not None and (quantization is None or quantization.quantize is None):
+        raise LorafitError(f"'{other}' was trained on the base {_quantized(quantized[other])} but '{first}' on it "
+                           f"{_quantized(quantized[first])}, and the base is loaded once for all: pass --quantize "
+                           "(4bit, 8bit or none) to load it one way for every adapter")
+
+
+def _quantized(settings: QuantizeSettings | None) -> str:
+    if not quantizes(settings):
+        return "unquantized"
+    kind = f" {settings.bnb_4bit_quant_type}" if settings.quantize == "4bit" else ""
+    return f"quantized ({settings.quantize}{kind})"
 
 
 def same_base_key(base: str) -> str:
@@ -108,7 +124,7 @@ def same_base_key(base: str) -> str:
 def load_adapters(specs: dict[str, Path], model: str | None,
                   quantization: QuantizeSettings | None = None) -> LoadedAdapter:
     """The base model with every adapter loaded under its name, ready for left-padded batches."""
-    check_adapters(specs, model)
+    check_adapters(specs, model, quantization)
     loaded = load_adapter_for_inference(next(iter(specs.values())), model, padding_side="left",
                                         quantization=quantization)
     if list(specs) != [DEFAULT_ADAPTER]:

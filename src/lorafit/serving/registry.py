@@ -20,12 +20,13 @@ from lorafit.errors import LorafitError
 from lorafit.fast import use_fast_paths
 from lorafit.inference.base_models import load_causal_lm, load_classifier, load_tokenizer, resolve_model
 from lorafit.inference.generate import stop_token_ids
+from lorafit.inference.quantization import inference_quantization, quantizes
 from lorafit.inference.loading import adapter_task, check_adapter_dir, id2label_from_weights, same_base_key
 from lorafit.model import LoraModel
 from lorafit.serialization import read_adapter_config
 from lorafit.serving.schema import BASE_ROUTE, ModelEntry
 from lorafit.inference.adapter_info import load_adapter_info
-from lorafit.training.settings import DEFAULT_MAX_LENGTH
+from lorafit.training.settings import DEFAULT_MAX_LENGTH, QuantizeSettings
 
 CAUSAL, CLASSIFICATION = "causal-lm", "classification"
 
@@ -41,16 +42,18 @@ class AdapterSpec:
     labels: list[str] | None = None  # classifiers: class names in class order
     max_length: int | None = None  # classifiers: texts are truncated as in training
     truncation_side: str = "right"
+    quantization: QuantizeSettings | None = None  # the base as the adapter was trained on it (QLoRA)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def key(self) -> tuple:
         """Adapters with equal keys share one loaded model."""
-        return base_key(self.base, self.task, len(self.labels) if self.labels else None)
+        return base_key(self.base, self.task, len(self.labels) if self.labels else None, self.quantization)
 
 
-def base_key(base: str, task: str, num_labels: int | None = None) -> tuple:
-    return (same_base_key(base), task, num_labels)
+def base_key(base: str, task: str, num_labels: int | None = None,
+             quantization: QuantizeSettings | None = None) -> tuple:
+    return (same_base_key(base), task, num_labels, repr(quantization) if quantizes(quantization) else None)
 
 
 def read_adapter_spec(name: str, directory: str | Path, model: str | None = None) -> AdapterSpec:
@@ -64,7 +67,11 @@ def read_adapter_spec(name: str, directory: str | Path, model: str | None = None
     if not base:
         raise LorafitError(f"adapter '{path}' does not say which base model it was trained on; pass its base model")
     task = adapter_task(path, info)
-    spec = AdapterSpec(name, path, task, str(base))
+    if task not in (CAUSAL, CLASSIFICATION):
+        command = "lorafit predict" if task == "token-classification" else "lorafit generate"
+        raise LorafitError(f"adapter '{path}' is a {task} adapter; lorafit serve serves causal-LM and classifier "
+                           f"adapters: use `{command} --adapter {path}` for it")
+    spec = AdapterSpec(name, path, task, str(base), quantization=inference_quantization(None, info))
     if task == CLASSIFICATION:
         if info.get("text_pair_column"):
             raise LorafitError(f"adapter '{path}' classifies text pairs; the server classifies single texts, "
@@ -79,10 +86,11 @@ def read_adapter_spec(name: str, directory: str | Path, model: str | None = None
 class ServedBase:
     """One loaded base model with its adapters; only its worker thread touches ``model``."""
 
-    def __init__(self, base: str, task: str, model: LoraModel, tokenizer, num_labels: int | None = None) -> None:
+    def __init__(self, base: str, task: str, model: LoraModel, tokenizer, num_labels: int | None = None,
+                 quantization: QuantizeSettings | None = None) -> None:
         self.id = base
         self.task = task
-        self.key = base_key(base, task, num_labels)
+        self.key = base_key(base, task, num_labels, quantization)
         self.model = model
         self.tokenizer = tokenizer
         self.adapters: dict[str, AdapterSpec] = {}
@@ -124,6 +132,7 @@ class ServedBase:
 def load_base(base: str, task: str, first: AdapterSpec | None = None, device: str | None = None) -> ServedBase:
     """Load a base model (and its tokenizer) for serving; ``first`` is a classifier adapter giving the labels."""
     path = resolve_model(base)
+    quantization = first.quantization if first is not None else None
     tokenizer_dir = first.directory / "tokenizer" if first is not None else None
     tokenizer = load_tokenizer(str(tokenizer_dir) if tokenizer_dir and tokenizer_dir.is_dir() else path,
                                padding_side="right" if task == CLASSIFICATION else "left")
@@ -133,17 +142,20 @@ def load_base(base: str, task: str, first: AdapterSpec | None = None, device: st
                                "serve a classifier adapter trained on it")
         id2label = dict(enumerate(first.labels))
         model = load_classifier(path, num_labels=len(id2label), id2label=id2label,
-                                label2id={v: k for k, v in id2label.items()}, pad_token_id=tokenizer.pad_token_id)
+                                label2id={v: k for k, v in id2label.items()}, pad_token_id=tokenizer.pad_token_id,
+                                quantization=quantization)
     else:
-        model = load_causal_lm(path)
+        model = load_causal_lm(path, quantization=quantization)
         unsupported = cache_layers_supported(model.config)
         if unsupported:
             raise LorafitError(f"base model '{base}' cannot be batched by lorafit serve ({unsupported}); "
                                "serve a model with full attention in every layer (Llama, GPT-2, Qwen2, ...)")
-    model.to(torch.device(device or default_device()))
+    if not quantizes(quantization):  # a quantized base stays where it was loaded: 8-bit layers cannot be moved
+        model.to(torch.device(device or default_device()))
     lora_model = LoraModel(model)
     lora_model.eval()
-    return ServedBase(base, task, lora_model, tokenizer, len(first.labels) if task == CLASSIFICATION else None)
+    return ServedBase(base, task, lora_model, tokenizer, len(first.labels) if task == CLASSIFICATION else None,
+                      quantization)
 
 
 def cache_layers_supported(config) -> str | None:

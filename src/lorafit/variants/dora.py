@@ -52,12 +52,13 @@ def linear_update(layer, x: torch.Tensor, result: torch.Tensor, name: str, dropo
     x = x.to(weight_A.dtype)
     drop = layer.lora_dropout[name]
     base = layer.base_layer
+    weight = layer.base_weight()  # a packed (quantized) base weight, de-quantized
     if not dropout or isinstance(drop, nn.Identity) or not layer.training:
         base_out = (result if base.bias is None else result - base.bias).to(x.dtype)  # W0 x
     else:
         x = drop(x)
-        base_out = F.linear(x, feature_rows(layer, base.weight).to(x.dtype))  # W0 x'
-    scale = getattr(layer, MAGNITUDE)[name] / weight_norm(layer, name, base.weight)  # m / n, (out,)
+        base_out = F.linear(x, feature_rows(layer, weight).to(x.dtype))  # W0 x'
+    scale = getattr(layer, MAGNITUDE)[name] / weight_norm(layer, name, weight)  # m / n, (out,)
     return (scale - 1) * base_out + scale * (x @ weight_A.T @ weight_B.T) * layer.scaling[name]
 
 
