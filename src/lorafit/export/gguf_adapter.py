@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.export.gguf_names import GgufArchitecture, check_outtype, encode, gguf_architecture
-from lorafit.files import atomic_path
+from lorafit.export.gguf_names import GgufArchitecture, check_outtype, encode, gguf_architecture, gguf_file
 from lorafit.layers import LoraEmbedding, LoraLayer, LoraLinear
 from lorafit.serialization import CONFIG_NAME, WEIGHTS_NAME, read_config_json
 
@@ -136,8 +135,7 @@ def export_gguf_adapter(model, adapter_dir: Path, output: Path, outtype: str = "
     tensors = llama_lora_tensors(model, arch, alpha)
     if base_gguf is not None:
         check_against_base(tensors, arch, base_gguf)
-    with atomic_path(output) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch.name)
+    with gguf_file(output, arch.name) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -145,8 +143,4 @@ def export_gguf_adapter(model, adapter_dir: Path, output: Path, outtype: str = "
         for name, tensor in tensors.items():
             data, kind = encode(tensor, outtype)
             writer.add_tensor(name, data, raw_dtype=kind)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
     return ExportResult(output, output.stat().st_size, len(tensors), time.perf_counter() - started)

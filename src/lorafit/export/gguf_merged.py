@@ -17,8 +17,8 @@ import torch
 
 from lorafit.errors import LorafitError
 from lorafit.export.gguf_adapter import ExportResult
-from lorafit.export.gguf_names import BASE_OUTTYPE, GgufArchitecture, check_outtype, encode, encode_like, gguf_architecture
-from lorafit.files import atomic_path
+from lorafit.export.gguf_names import (BASE_OUTTYPE, GgufArchitecture, check_outtype, encode, encode_like,
+                                       gguf_architecture, gguf_file)
 from lorafit.layers import LoraLayer
 from lorafit.serialization import WEIGHTS_NAME, plain_name
 
@@ -83,8 +83,7 @@ def export_gguf_merged(model, adapter_dir: Path, base_gguf: Path, output: Path, 
         if name not in base_tensors or tuple(int(n) for n in base_tensors[name].shape) != tuple(reversed(tensor.shape)):
             raise LorafitError(f"tensor '{name}' of the merged model does not fit --base-gguf '{base_gguf}': "
                                "pass the GGUF of the model the adapter was trained on")
-    with atomic_path(output) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch.name)
+    with gguf_file(output, arch.name) as writer:
         copy_metadata(reader, writer)
         for name, base in base_tensors.items():
             if name in changed and outtype == BASE_OUTTYPE:
@@ -94,8 +93,4 @@ def export_gguf_merged(model, adapter_dir: Path, base_gguf: Path, output: Path, 
             else:
                 data, kind = base.data, base.tensor_type
             writer.add_tensor(name, data, raw_dtype=kind)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
     return ExportResult(output, output.stat().st_size, len(base_tensors), time.perf_counter() - started)

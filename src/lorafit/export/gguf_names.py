@@ -8,6 +8,8 @@ tensor of ``q_proj``/``k_proj`` (a LoRA B, a merged weight) gets the same permut
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from lorafit.errors import LorafitError
+from lorafit.files import atomic_path
 
 # transformers model_type -> (llama.cpp architecture, whether its Q/K rows are permuted). Mistral runs as
 # "llama" in llama.cpp (its converter maps MistralForCausalLM there).
@@ -116,3 +119,18 @@ def check_writable(output: Path, overwrite: bool, flag: str = "--output") -> Non
     check_output_file(output, flag, example="model.gguf")
     if output.exists() and not overwrite:
         raise LorafitError(f"{flag} '{output}' already exists; pass another path, or --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def gguf_file(output: Path, arch_name: str) -> Iterator[object]:
+    """A ``gguf.GGUFWriter`` for ``output``: the block adds metadata and tensors, and the file is written
+    (header, metadata, tensors) only when it ends without an error, atomically."""
+    import gguf
+
+    with atomic_path(output) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch_name)
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
