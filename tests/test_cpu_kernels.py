@@ -43,6 +43,12 @@ def test_onednn_stays_on_where_it_is_the_fast_path(model):
         assert torch.backends.mkldnn.enabled
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_onednn_stays_on_for_an_fp32_model_that_autocast_runs_in_low_precision(dtype):
+    with shape_free_kernels(tiny_bert_cls(), compute_dtype=dtype):
+        assert torch.backends.mkldnn.enabled
+
+
 def test_a_user_who_turned_onednn_off_keeps_it_off():
     torch.backends.mkldnn.enabled = False
     with shape_free_kernels(tiny_bert_cls()):

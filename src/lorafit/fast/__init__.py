@@ -8,7 +8,7 @@ classifier runs its whole last layer. ``use_fast_paths(model)`` turns on, for th
 - LoRA and, within training loops, base-model dropout with cheaper masks (dropout.py),
 - the last layer of a first-token classifier computing its first position alone (first_token.py),
 - the LM head at scored positions only, a shared prompt prefix run once (causal_loss.py),
-- and, within ``fast_section``, oneDNN off for fp32 CPU models (cpu_kernels.py).
+- and, within ``fast_section``, oneDNN off for fp32 CPU models not under bf16/fp16 autocast (cpu_kernels.py).
 
 ``LORAFIT_FAST=0`` in the environment, or ``use_fast_paths(model, False)`` (``lorafit train
 --no-fast``), runs the plain path instead.
@@ -21,6 +21,7 @@ import os
 import weakref
 from typing import Iterator
 
+import torch
 from torch import nn
 
 from lorafit.fast.cpu_kernels import shape_free_kernels
@@ -61,12 +62,14 @@ def is_on(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def fast_section(model: nn.Module) -> Iterator[None]:
-    """Within the block: oneDNN off for an fp32 CPU model, and cheaper masks for its base-model dropouts."""
+def fast_section(model: nn.Module, compute_dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Within the block: oneDNN off for an fp32 CPU model, and cheaper masks for its base-model dropouts.
+
+    ``compute_dtype``: the precision autocast computes in within the block (bf16 keeps oneDNN on)."""
     if not is_on(model):
         yield
         return
-    with shape_free_kernels(model), fast_dropouts(model):
+    with shape_free_kernels(model, compute_dtype), fast_dropouts(model):
         yield
 
 

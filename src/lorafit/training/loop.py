@@ -146,7 +146,8 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     # the bar is closed first, so that an interruption's message starts a line of its own
-    with fast_section(lora_model), _interrupt_names_step(state, run_dir), progress:
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+    with fast_section(lora_model, compute_dtype), _interrupt_names_step(state, run_dir), progress:
         while state.step < total_steps:
             for rows in epoch_batches(lengths, config, state.epoch)[state.batch_in_epoch:]:
                 loss = train_step(accelerator, model, examples, rows, collate, loss_fn, weight, config)
