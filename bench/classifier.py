@@ -86,7 +86,8 @@ def _peft_data(setup: Setup, tokenizer):
 
 def run_peft(setup: Setup, options: dict) -> dict:
     """The article's recipe; ``options["group_by_length"]`` adds train_sampling_strategy="group_by_length",
-    ``options["targets"]`` replaces query/value (PEFT's "all-linear" is a plain string)."""
+    ``options["targets"]`` replaces query/value (PEFT's "all-linear" is a plain string), ``options["bf16"]``
+    trains under bf16 autocast."""
     import numpy as np
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
@@ -106,6 +107,8 @@ def run_peft(setup: Setup, options: dict) -> dict:
         return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
     extra = {"train_sampling_strategy": "group_by_length"} if options.get("group_by_length") else {}
+    if options.get("bf16"):
+        extra["bf16"] = True  # autocast, as lorafit's --mixed-precision bf16
     with tempfile.TemporaryDirectory(prefix="bench-peft-", dir=setup.workdir) as out:
         args = TrainingArguments(output_dir=out, learning_rate=s.lr, per_device_train_batch_size=s.batch_size,
                                  per_device_eval_batch_size=s.batch_size, num_train_epochs=1, weight_decay=0.01,

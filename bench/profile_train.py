@@ -66,6 +66,43 @@ def run(kind: str, use_peft: bool, setup: Setup, examples: int, options: dict) -
         (llm.run_peft if use_peft else llm.run_lorafit)(setup, {})
 
 
+def profiled(kind: str, use_peft: bool, setup: Setup, examples: int, options: dict):
+    """cProfile's stats and torch.profiler's operator events of one run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    profiler = cProfile.Profile()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        profiler.enable()
+        run(kind, use_peft, setup, examples, options)
+        profiler.disable()
+    return pstats.Stats(profiler, stream=io.StringIO()), prof.key_averages()
+
+
+def category_seconds(events) -> dict[str, float]:
+    """Operator self time (seconds) per category, largest first."""
+    groups: dict[str, float] = {}
+    for e in events:
+        groups[category(e.key)] = groups.get(category(e.key), 0.0) + e.self_cpu_time_total / 1e6
+    return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
+PROFILE_EXAMPLES = {"classifier": 320, "llm": 40}
+"""The suite's `profile` case: 20 classifier steps of 16 (+ evaluation and save), 10 LLM steps of 4."""
+
+
+def measure(setup: Setup, options: dict) -> dict:
+    """The suite's `profile` case for one side: where a short training run's operator time goes, by category."""
+    kind, use_peft = options["kind"], bool(options.get("peft"))
+    examples = 32 if setup.smoke else PROFILE_EXAMPLES[kind]
+    stats, events = profiled(kind, use_peft, setup, examples, {})
+    seconds = category_seconds(events)
+    total = sum(seconds.values())
+    return {"examples": examples, "wall_seconds": round(max(v[3] for v in stats.stats.values()), 2),
+            "operator_seconds": round(total, 2),
+            "categories": {k: {"seconds": round(v, 3), "share": round(v / total, 4) if total else None}
+                           for k, v in seconds.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=("classifier", "llm"))
@@ -76,18 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
 
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as work:
         setup = prepare(args.smoke, Path(work), Sizes.smoke() if args.smoke else Sizes.full())
-        profiler = cProfile.Profile()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            profiler.enable()
-            run(args.kind, args.peft, setup, args.examples, {"group_by_length": args.grouped})
-            profiler.disable()
+        stats, events = profiled(args.kind, args.peft, setup, args.examples, {"group_by_length": args.grouped})
 
-    stats = pstats.Stats(profiler, stream=io.StringIO())
     total = max(v[3] for v in stats.stats.values())
     print(f"\n== Python phases (cumulative seconds; whole run {total:.1f} s) ==")
     rows = []
@@ -98,13 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     for cumulative, calls, where in sorted(rows, reverse=True)[:args.top]:
         print(f"{cumulative:9.2f} s {100 * cumulative / total:5.1f}%  {calls:7d} calls  {where}")
 
-    events = prof.key_averages()
     self_total = sum(e.self_cpu_time_total for e in events) / 1e6
-    groups: dict[str, float] = {}
-    for e in events:
-        groups[category(e.key)] = groups.get(category(e.key), 0.0) + e.self_cpu_time_total / 1e6
     print(f"\n== operator self time by category (total {self_total:.1f} s) ==")
-    for label, seconds in sorted(groups.items(), key=lambda kv: -kv[1]):
+    for label, seconds in category_seconds(events).items():
         print(f"{seconds:9.2f} s {100 * seconds / self_total:5.1f}%  {label}")
     print(f"\n== top {args.top} operators by self time ==")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:

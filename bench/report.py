@@ -20,6 +20,10 @@ def _ratio(a, b, digits: int = 3):
     return round(a / b, digits) if a is not None and b not in (None, 0) else None
 
 
+CLASSIFIER_SIDES = ("lorafit", "peft", "peft_grouped", "lorafit_all_linear", "peft_all_linear", "lorafit_bf16",
+                    "peft_bf16")
+
+
 def target(name: str, goal: str, value, ok) -> dict:
     return {"target": name, "goal": goal, "measured": value, "pass": None if value is None else bool(ok(value))}
 
@@ -27,8 +31,7 @@ def target(name: str, goal: str, value, ok) -> dict:
 def derive(results: dict) -> dict:
     """The headline figures and every target of the issue, each a ratio from this one run."""
     cases = results["cases"]
-    cls = {side: _get(cases, "classifier", side, "median", default={})
-           for side in ("lorafit", "peft", "peft_grouped", "lorafit_all_linear", "peft_all_linear")}
+    cls = {side: _get(cases, "classifier", side, "median", default={}) for side in CLASSIFIER_SIDES}
     llm = {side: _get(cases, "llm", side, "median", default={}) for side in ("lorafit", "peft")}
     infer = _get(cases, "inference", "variants", default={})
     mixed = _get(cases, "mixed", "lorafit", default={})
@@ -36,12 +39,16 @@ def derive(results: dict) -> dict:
         "classifier_speedup_vs_peft": _ratio(cls["lorafit"].get("samples_per_second"), cls["peft"].get("samples_per_second")),
         "classifier_speedup_vs_peft_grouped": _ratio(cls["lorafit"].get("samples_per_second"),
                                                      cls["peft_grouped"].get("samples_per_second")),
-        "classifier_accuracy_diff_points": (round(100 * (cls["lorafit"]["accuracy"] - cls["peft"]["accuracy"]), 2)
-                                            if cls["lorafit"].get("accuracy") is not None
-                                            and cls["peft"].get("accuracy") is not None else None),
+        "classifier_accuracy_diff_points": _points(cls["lorafit"].get("accuracy"), cls["peft"].get("accuracy")),
         "classifier_peak_memory_ratio": _ratio(cls["lorafit"].get("peak_rss_mb"), cls["peft"].get("peak_rss_mb")),
         "classifier_all_linear_speedup_vs_peft": _ratio(cls["lorafit_all_linear"].get("samples_per_second"),
                                                         cls["peft_all_linear"].get("samples_per_second")),
+        "classifier_bf16_speedup_vs_fp32": _ratio(cls["lorafit_bf16"].get("samples_per_second"),
+                                                  cls["lorafit"].get("samples_per_second")),
+        "classifier_bf16_speedup_vs_peft_bf16": _ratio(cls["lorafit_bf16"].get("samples_per_second"),
+                                                       cls["peft_bf16"].get("samples_per_second")),
+        "classifier_bf16_accuracy_diff_points": _points(cls["lorafit_bf16"].get("accuracy"),
+                                                        cls["lorafit"].get("accuracy")),
         "inference_unmerged_over_base": _get(infer, "lorafit_unmerged", "ratio"),
         "inference_all_linear_unmerged_over_base": _get(cases, "inference", "all_linear", "variants",
                                                         "lorafit_unmerged", "ratio"),
@@ -60,13 +67,16 @@ def derive(results: dict) -> dict:
     }
     bound = _get(cases, "shared", "bound", default=2.0)
     f = figures
+    # the second round's goals (issue 16) where they rose; the first round's elsewhere
     targets = [
-        target("classifier samples/s vs PEFT + Trainer (article)", ">= 2.0x", f["classifier_speedup_vs_peft"],
-               lambda v: v >= 2.0),
+        target("classifier samples/s vs PEFT + Trainer (article)", ">= 3.0x", f["classifier_speedup_vs_peft"],
+               lambda v: v >= 3.0),
         target("classifier final accuracy vs PEFT", "within 1 point", f["classifier_accuracy_diff_points"],
                lambda v: abs(v) <= 1.0),
-        target("classifier samples/s vs PEFT + Trainer, group_by_length", ">= 1.2x",
-               f["classifier_speedup_vs_peft_grouped"], lambda v: v >= 1.2),
+        target("classifier samples/s vs PEFT + Trainer, group_by_length", ">= 1.5x",
+               f["classifier_speedup_vs_peft_grouped"], lambda v: v >= 1.5),
+        target("classifier accuracy, bf16 autocast vs fp32 (CPUs with fast bf16)", "within 1 point",
+               f["classifier_bf16_accuracy_diff_points"], lambda v: abs(v) <= 1.0),
         target("classifier peak memory vs PEFT", "<= 1.0x", f["classifier_peak_memory_ratio"], lambda v: v <= 1.0),
         target("LLM training peak memory vs PEFT", "<= 1.0x", f["llm_peak_memory_ratio"], lambda v: v <= 1.0),
         target("inference, lorafit unmerged vs base model", "<= 1.05x", f["inference_unmerged_over_base"],
@@ -82,7 +92,7 @@ def derive(results: dict) -> dict:
         target("16-adapter mixed batch vs single-adapter batch", "<= 1.10x", f["mixed_16_over_single"],
                lambda v: v <= 1.10),
         target("switching the active adapter", "< 5 ms", f["switch_ms"], lambda v: v < 5.0),
-        target("LLM training tokens/s vs PEFT + Trainer", ">= 1.5x", f["llm_speedup_vs_peft"], lambda v: v >= 1.5),
+        target("LLM training tokens/s vs PEFT + Trainer", ">= 2.0x", f["llm_speedup_vs_peft"], lambda v: v >= 2.0),
         target("training beside one busy process (nice 19 or 0) vs alone", f"<= {bound}x (cores / free cores)",
                f["shared_slowdown_passive"], lambda v: v <= bound),
         target("serving: errors under load (LLM and classifier, batched and one at a time)", "0",
@@ -95,6 +105,11 @@ def derive(results: dict) -> dict:
                f["serve_classify_throughput_ratio"], lambda v: v >= 5.0),
     ]
     return {"figures": figures, "targets": targets, "gflops": gflops(results)}
+
+
+def _points(a, b):
+    """Accuracy a minus b, in percentage points."""
+    return round(100 * (a - b), 2) if a is not None and b is not None else None
 
 
 def serving_figures(serve: dict) -> dict:
@@ -144,11 +159,13 @@ def gflops(results: dict) -> dict:
                       "scored_tokens); over the training call's seconds"}
     tokens = _get(cases, "classifier", "tokens", "real_tokens")
     p_cls = _get(params, "classifier", "matmul")
-    for side in ("lorafit", "peft", "peft_grouped", "lorafit_all_linear", "peft_all_linear"):
+    for side in CLASSIFIER_SIDES:
         seconds = _get(cases, "classifier", side, "median", "train_seconds")
+        side_peak = bf16 if side.endswith("_bf16") else peak  # a bf16 run against what bf16 can reach
         if tokens and p_cls and seconds:
             value = 4 * p_cls * tokens / seconds / 1e9
-            out[f"classifier_{side}"] = {"gflops": round(value, 2), "of_peak": _ratio(value, peak, 5)}
+            out[f"classifier_{side}"] = {"gflops": round(value, 2), "of_peak": _ratio(value, side_peak, 5),
+                                         **({"peak": "bf16"} if side.endswith("_bf16") else {})}
     step = _get(cases, "scaling", "by_length", "64", "lorafit", "median_ms")
     batch = _get(cases, "scaling", "batch_size")
     if step and batch and p_cls:

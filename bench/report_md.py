@@ -69,6 +69,7 @@ def render(results: dict) -> str:
     lines += _qlora(cases.get("qlora"))
     lines += _shared(cases.get("shared"))
     lines += _gflops(results.get("gflops", {}))
+    lines += _profile(cases.get("profile"))
     lines += _serving(cases.get("serve"), results)
     elsewhere = results.get("gpu_elsewhere")
     if elsewhere:
@@ -141,7 +142,7 @@ def _classifier(case: dict | None) -> list[str]:
     rows.append(["machine load (1-min average before -> after each run)", *(_loads(case, s) for s in sides), "", ""])
     lines += _table(["figure", "lorafit", "PEFT + Trainer", "PEFT + Trainer (grouped)", "lorafit / PEFT",
                      "lorafit / grouped"], rows)
-    return lines + _errors(case, sides) + _classifier_all_linear(case) + [""]
+    return lines + _errors(case, sides) + _classifier_all_linear(case) + _classifier_bf16(case) + [""]
 
 
 def _classifier_all_linear(case: dict) -> list[str]:
@@ -159,6 +160,55 @@ def _classifier_all_linear(case: dict) -> list[str]:
              "layer) on both sides (Trainer without length grouping):", ""]
             + _table(["figure", "lorafit all-linear", "PEFT + Trainer all-linear", "lorafit / PEFT"], rows)
             + _errors(case, sides))
+
+
+def _classifier_bf16(case: dict) -> list[str]:
+    sides = ("lorafit_bf16", "peft_bf16")
+    if not any(s in case for s in sides):
+        return []
+    m = {s: case.get(s, {}).get("median", {}) for s in ("lorafit", *sides)}
+    rows = []
+    for key, label in (("samples_per_second", "samples/s"), ("train_seconds", "training time (s)"),
+                       ("peak_rss_mb", "peak RSS (MiB)"), ("accuracy", "final validation accuracy")):
+        a, b, fp32 = m["lorafit_bf16"].get(key), m["peft_bf16"].get(key), m["lorafit"].get(key)
+        rows.append([label, a, b, fp32, _x(a / b) if a and b else "-", _x(a / fp32) if a and fp32 else "-"])
+    rows.append(["machine load (1-min average before -> after each run)", *(_loads(case, s) for s in sides), "", "",
+                 ""])
+    return (["", "The article's runs under bf16 autocast (this CPU has AVX512-BF16/AMX): lorafit "
+             "`--mixed-precision bf16`, Trainer `bf16=True`; weights, gradients and optimizer state stay fp32, "
+             "evaluation runs in fp32:", ""]
+            + _table(["figure", "lorafit bf16", "PEFT + Trainer bf16", "lorafit fp32", "lorafit / PEFT (bf16)",
+                      "lorafit bf16 / fp32"], rows)
+            + _errors(case, sides))
+
+
+def _profile(case: dict | None) -> list[str]:
+    """Where the training time goes: operator self time by category, each side's short profiled run."""
+    if not case:
+        return []
+    sides = [s for s in ("classifier_lorafit", "classifier_peft", "llm_lorafit", "llm_peft") if "categories" in
+             case.get(s, {})]
+    if not sides:
+        return ["## Where the time goes", "", *(f"- {s}: **error** {v.get('error')}" for s, v in case.items()), ""]
+    labels = sorted({c for s in sides for c in case[s]["categories"]},
+                    key=lambda c: -max(case[s]["categories"].get(c, {}).get("share") or 0 for s in sides))
+    rows = [[label, *(_share(case[s]["categories"].get(label)) for s in sides)] for label in labels]
+    rows.append(["operator time (s) / wall time (s)",
+                 *(f"{case[s]['operator_seconds']} / {case[s]['wall_seconds']}" for s in sides)])
+    first = case[sides[0]]
+    return (["## Where the time goes", "",
+             "torch.profiler's operator self time by category (`bench/profile_train.py`, which also prints the "
+             "top operators and Python phases), for a short run of each side under the profiler: classifier "
+             f"{case.get('classifier_lorafit', first).get('examples')} examples, LLM "
+             f"{case.get('llm_lorafit', first).get('examples')} examples, with evaluation and saving; share of "
+             "the side's operator time (and seconds).", ""]
+            + _table(["category", *(s.replace("_", " ") for s in sides)], rows))
+
+
+def _share(entry: dict | None) -> str:
+    if not entry or entry.get("share") is None:
+        return "-"
+    return f"{100 * entry['share']:.1f}% ({entry['seconds']:.2f})"
 
 
 def _inference(cases: dict) -> list[str]:
@@ -285,7 +335,8 @@ def _gflops(g: dict) -> list[str]:
     lines = ["## Achieved GFLOP/s", "", f"fp32 matmul peak measured on this machine: {g['matmul_peak_gflops']} "
              f"GFLOP/s{bf16}, the best of the suite's start and end ({g.get('matmul_peaks_start_end')}). "
              f"Useful work: {g['formula']} (see notes).", ""]
-    rows = [[k, v["gflops"], f"{100 * v['of_peak']:.1f}%" if v.get("of_peak") else "-"]
+    rows = [[k, v["gflops"], (f"{100 * v['of_peak']:.1f}%" if v.get("of_peak") else "-")
+             + (" of bf16's" if v.get("peak") == "bf16" else "")]
             for k, v in g.items() if isinstance(v, dict)]
     return lines + _table(["run", "GFLOP/s", "of peak"], rows)
 

@@ -28,11 +28,15 @@ from bench.common import BENCH, environment, load_average, median
 from bench.fixtures import Setup, Sizes, prepare
 from bench.worker import measure, measure_in_subprocess
 
-CASES = ("classifier", "inference", "mixed", "switching", "llm", "scaling", "serve", "qlora", "shared", "gpu")
+CASES = ("classifier", "inference", "mixed", "switching", "llm", "scaling", "serve", "qlora", "profile", "shared",
+         "gpu")
 CLASSIFIER_VARIANTS = {"lorafit": ("classifier/lorafit", {}), "peft": ("classifier/peft", {}),
                        "peft_grouped": ("classifier/peft", {"group_by_length": True}),
                        "lorafit_all_linear": ("classifier/lorafit", {"targets": "all-linear"}),
                        "peft_all_linear": ("classifier/peft", {"targets": "all-linear"})}
+# bf16 autocast on both sides (lorafit --mixed-precision bf16; Trainer bf16=True), where the CPU has fast bf16
+CLASSIFIER_BF16_VARIANTS = {"lorafit_bf16": ("classifier/lorafit", {"config": {"mixed_precision": "bf16"}}),
+                            "peft_bf16": ("classifier/peft", {"bf16": True})}
 LLM_VARIANTS = {"lorafit": ("llm/lorafit", {}), "peft": ("llm/peft", {})}
 QLORA_VARIANTS = {side: ("qlora", {"side": side}) for side in ("fp32", "lorafit-4bit", "peft")}
 
@@ -155,7 +159,8 @@ def run_suite(args: argparse.Namespace, out_dir: Path, workdir: Path, sizes: Siz
         if not gpu_only:
             cases["params"] = model_params(setup)
     if "classifier" in args.cases:
-        cases["classifier"] = {"tokens": run("classifier/tokens"), **alternate(run, CLASSIFIER_VARIANTS, args.repeats)}
+        cases["classifier"] = {"tokens": run("classifier/tokens"),
+                               **alternate(run, classifier_variants(), args.repeats)}
         save()
     if "llm" in args.cases:
         cases["llm"] = alternate(run, LLM_VARIANTS, args.llm_repeats)
@@ -173,6 +178,11 @@ def run_suite(args: argparse.Namespace, out_dir: Path, workdir: Path, sizes: Siz
     if "qlora" in args.cases:
         cases["qlora"] = alternate(run, QLORA_VARIANTS, args.llm_repeats)
         save()
+    if "profile" in args.cases:
+        cases["profile"] = {side: run("profile", {"kind": kind, "peft": peft}) for side, (kind, peft) in
+                            {"classifier_lorafit": ("classifier", False), "classifier_peft": ("classifier", True),
+                             "llm_lorafit": ("llm", False), "llm_peft": ("llm", True)}.items()}
+        save()
     if "gpu" in args.cases:
         cases["gpu"] = gpu_case(run, args.smoke)
     if "shared" in args.cases:  # last: its busy processes raise the load average for a minute after
@@ -183,6 +193,13 @@ def run_suite(args: argparse.Namespace, out_dir: Path, workdir: Path, sizes: Siz
         # the peak again at the end: a peak measured while the machine was busy would flatter every ratio to it
         cases["matmul_end"] = run("matmul")
     save()
+
+
+def classifier_variants() -> dict:
+    """The classifier's runs: fp32 (query/value and all-linear), and bf16 where this CPU computes it fast."""
+    from lorafit.cpu import cpu_has_bf16
+
+    return {**CLASSIFIER_VARIANTS, **(CLASSIFIER_BF16_VARIANTS if cpu_has_bf16() else {})}
 
 
 def earlier_results(out_dir: Path, meta: dict) -> dict:

@@ -21,7 +21,7 @@ from bench.fixtures import Setup
 
 
 def _registry() -> dict:
-    from bench import classifier, cpu_cases, gpu, llm, qlora, serve, shared
+    from bench import classifier, cpu_cases, gpu, llm, profile_train, qlora, serve, shared
 
     return {
         "classifier/lorafit": classifier.run_lorafit,
@@ -39,6 +39,7 @@ def _registry() -> dict:
         "gpu": gpu.run_gpu,
         "serve": serve.run_serve,
         "qlora": qlora.run_side,
+        "profile": profile_train.measure,
     }
 
 
