@@ -28,8 +28,8 @@ from bench.common import BENCH, environment, load_average, median
 from bench.fixtures import Setup, Sizes, prepare
 from bench.worker import measure, measure_in_subprocess
 
-CASES = ("classifier", "inference", "mixed", "switching", "llm", "scaling", "serve", "qlora", "profile", "shared",
-         "gpu")
+CASES = ("classifier", "inference", "lora_ops", "mixed", "switching", "llm", "scaling", "serve", "qlora", "profile",
+         "shared", "gpu")
 CLASSIFIER_VARIANTS = {"lorafit": ("classifier/lorafit", {}), "peft": ("classifier/peft", {}),
                        "peft_grouped": ("classifier/peft", {"group_by_length": True}),
                        "lorafit_all_linear": ("classifier/lorafit", {"targets": "all-linear"}),
@@ -165,7 +165,7 @@ def run_suite(args: argparse.Namespace, out_dir: Path, workdir: Path, sizes: Siz
     if "llm" in args.cases:
         cases["llm"] = alternate(run, LLM_VARIANTS, args.llm_repeats)
         save()
-    for case in ("inference", "mixed", "switching"):
+    for case in ("inference", "lora_ops", "mixed", "switching"):
         if case in args.cases:
             cases[case] = run(case)
             save()

@@ -21,7 +21,7 @@ from bench.fixtures import Setup
 
 
 def _registry() -> dict:
-    from bench import classifier, cpu_cases, gpu, llm, profile_train, qlora, serve, shared
+    from bench import classifier, cpu_cases, gpu, llm, lora_ops, profile_train, qlora, serve, shared
 
     return {
         "classifier/lorafit": classifier.run_lorafit,
@@ -40,6 +40,7 @@ def _registry() -> dict:
         "serve": serve.run_serve,
         "qlora": qlora.run_side,
         "profile": profile_train.measure,
+        "lora_ops": lora_ops.run_lora_ops,
     }
 
 
