@@ -20,7 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorafit import fast
-from lorafit.fast.lora_update import linear_update
+from lorafit.fast.lora_update import linear_update, weight_side_forward
 from lorafit.errors import LorafitError
 from lorafit.config import lora_scaling
 from lorafit.variants import dora, residual_init
@@ -297,6 +297,13 @@ class LoraLinear(LoraLayer):
             nn.init.zeros_(self.lora_B[name].weight)
         if use_dora:  # after the factors: m starts at ||W0 + s B A||
             self.lora_magnitude_vector[name] = dora.initial_magnitude(self, name, self.unmerged_weight())
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.fast_update is not None and not args and not kwargs:
+            result = weight_side_forward(self, x)  # None where adding the update to the base output is better
+            if result is not None:
+                return result
+        return super().forward(x, *args, **kwargs)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]

@@ -4,7 +4,8 @@ The plain path is what a reader of the code expects: a LoRA Linear adds
 ``(dropout(x) @ A.T @ B.T) * scaling`` (layers.py), the causal-LM loss calls the model's forward, a
 classifier runs its whole last layer. ``use_fast_paths(model)`` turns on, for that model:
 
-- the fused, in-place ``addmm`` update and the stacked factors of mixed batches (lora_update.py),
+- the fused, in-place ``addmm`` update, the merged weight for large batches without a graph, and the
+  stacked factors of mixed batches (lora_update.py),
 - LoRA and, within training loops, base-model dropout with cheaper masks (dropout.py),
 - the last layer of a first-token classifier computing its first position alone (first_token.py),
 - the LM head at scored positions only, a shared prompt prefix run once (causal_loss.py),

@@ -6,12 +6,18 @@ in place when no graph is being recorded, which is most of what an unmerged adap
 inference. A mixed batch (a different adapter per row) runs one batched matmul pair for all rows
 instead of one pair per adapter, on factors stacked once and reused until one of them changes.
 Layers whose adapter uses DoRA take the plain path (``lorafit.variants.dora``).
+
+With no graph to record and many tokens, a Linear computes ``x @ (W0 + scaling * B A).T`` instead: the
+rank-r products do little arithmetic but stream whole activations (x for A, the output for B) through
+memory, while the merged weight costs a pass over a weight, which is smaller than the activations once
+a batch has more tokens than about in * out / (in + out). The base weight is not changed.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def linear_update(layer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -94,3 +100,34 @@ def _stack(layer, names: list[str], factors: list[tuple[torch.Tensor, torch.Tens
     stacked_B = torch.stack([F.pad(b.T * layer.scaling[n], (0, 0, 0, rank - b.shape[1]))
                              for (_, b), n in zip(factors, names)] + [zeros_B])
     return stacked_A, stacked_B
+
+
+def weight_side_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """``layer``'s output (a LoraLinear around ``nn.Linear``) from its merged weight, or None where the update
+    must be added to the base output: a graph being recorded, LoRA dropout active, a mixed batch, DoRA, a
+    base layer with hooks or of another type, autocast, or too few tokens for a weight pass to pay."""
+    name = layer.active_adapter
+    if not _weight_side_pays(layer, x, name):
+        return None
+    base = layer.base_layer
+    weight = torch.addmm(base.weight, layer.lora_B[name].weight, layer.lora_A[name].weight, alpha=layer.scaling[name])
+    return F.linear(x, weight, base.bias)
+
+
+def _weight_side_pays(layer, x: torch.Tensor, name: str | None) -> bool:
+    base = layer.base_layer
+    if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or layer.disabled
+            or layer.merged or layer.routing.adapter_names is not None or name not in layer.r
+            or name in layer.lora_magnitude_vector):
+        return False
+    weight_A, weight_B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight_A, weight_B, base.weight)):
+        return False
+    dropout = layer.lora_dropout[name]
+    if dropout.training and getattr(dropout, "p", 0) > 0:
+        return False
+    if not x.dtype == weight_A.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return False
+    tokens = x.numel() // layer.in_features
+    # memory streamed: the update reads x and rewrites the output, the merged weight writes and reads a weight
+    return tokens * (layer.in_features + layer.out_features) >= 2 * layer.in_features * layer.out_features
