@@ -86,8 +86,10 @@ def _fsdp1_wrappers_removed(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _fsdp2_unsharded(model: nn.Module) -> Iterator[None]:
-    """Every fully_shard module unsharded, and kept so through forwards: its hooks would reshard it after each
-    one and all-gather it at the next (a collective, which processes with fewer batches would not join)."""
+    """Every fully_shard module unsharded, and kept so through forwards and state_dict() calls: its hooks would
+    reshard it after each forward and all-gather it at the next (a collective, which processes with fewer
+    batches would not join), and reshard it when any module holding its parameters gives its state dict
+    (as a saved head's copy does when the adapter is saved)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     modules = [module for module in model.modules() if isinstance(module, FSDPModule)]
@@ -98,11 +100,16 @@ def _fsdp2_unsharded(model: nn.Module) -> Iterator[None]:
         module.unshard()
     for group in groups:
         group.post_forward_mesh_info = None
+        for hooks in (group._module_to_pre_save_state_dict_hook_handle, group._module_to_pre_load_state_dict_hook_handle):
+            for handle in hooks.values():
+                handle.remove()
+            hooks.clear()
     try:
         yield
     finally:
         for group, mesh in zip(groups, meshes):
             group.post_forward_mesh_info = mesh
+            group._register_state_dict_hooks()
         for module in modules:
             module.reshard()
 
