@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from test_cli import _train_or_fail, adapter_tensors, read_jsonl
-from test_distributed import ADAPTER_TOLERANCE, data, kill_tree, launch, launched, run_args  # noqa: F401
+from test_distributed import ADAPTER_TOLERANCE, data, kill_tree, launch, launched, on_two_processes, run_args  # noqa: F401
 
 # 30 examples in batches of 8; checkpoints and evaluations every 3 steps
 STEPS = 9
@@ -113,3 +113,105 @@ def test_killed_fsdp_run_resumes_to_the_uninterrupted_result(data, tmp_path, tmp
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), adapter
         c = adapter_tensors(on_one / adapter)  # the checkpoint's format does not depend on the sharding
         assert sorted(a) == sorted(c) and max_difference(a, c) <= ADAPTER_TOLERANCE, adapter
+
+
+# --- in-process groups: the whole model and checkpoints under FSDP, on two gloo processes -----------------
+EVAL_COUNTS = (7, 1)  # shares of 4 and 3 examples; of 1 and none (a process with no batch at all)
+
+
+def _classifier(num_labels: int = 3):
+    """A LoRA classifier with a trained copy of its head (what FSDP2 reshards when its state dict is taken)."""
+    from conftest import tiny_bert_cls
+    from lorafit import LoraConfig, get_lora_model
+
+    return get_lora_model(tiny_bert_cls(num_labels=num_labels), LoraConfig(
+        task_type="SEQ_CLS", r=4, target_modules=["query", "value"], init_lora_weights=False))
+
+
+def _shard(model, version: int):
+    """FSDP as accelerate applies it: each BERT layer wrapped (FSDP1 with use_orig_params) or sharded, then the whole."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    if version == 1:
+        return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({BertLayer}), use_orig_params=True,
+                                        device_id=torch.device("cpu"))
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in model.model.bert.encoder.layer:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _evaluations(model) -> list[dict]:
+    from lorafit.tasks.classification import evaluate_classifier
+    from test_distributed import _examples, _pad
+
+    return [evaluate_classifier(model, _examples(count, False), _pad, batch_size=2, names=["a", "b", "c"])
+            for count in EVAL_COUNTS]
+
+
+def _adam_step(model, sharded=None) -> torch.optim.Optimizer:
+    from conftest import make_batch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    batch = make_batch()
+    (sharded or model)(**batch).logits.square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return optimizer
+
+
+def _sharded_work(tmp_path: Path) -> dict:
+    """Per FSDP version: evaluation on the whole model, the optimizer state saved and loaded back, an adapter
+    loaded into the sharded model and saved again, and a training step after all that."""
+    from lorafit.training.checkpoint import _optimizer_tensors
+    from lorafit.training.distributed import on_main_process
+    from lorafit.training.sharding import ShardedModel, whole_model
+    from safetensors.torch import save_file
+
+    results = {}
+    for version in (1, 2):
+        model = _classifier()
+        shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+        sharded = _shard(model, version)
+        with whole_model(sharded):
+            metrics = _evaluations(model)
+        optimizer = _adam_step(model, sharded)
+        handle = ShardedModel(sharded, model, shapes)
+        state = handle.optimizer_state(optimizer)
+        on_main_process(lambda: save_file(_optimizer_tensors(state)[0], str(tmp_path / f"optimizer{version}.safetensors")))
+        handle.load_optimizer_state(optimizer, state)  # back in, then a step: the same as if never saved
+        handle.load_adapter(tmp_path / "trained")  # the one-process adapter, into every shard
+        with whole_model(sharded):
+            on_main_process(lambda: model.save_pretrained(tmp_path / f"loaded{version}"))
+            after = _evaluations(model)  # with the loaded adapter
+        _adam_step(model, sharded)  # still trains sharded after the blocks
+        results[version] = {"metrics": metrics, "after": after}
+    return results
+
+
+def test_whole_model_evaluates_loads_and_saves_under_fsdp(tmp_path):
+    from lorafit.training.checkpoint import _optimizer_tensors
+
+    alone = _classifier()
+    expected = _evaluations(alone)
+    optimizer = _adam_step(alone)
+    moments = _optimizer_tensors(optimizer.state_dict())[0]
+    alone.save_pretrained(tmp_path / "trained")  # after one step: differs from every process's start
+    trained_metrics = _evaluations(alone)
+    both = on_two_processes(_sharded_work, tmp_path)
+    assert both[0] == both[1]  # every process gets the whole result
+    for version in ("1", "2"):
+        result = both[0][version]
+        # processes with unequal shares (one with none) evaluate without waiting for each other
+        for sharded, reference in zip(result["metrics"] + result["after"], expected + trained_metrics, strict=True):
+            assert sharded.keys() == reference.keys()
+            assert sharded["confusion_matrix"] == reference["confusion_matrix"], version
+            assert sharded["loss"] == pytest.approx(reference["loss"], abs=2e-6), version
+        saved = adapter_tensors(tmp_path / f"optimizer{version}.safetensors")
+        assert sorted(saved) == sorted(moments) and all(saved[k].shape == moments[k].shape for k in saved)
+        assert max_difference(saved, moments) <= 1e-6, version
+        loaded, reference = adapter_tensors(tmp_path / f"loaded{version}"), adapter_tensors(tmp_path / "trained")
+        assert sorted(loaded) == sorted(reference) and all(torch.equal(loaded[k], reference[k]) for k in reference)
