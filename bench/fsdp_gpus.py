@@ -154,7 +154,8 @@ def main() -> None:
     result["killed_mid_run"] = killed_and_resumed(out / "killed", 1, processes)
     result["resumed_fsdp1_max_difference"] = compare(out / "fsdp1", out / "killed")
     worst = max(d for v in (1, 2) for d in result[f"fsdp{v}"]["max_difference"].values())
-    result["passed"] = (result["killed_mid_run"] and worst <= TOLERANCE and all(result[f"fsdp{v}"]["sharded"] for v in (1, 2))
+    result["passed"] = (result["killed_mid_run"] and worst <= TOLERANCE
+                        and all(result[f"fsdp{v}"]["sharded"] for v in (1, 2))
                         and max(result["resumed_fsdp1_max_difference"].values()) <= TOLERANCE
                         and all(abs(result[f"fsdp{v}"]["final"][k] - result["one_final"][k]) <= 1e-3
                                 for v in (1, 2) for k in result["one_final"]))

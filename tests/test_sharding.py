@@ -9,6 +9,7 @@ and resume after SIGKILL to the uninterrupted sharded run's result.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import shutil
 import time
@@ -18,7 +19,8 @@ import pytest
 import torch
 
 from test_cli import _train_or_fail, adapter_tensors, read_jsonl
-from test_distributed import ADAPTER_TOLERANCE, data, kill_tree, launch, launched, on_two_processes, run_args  # noqa: F401
+from test_distributed import data  # noqa: F401 (the fixture)
+from test_distributed import ADAPTER_TOLERANCE, kill_tree, launch, launched, on_two_processes, run_args
 
 # 30 examples in batches of 8; checkpoints and evaluations every 3 steps
 STEPS = 9
@@ -116,6 +118,7 @@ def test_killed_fsdp_run_resumes_to_the_uninterrupted_result(data, tmp_path, tmp
 
 
 # --- in-process groups: the whole model and checkpoints under FSDP, on two gloo processes -----------------
+SHARDINGS = ("1", "2", "1 checkpointed", "2 checkpointed")  # FSDP versions, activation checkpointing
 EVAL_COUNTS = (7, 1)  # shares of 4 and 3 examples; of 1 and none (a process with no batch at all)
 
 
@@ -128,19 +131,30 @@ def _classifier(num_labels: int = 3):
         task_type="SEQ_CLS", r=4, target_modules=["query", "value"], init_lora_weights=False))
 
 
-def _shard(model, version: int):
-    """FSDP as accelerate applies it: each BERT layer wrapped (FSDP1 with use_orig_params) or sharded, then the whole."""
+def _shard(model, version: int, checkpointed: bool):
+    """FSDP as accelerate applies it: each BERT layer wrapped (FSDP1, use_orig_params) or sharded, then the whole;
+    ``checkpointed``: with its fsdp_activation_checkpointing, which wraps each layer once more."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
+                                                                             apply_activation_checkpointing,
+                                                                             checkpoint_wrapper)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers.models.bert.modeling_bert import BertLayer
 
+    wrap = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
     if version == 1:
-        return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({BertLayer}), use_orig_params=True,
-                                        device_id=torch.device("cpu"))
+        sharded = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({BertLayer}),
+                                           use_orig_params=True, device_id=torch.device("cpu"))
+        if checkpointed:  # after wrapping, as accelerate does
+            apply_activation_checkpointing(sharded, checkpoint_wrapper_fn=wrap,
+                                           auto_wrap_policy=ModuleWrapPolicy({BertLayer}))
+        return sharded
     mesh = init_device_mesh("cpu", (2,))
-    for layer in model.model.bert.encoder.layer:
-        fully_shard(layer, mesh=mesh)
+    layers = model.model.bert.encoder.layer
+    for index, layer in enumerate(layers):
+        layers[index] = wrap(layer) if checkpointed else layer  # before sharding, as accelerate's fsdp2_apply_ac
+        fully_shard(layers[index], mesh=mesh)
     return fully_shard(model, mesh=mesh)
 
 
@@ -172,17 +186,18 @@ def _sharded_work(tmp_path: Path) -> dict:
     from safetensors.torch import save_file
 
     results = {}
-    for version in (1, 2):
+    for version in SHARDINGS:
         model = _classifier()
         shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
-        sharded = _shard(model, version)
+        sharded = _shard(model, int(version[0]), version.endswith("checkpointed"))
         with whole_model(sharded):
             metrics = _evaluations(model)
         optimizer = _adam_step(model, sharded)
         handle = ShardedModel(sharded, model, shapes)
         state = handle.optimizer_state(optimizer)
-        on_main_process(lambda: save_file(_optimizer_tensors(state)[0], str(tmp_path / f"optimizer{version}.safetensors")))
-        handle.load_optimizer_state(optimizer, state)  # back in, then a step: the same as if never saved
+        saved = tmp_path / f"optimizer{version}.safetensors"
+        on_main_process(lambda: save_file(_optimizer_tensors(state)[0], str(saved)))
+        handle.load_optimizer_state(optimizer, state)  # back in from the whole state (resuming is checked above)
         handle.load_adapter(tmp_path / "trained")  # the one-process adapter, into every shard
         with whole_model(sharded):
             on_main_process(lambda: model.save_pretrained(tmp_path / f"loaded{version}"))
@@ -203,7 +218,7 @@ def test_whole_model_evaluates_loads_and_saves_under_fsdp(tmp_path):
     trained_metrics = _evaluations(alone)
     both = on_two_processes(_sharded_work, tmp_path)
     assert both[0] == both[1]  # every process gets the whole result
-    for version in ("1", "2"):
+    for version in SHARDINGS:
         result = both[0][version]
         # processes with unequal shares (one with none) evaluate without waiting for each other
         for sharded, reference in zip(result["metrics"] + result["after"], expected + trained_metrics, strict=True):

@@ -151,7 +151,8 @@ def load_checkpoint(path: Path, model: LoraModel, optimizer, scheduler, scaler=N
     (every process then calls this); the checkpoint's format is the same either way.
     """
     if sharded is None:
-        sharded = ShardedModel(model, model, [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]])
+        shapes = [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]]
+        sharded = ShardedModel(model, model, shapes)
     with _reading(path, STATE_NAME):
         data = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
         state = TrainState(**data["state"])

@@ -54,29 +54,42 @@ def whole_model(model: nn.Module, writeback: bool = False) -> Iterator[None]:
     if version == 1:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        with FullyShardedDataParallel.summon_full_params(model, writeback=writeback), _fsdp1_wrappers_removed(model):
+        with FullyShardedDataParallel.summon_full_params(model, writeback=writeback), wrappers_removed(model):
             yield
     elif version == 2:
-        with _fsdp2_unsharded(model):
+        with _fsdp2_unsharded(model), wrappers_removed(model):
             yield
     else:
         yield
 
 
 @contextlib.contextmanager
-def _fsdp1_wrappers_removed(model: nn.Module) -> Iterator[None]:
-    """The layers FSDP1 wrapped put back in their wrappers' places: the model is the plain one, its module names
-    those of the files and its forward FSDP's no more (which would all-gather again, every process the same
-    number of times, and may not even start inside summon_full_params)."""
+def wrappers_removed(model: nn.Module) -> Iterator[None]:
+    """The layers FSDP1 and activation checkpointing (accelerate's fsdp_activation_checkpointing) wrapped put back
+    in their wrappers' places: the model is the plain one, its module names those of adapter files, and its
+    forward FSDP1's no more (which would all-gather again, every process the same number of times, and may
+    not even start inside summon_full_params). The wrapper around the whole model stays: lorafit uses the
+    model it wraps."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    places = []  # (parent, attribute, wrapper), found before anything moves
+    wrappers = (FullyShardedDataParallel, CheckpointWrapper)
+
+    def inner(module: nn.Module) -> nn.Module:  # through nested wrappers (FSDP1 around a checkpointed layer)
+        while isinstance(module, wrappers):
+            module = module._fsdp_wrapped_module if isinstance(module, FullyShardedDataParallel) else \
+                module._checkpoint_wrapped_module
+        return module
+
+    places = []  # (parent, attribute, outermost wrapper), found before anything moves
     for name, module in model.named_modules():
-        if isinstance(module, FullyShardedDataParallel) and name:
-            parent, _, attribute = name.rpartition(".")
-            places.append((model.get_submodule(parent), attribute, module))
+        if isinstance(module, wrappers) and name:
+            path, _, attribute = name.rpartition(".")
+            parent = model.get_submodule(path)
+            if not isinstance(parent, wrappers) or parent is model:
+                places.append((parent, attribute, module))
     for parent, attribute, wrapper in places:
-        parent._modules[attribute] = wrapper._fsdp_wrapped_module
+        parent._modules[attribute] = inner(wrapper)
     try:
         yield
     finally:
@@ -100,7 +113,8 @@ def _fsdp2_unsharded(model: nn.Module) -> Iterator[None]:
         module.unshard()
     for group in groups:
         group.post_forward_mesh_info = None
-        for hooks in (group._module_to_pre_save_state_dict_hook_handle, group._module_to_pre_load_state_dict_hook_handle):
+        for hooks in (group._module_to_pre_save_state_dict_hook_handle,
+                      group._module_to_pre_load_state_dict_hook_handle):
             for handle in hooks.values():
                 handle.remove()
             hooks.clear()
@@ -180,8 +194,9 @@ def _load_fsdp2_adapter(model: nn.Module, lora: LoraModel, folder: Path) -> None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     config, tensors = read_adapter(folder)
-    check_adapter_fits(lora.model, config, tensors, str(folder))
-    pairs = adapter_tensor_targets(lora.model, lora.active_adapter, config, tensors, str(folder))
-    names = {id(param): name for name, param in lora.named_parameters()}
+    with wrappers_removed(lora):  # activation checkpointing's, whose names are not the file's
+        check_adapter_fits(lora.model, config, tensors, str(folder))
+        pairs = adapter_tensor_targets(lora.model, lora.active_adapter, config, tensors, str(folder))
+        names = {id(param): name for name, param in lora.named_parameters()}
     state = {names[id(param)]: tensor.to(param.dtype) for param, tensor in pairs}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
