@@ -39,10 +39,36 @@ def test_a_tracker_without_its_package_is_refused(tracker, monkeypatch):
         check_accelerator_settings(_config(report_to=tracker))
 
 
-def test_fsdp_from_accelerate_launch_is_refused(monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
-    with pytest.raises(LorafitError, match="does not run under FSDP yet.*without FSDP, or torchrun"):
-        check_accelerator_settings(_config())
+def _fsdp_env(monkeypatch, **values) -> None:
+    """What `accelerate launch` sets for an FSDP config (FSDP_VERSION, FSDP_USE_ORIG_PARAMS, ...)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for name, value in values.items():
+        monkeypatch.setenv(f"FSDP_{name.upper()}", value)
+
+
+def test_fsdp_trains_where_accelerate_can_shard_lora(monkeypatch):
+    _fsdp_env(monkeypatch, use_orig_params="true", sync_module_states="true")
+    check_accelerator_settings(_config(), cuda=True)  # accelerate's default FSDP1 config on GPUs
+    _fsdp_env(monkeypatch, version="2", use_orig_params="false", sync_module_states="true")
+    check_accelerator_settings(_config(), cuda=False)  # FSDP2 has neither setting
+    _fsdp_env(monkeypatch, version="1", use_orig_params="true", sync_module_states="false")
+    check_accelerator_settings(_config(), cuda=False)
+
+
+def test_fsdp1_without_original_parameters_is_refused(monkeypatch):
+    # FSDP1's flat parameters would hold frozen and trained weights together, which it refuses mid-prepare
+    _fsdp_env(monkeypatch, use_orig_params="false")
+    with pytest.raises(LorafitError, match="FSDP1 without use_orig_params cannot train LoRA.*--fsdp_use_orig_params "
+                                           "true.*or fsdp_version: 2"):
+        check_accelerator_settings(_config(), cuda=True)
+
+
+def test_fsdp1_sync_module_states_on_cpus_is_refused(monkeypatch):
+    # accelerate's plugin looks for a GPU device for it and fails with a RuntimeError naming GPU kinds
+    _fsdp_env(monkeypatch, use_orig_params="true", sync_module_states="true")
+    with pytest.raises(LorafitError, match="FSDP1 on CPU processes.*--fsdp_sync_module_states false "
+                                           "--fsdp_cpu_ram_efficient_loading false"):
+        check_accelerator_settings(_config(), cuda=False)
 
 
 def test_fp16_on_a_cpu_is_one_line_exit_2_before_anything_is_written(tmp_path, capsys, tiny_bert_dir):

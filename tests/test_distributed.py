@@ -43,19 +43,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list, processes: int = 2, launcher: str = "accelerate") -> subprocess.Popen:
+def launch(args: list, processes: int = 2, launcher: str = "accelerate", fsdp: int = 0) -> subprocess.Popen:
     """`lorafit train ARGS` on ``processes`` CPU processes started by accelerate or torchrun, on this worktree's
-    code and a free port."""
+    code and a free port; ``fsdp``: accelerate's FSDP of that version (1 or 2), BERT's layers wrapped."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
            "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     if launcher == "accelerate":
-        start = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        start = ["-m", "accelerate.commands.launch", *(fsdp_options(fsdp) if fsdp else ["--multi_gpu"]),
+                 "--num_processes", str(processes),
                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                  "--main_process_port", str(free_port())]
     else:
         start = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port())]
     command = [sys.executable, *start, "-m", "lorafit", "train", *map(str, args)]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def fsdp_options(version: int) -> list[str]:
+    """An FSDP config as `accelerate config` writes it for a BERT model, with its defaults otherwise."""
+    options = ["--use_fsdp", "--fsdp_version", str(version), "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+               "--fsdp_transformer_layer_cls_to_wrap", "BertLayer"]
+    if version == 1:  # accelerate's sync_module_states needs a GPU (lorafit says so on CPUs)
+        options += ["--fsdp_use_orig_params", "true", "--fsdp_reshard_after_forward", "FULL_SHARD",
+                    "--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false"]
+    return options
 
 
 def kill_tree(pid: int) -> None:
@@ -77,8 +88,8 @@ def kill_tree(pid: int) -> None:
             os.kill(member, signal.SIGKILL)
 
 
-def launched(args: list, processes: int = 2, launcher: str = "accelerate") -> str:
-    process = launch(args, processes, launcher)
+def launched(args: list, processes: int = 2, launcher: str = "accelerate", fsdp: int = 0) -> str:
+    process = launch(args, processes, launcher, fsdp)
     try:
         out, _ = process.communicate(timeout=300)
     finally:
@@ -290,7 +301,8 @@ def _fsdp_train_and_save(tmp_path: Path) -> list[list]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
-    from lorafit.training.distributed import full_parameters, on_main_process
+    from lorafit.training.distributed import on_main_process
+    from lorafit.training.sharding import whole_model
 
     held = []
     for version in (1, 2):
@@ -303,7 +315,7 @@ def _fsdp_train_and_save(tmp_path: Path) -> list[list]:
         _train_one_step(model, sharded)
         factor = model.get_submodule("model.bert.encoder.layer.0.attention.self.query.lora_A.default").weight
         held.append(list((factor.to_local() if version == 2 else factor).shape))
-        with full_parameters(sharded):
+        with whole_model(sharded):
             on_main_process(lambda: model.save_pretrained(tmp_path / f"fsdp{version}", expected_shapes=shapes))
     return held
 

@@ -33,6 +33,7 @@ from lorafit.training.distributed import gather_lists, is_main_process, on_main_
 from lorafit.training.loop import LoopResult, restore_best, run_training, seed_everything
 from lorafit.training.run_dir import INITIAL_ADAPTER, model_card, plot_curves, prepare_run_dir, release_run_dirs
 from lorafit.training.settings import TrainConfig
+from lorafit.training.sharding import whole_model
 from lorafit.variants.residual_init import changes_base
 
 TASKS: dict[str, type[Task]] = {task.name: task for task in (ClassificationTask, CausalLmTask, TokenClassificationTask,
@@ -106,23 +107,12 @@ def _train(task: Task, config: TrainConfig) -> dict:
 
     result = run_training(model, tokenized["train"], collate_counting if task.counts_tokens else collate, task.loss,
                           evaluate if validation is not None else None, config, run_dir, show, task.loss_weight)
-    initial = run_dir / INITIAL_ADAPTER if changes_base(config.init_lora_weights) else None
-    if result.state.best_step is None or not restore_best(model, run_dir) or initial:
-        # a PiSSA/OLoRA adapter is saved as the plain LoRA it equals on the base model as it is on disk
-        on_main_process(lambda: replace_dir(run_dir / "best", lambda tmp: model.save_pretrained(
-            tmp, path_initial_model_for_weight_conversion=initial)))
-    info = {"task": task.name, "base_model": model_reference(config.model), **task.adapter_info(tokenizer),
-            **adapter_quantization(config)}
-    on_main_process(lambda: (save_adapter_info(run_dir / "best", info),
-                             tokenizer.save_pretrained(run_dir / "best" / "tokenizer")))
-    if is_main_process():
-        final.update(task.demo("after", model, tokenizer))
+    restored = result.state.best_step is not None and restore_best(result.model, run_dir)
     # with several processes each counted the tokens of its own shares
-    final.update(run_figures(result, sum(gather_lists([counted["tokens"]])) if task.counts_tokens else None))
-    for split in ("validation", "test"):
-        if split in tokenized:
-            metrics = task.evaluate(model, tokenized[split], collate)
-            final.update({f"{split}_{k}": v for k, v in metrics.items() if not isinstance(v, (dict, list))})
+    figures = run_figures(result, sum(gather_lists([counted["tokens"]])) if task.counts_tokens else None)
+    # under FSDP the end of the run uses the whole model on every process (its memory on each)
+    with whole_model(result.model.prepared):
+        final.update(_finish(task, model, tokenizer, run_dir, tokenized, collate, restored, figures))
 
     def write_summary() -> None:
         plot_curves(run_dir, result.state.history, metric)
@@ -133,6 +123,28 @@ def _train(task: Task, config: TrainConfig) -> dict:
     on_main_process(write_summary)
     final["total_seconds"] = round(time.perf_counter() - started, 1)
     _print_summary(final, run_dir)
+    return final
+
+
+def _finish(task: Task, model, tokenizer, run_dir: Path, tokenized: dict, collate, restored: bool,
+            figures: dict) -> dict:
+    """best/ completed, the demo after training, then ``figures`` and the final evaluation; every process calls it."""
+    config = task.config
+    initial = run_dir / INITIAL_ADAPTER if changes_base(config.init_lora_weights) else None
+    if not restored or initial:
+        # a PiSSA/OLoRA adapter is saved as the plain LoRA it equals on the base model as it is on disk
+        on_main_process(lambda: replace_dir(run_dir / "best", lambda tmp: model.save_pretrained(
+            tmp, path_initial_model_for_weight_conversion=initial)))
+    info = {"task": task.name, "base_model": model_reference(config.model), **task.adapter_info(tokenizer),
+            **adapter_quantization(config)}
+    on_main_process(lambda: (save_adapter_info(run_dir / "best", info),
+                             tokenizer.save_pretrained(run_dir / "best" / "tokenizer")))
+    final = task.demo("after", model, tokenizer) if is_main_process() else {}
+    final.update(figures)
+    for split in ("validation", "test"):
+        if split in tokenized:
+            metrics = task.evaluate(model, tokenized[split], collate)
+            final.update({f"{split}_{k}": v for k, v in metrics.items() if not isinstance(v, (dict, list))})
     return final
 
 

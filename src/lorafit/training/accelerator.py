@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, str_to_bool
 
 from lorafit.cpu import cpu_has_bf16
 from lorafit.errors import LorafitError
@@ -37,10 +38,16 @@ def check_accelerator_settings(config: TrainConfig, cuda: bool | None = None) ->
         if not cuda and not cpu_has_bf16():
             raise LorafitError("--mixed-precision bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX in "
                                "/proc/cpuinfo); pass --mixed-precision no, or train on a GPU")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # how accelerate launch passes FSDP on
-        raise LorafitError("lorafit train does not run under FSDP yet (its evaluation and end of run use the whole "
-                           "model on every process); the adapter is small, so run plain data parallelism: an "
-                           "`accelerate config` without FSDP, or torchrun")
+    if fsdp_requested() and os.environ.get("FSDP_VERSION", "1") == "1" \
+            and not str_to_bool(os.environ.get("FSDP_USE_ORIG_PARAMS", "false")):  # accelerate's own reading
+        raise LorafitError("FSDP1 without use_orig_params cannot train LoRA (the frozen base and the adapter share "
+                           "its flat parameters); set fsdp_use_orig_params: true in the accelerate config (accelerate "
+                           "launch --fsdp_use_orig_params true), or fsdp_version: 2")
+    if fsdp_requested() and not cuda and os.environ.get("FSDP_VERSION", "1") == "1" \
+            and str_to_bool(os.environ.get("FSDP_SYNC_MODULE_STATES", "false")):
+        raise LorafitError("FSDP1 on CPU processes: accelerate's sync_module_states looks for a GPU; pass "
+                           "--fsdp_sync_module_states false --fsdp_cpu_ram_efficient_loading false to accelerate "
+                           "launch (each process then loads the weights itself)")
     package = TRACKER_PACKAGES.get(config.report_to)
     if package and importlib.util.find_spec(package) is None:
         raise LorafitError(f"--report-to {config.report_to} needs the {package} package: pip install {package} "
@@ -56,9 +63,29 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
                               log_with=config.report_to if tracking else None,
                               project_dir=str(run_dir) if tracking else None)
+    shard_cpu_processes(accelerator)
     if tracking:
         accelerator.init_trackers(TRACKER_PROJECT[config.report_to], config=tracker_config(config))
     return accelerator
+
+
+def fsdp_requested() -> bool:
+    """True when `accelerate launch` was given an FSDP config (it passes it on in the environment)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def shard_cpu_processes(accelerator: Accelerator) -> None:
+    """Apply an FSDP config to CPU processes too. accelerate (1.15) switches GPU processes to FSDP but leaves CPU
+    ones (gloo) unsharded without a word; lorafit makes the same switch for them, so that a config means the
+    same on every machine (and the FSDP path is tested on CPUs)."""
+    state = accelerator.state
+    if not fsdp_requested() or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the environment, as accelerate builds it for GPUs
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+    state.device = torch.device("cpu")  # accelerate's cpu:0, which FSDP1 refuses as not its compute device "cpu"
 
 
 def tracker_config(config: TrainConfig) -> dict:

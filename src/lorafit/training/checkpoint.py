@@ -25,6 +25,7 @@ from lorafit.files import replace_dir
 from lorafit.model import LoraModel
 from lorafit.training.distributed import gather_lists, process_index
 from lorafit.training.run_dir import checkpoint_dirs
+from lorafit.training.sharding import ShardedModel
 
 STATE_NAME = "trainer_state.json"
 
@@ -43,8 +44,8 @@ class TrainState:
     window_steps: int = 0
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
+def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state dict (parameters by index) as safetensors tensors ``<index>.<name>`` and JSON."""
     tensors, scalars = {}, {}
     for index, param_state in state["state"].items():
         for key, value in param_state.items():
@@ -55,7 +56,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
@@ -63,7 +64,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     for key, value in meta["scalars"].items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def _torch_rng_states() -> dict[str, torch.Tensor]:
@@ -98,18 +99,21 @@ def _restore_torch_rng(states: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(run_dir: Path, save_adapter: Callable[[Path], None], optimizer, scheduler, state: TrainState,
-                    keep: int, rng_states: dict[str, torch.Tensor] | None = None, scaler=None) -> Path:
+                    keep: int, rng_states: dict[str, torch.Tensor] | None = None, scaler=None,
+                    optimizer_state: dict | None = None) -> Path:
     """Write ``checkpoint-<step>/`` atomically and prune all but the newest ``keep``.
 
     ``save_adapter(folder)`` writes the adapter (a LoraModel's save_pretrained, or the training loop's,
     which also checks the file against the adapter's full shapes).
     ``rng_states``: every process's (process_rng_states), by default this process's; ``scaler``: fp16's
-    gradient scaler, whose scale a resumed run continues from."""
+    gradient scaler, whose scale a resumed run continues from; ``optimizer_state``: the optimizer's state in
+    the one-process format when the caller gathered it (under FSDP: ShardedModel.optimizer_state), by
+    default ``optimizer.state_dict()``."""
     final = run_dir / f"checkpoint-{state.step}"
 
     def write(tmp: Path) -> None:
         save_adapter(tmp / "adapter")
-        tensors, meta = _optimizer_tensors(optimizer)
+        tensors, meta = _optimizer_tensors(optimizer.state_dict() if optimizer_state is None else optimizer_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng_states or _torch_rng_states(), str(tmp / "rng.safetensors"))
         py_state = random.getstate()
@@ -138,12 +142,17 @@ class CheckpointDamaged(Exception):
     """A checkpoint file that does not read back; the message names it and why."""
 
 
-def load_checkpoint(path: Path, model: LoraModel, optimizer, scheduler, scaler=None) -> TrainState:
+def load_checkpoint(path: Path, model: LoraModel, optimizer, scheduler, scaler=None,
+                    sharded: ShardedModel | None = None) -> TrainState:
     """Restore everything ``save_checkpoint`` wrote, including the RNG streams.
 
     Every file is read and checked before anything is restored; a file that does not read back raises
-    CheckpointDamaged naming it.
+    CheckpointDamaged naming it. ``sharded``: the model as training runs it, when it may be under FSDP
+    (every process then calls this); the checkpoint's format is the same either way.
     """
+    if sharded is None:
+        shapes = [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]]
+        sharded = ShardedModel(model, model, shapes)
     with _reading(path, STATE_NAME):
         data = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
         state = TrainState(**data["state"])
@@ -156,16 +165,16 @@ def load_checkpoint(path: Path, model: LoraModel, optimizer, scheduler, scaler=N
         np.random.RandomState().set_state(numpy_rng)
     with _reading(path, "optimizer.safetensors"):
         optimizer_tensors = load_file(str(path / "optimizer.safetensors"))
-        _check_optimizer_shapes(optimizer, optimizer_tensors)
+        _check_optimizer_shapes(sharded.shapes, optimizer_tensors)
     with _reading(path, "rng.safetensors"):
         torch_rngs = load_file(str(path / "rng.safetensors"))
         torch_rng, current = torch_rngs["torch"], torch.get_rng_state()
         if torch_rng.dtype != current.dtype or torch_rng.shape != current.shape:
             raise ValueError(f"torch RNG state of shape {tuple(torch_rng.shape)}, expected {tuple(current.shape)}")
     with _reading(path, "adapter"):  # load_weights checks the whole adapter before changing any weight
-        model.load_weights(path / "adapter", model.active_adapter)
+        sharded.load_adapter(path / "adapter")
     with _reading(path, STATE_NAME):
-        _restore_optimizer(optimizer, optimizer_tensors, optimizer_meta)
+        sharded.load_optimizer_state(optimizer, _optimizer_state_dict(optimizer_tensors, optimizer_meta))
         scheduler.load_state_dict(scheduler_state)
         if scaler is not None and data.get("grad_scaler"):
             scaler.load_state_dict(data["grad_scaler"])
@@ -185,22 +194,22 @@ def _reading(checkpoint: Path, file: str) -> Iterator[None]:
         raise CheckpointDamaged(f"{checkpoint.name}/{file} is damaged ({reason[:160]})") from None
 
 
-def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    """load_state_dict does not compare moment shapes with the parameters: a wrong one would fail mid-step."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+def _check_optimizer_shapes(shapes: list[tuple[int, ...]], tensors: dict[str, torch.Tensor]) -> None:
+    """load_state_dict does not compare moment shapes with the parameters (``shapes``, whole, in the optimizer's
+    order): a wrong one would fail mid-step."""
     for key, value in tensors.items():
         index, name = key.split(".", 1)
-        if name != "step" and tuple(value.shape) != tuple(params[int(index)].shape):
-            raise ValueError(f"{key} has shape {tuple(value.shape)}, its parameter {tuple(params[int(index)].shape)}")
+        if name != "step" and tuple(value.shape) != tuple(shapes[int(index)]):
+            raise ValueError(f"{key} has shape {tuple(value.shape)}, its parameter {tuple(shapes[int(index)])}")
 
 
-def load_newest_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler,
-                           scaler=None) -> tuple[TrainState, Path] | None:
+def load_newest_checkpoint(run_dir: Path, model: LoraModel, optimizer, scheduler, scaler=None,
+                           sharded: ShardedModel | None = None) -> tuple[TrainState, Path] | None:
     """Restore the newest checkpoint that reads back whole, saying which newer ones are damaged; None if none exists."""
     damaged = []
     for path in reversed(checkpoint_dirs(run_dir)):
         try:
-            state = load_checkpoint(path, model, optimizer, scheduler, scaler)
+            state = load_checkpoint(path, model, optimizer, scheduler, scaler, sharded)
         except CheckpointDamaged as err:
             damaged.append(str(err))
             continue

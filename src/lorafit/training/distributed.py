@@ -7,8 +7,7 @@ in order. One process (no process group) is the plain case: its share is everyth
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -89,25 +88,3 @@ def on_main_process(write: Callable[[], object]) -> None:
             raise LorafitError(message[0])
     if error is not None:
         raise error
-
-
-@contextlib.contextmanager
-def full_parameters(model: torch.nn.Module) -> Iterator[None]:
-    """Inside the block every parameter of ``model`` is whole on every process; every process must enter it.
-
-    Under FSDP each process holds only its flat shard of the parameters (empty where it holds none): an
-    adapter saved from those is partial, the most reported failure of sharded LoRA training. Models
-    that are not sharded are left as they are."""
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
-        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
-            yield
-    elif isinstance(model, FSDPModule):  # FSDP2 (fully_shard)
-        model.unshard()
-        try:
-            yield
-        finally:
-            model.reshard()
-    else:
-        yield

@@ -27,9 +27,10 @@ from lorafit.data.classification import length_grouped_order
 from lorafit.errors import Interrupted
 from lorafit.files import replace_dir
 from lorafit.model import LoraModel
-from lorafit.training.distributed import full_parameters, on_main_process, share
+from lorafit.training.distributed import on_main_process, share
 from lorafit.training.run_dir import append_metrics, recover_run_dir, rewrite_metrics
 from lorafit.training.settings import TrainConfig
+from lorafit.training.sharding import ShardedModel, whole_model
 
 LossFn = Callable[[LoraModel, dict], torch.Tensor]
 EvalFn = Callable[[], dict]
@@ -41,6 +42,7 @@ class LoopResult:
     seconds: float
     samples_per_second: float
     peak_memory_mb: float | None
+    model: ShardedModel  # as trained (under FSDP, sharded): the end of a run uses it whole (sharding.whole_model)
 
 
 def seed_everything(seed: int) -> None:
@@ -95,7 +97,8 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
     ``loss_fn`` gives a batch's mean loss and ``weight`` an example's share of it (1 for a mean over
     examples, its trained tokens for a mean over tokens), so that shares of a batch split over
     processes and micro-batches add up to the loss of the whole batch. With several processes every
-    one calls this; only the main one writes into ``run_dir``.
+    one calls this; only the main one writes into ``run_dir``. Under FSDP ``evaluate`` runs on the whole
+    model (sharding.whole_model), and is called on every process.
     """
     accelerator = make_accelerator(config, run_dir)
     seed_everything(config.seed)  # dropout masks start from the seed; a resumed run restores the streams below
@@ -105,8 +108,12 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, total_steps, config.warmup_ratio)  # stepped once per step: not prepared
     shapes = {model.active_adapter: model.adapter_shapes()}  # whole, before FSDP may shard it: saves must match
+    param_shapes = [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]]
     model, optimizer = accelerator.prepare(model, optimizer)
     lora_model: LoraModel = accelerator.unwrap_model(model)
+    sharded = ShardedModel(model, lora_model, param_shapes)
+    if sharded.version:
+        print(f"FSDP{sharded.version}: each of the {accelerator.num_processes} processes holds a shard of the model")
 
     def save_adapter(directory: Path) -> None:
         lora_model.save_pretrained(directory, expected_shapes=shapes)
@@ -114,7 +121,7 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
     state = TrainState()
     on_main_process(lambda: recover_run_dir(run_dir))
     if config.resume:
-        found = load_newest_checkpoint(run_dir, lora_model, optimizer, scheduler, accelerator.scaler)
+        found = load_newest_checkpoint(run_dir, lora_model, optimizer, scheduler, accelerator.scaler, sharded)
         if found:
             state = found[0]
             print(f"Resuming from {found[1].name} (step {state.step} of {total_steps})")
@@ -127,13 +134,13 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
         record = {"step": state.step, "epoch": round(epoch_value, 4), "train_loss": train_loss}
         if evaluate is not None and config.eval_strategy != "no":
             model.eval()
-            record.update(evaluate())  # every process takes part: evaluation is sharded and gathered
-            model.train()
-            score = record.get(config.metric)
-            if score is not None and _is_better(score, state.best_metric, config.metric):
-                state.best_metric, state.best_step = score, state.step
-                with full_parameters(model):
+            with whole_model(model):
+                record.update(evaluate())  # every process takes part: evaluation is sharded and gathered
+                score = record.get(config.metric)
+                if score is not None and _is_better(score, state.best_metric, config.metric):
+                    state.best_metric, state.best_step = score, state.step
                     on_main_process(lambda: replace_dir(run_dir / "best", save_adapter))
+            model.train()
         state.history.append(record)
         on_main_process(lambda: append_metrics(run_dir, record))
         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state.step)
@@ -176,15 +183,17 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
                     evaluate_and_record(state.step / steps_per_epoch, round(mean_loss, 6))
                 if at_save:
                     rng = process_rng_states()  # every process's, gathered by all
-                    with full_parameters(model):
+                    moments = sharded.optimizer_state(optimizer)  # under FSDP gathered by all
+                    with whole_model(model):
                         on_main_process(lambda: save_checkpoint(run_dir, save_adapter, optimizer, scheduler, state,
-                                                                config.keep_checkpoints, rng, accelerator.scaler))
+                                                                config.keep_checkpoints, rng, accelerator.scaler,
+                                                                moments))
                 if done:
                     break
     finish_trackers(accelerator)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return LoopResult(state, seconds, samples / seconds if seconds else 0.0, peak)
+    return LoopResult(state, seconds, samples / seconds if seconds else 0.0, peak, sharded)
 
 
 def micro_batches(rows: list[int], processes: int, index: int, accumulation: int) -> list[list[int]]:
@@ -245,11 +254,11 @@ def _is_better(score: float, best: float | None, metric: str) -> bool:
     return score < best if metric == "loss" else score > best
 
 
-def restore_best(model: LoraModel, run_dir: Path) -> bool:
-    """Load best/ into the active adapter, as Trainer's load_best_model_at_end does."""
+def restore_best(model: ShardedModel, run_dir: Path) -> bool:
+    """Load best/ into the active adapter, as Trainer's load_best_model_at_end does; every process calls it."""
     best = run_dir / "best"
     if not (best / "adapter_config.json").is_file():
         return False
-    model.load_weights(best, model.active_adapter)
+    model.load_adapter(best)
     return True
 
