@@ -180,7 +180,8 @@ def run_peft(model_dir: Path, examples: list[dict], real_tokens: int, sizes: dic
     release(device)
     return {"tokens_per_second": round(real_tokens / seconds, 1), "train_seconds": round(seconds, 2),
             "timed": "trainer.train()", "peak_memory_mb": peak,
-            "batch": f"{sizes['peft_batch']} examples padded to the longest", "train_loss": round(result.training_loss, 4)}
+            "batch": f"{sizes['peft_batch']} examples padded to the longest",
+            "train_loss": round(result.training_loss, 4)}
 
 
 def run_instruct(setup: Setup, config, device: str, tiny: bool) -> dict:
