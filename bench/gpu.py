@@ -1,6 +1,8 @@
 """The suite on a CUDA device: roberta-base and a ~1B Llama shape with random weights from configs, bf16,
-timed with CUDA events. On a CPU-only machine the smoke suite runs the same code on tiny configs in fp32
-(``options["device"] == "cpu"``), so this path is exercised everywhere and cannot rot.
+timed with CUDA events at step level; then instruction tuning of the Llama shape on chat data of realistic
+lengths, lorafit's packed loop against PEFT + Trainer over a whole epoch (gpu_instruct.py). On a CPU-only
+machine the smoke suite runs the same code on tiny configs in fp32 (``options["device"] == "cpu"``), so this
+path is exercised everywhere and cannot rot.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from bench import steps
 from bench.common import Clock, matmul_peak_gflops
 from bench.fixtures import Setup
+from bench.gpu_instruct import run_instruct
 
 ROBERTA_TARGETS = ["query", "value"]
 LLAMA_TARGETS = ["q_proj", "v_proj"]
@@ -116,4 +119,6 @@ def run_gpu(setup: Setup, options: dict) -> dict:
     pair = steps.training_pair(llama, "CAUSAL_LM", LLAMA_TARGETS, llm_batch, train_steps, clock, lr=2e-4)
     result["llm"] = {"step": pair, "tokens_per_second": _per_second(pair, llm_rows * llm_tokens),
                      "peak_memory_mb": peak_memory(llama, "CAUSAL_LM", LLAMA_TARGETS, llm_batch, device)}
+    del llama, llm_batch
+    result["instruct"] = run_instruct(setup, llama_config(tiny), device, tiny)
     return result

@@ -84,6 +84,13 @@ def test_smoke_suite_produces_every_figure(bench, tmp_path):
     for figure in (gpu["classifier"]["samples_per_second"], gpu["llm"]["tokens_per_second"]):
         assert _positive(figure["lorafit"]) and _positive(figure["peft"])
     assert _positive(gpu["inference"]["variants"]["lorafit_merged"]["ratio"])
+    instruct = gpu["instruct"]  # a whole epoch of chat data: lorafit's packed loop vs PEFT + Trainer
+    assert instruct["data"]["examples"] == 24 and instruct["data"]["longest"] > 1.3 * instruct["data"]["median_length"]
+    assert _positive(instruct["tokens_per_second"]["lorafit"]) and _positive(instruct["tokens_per_second"]["peft"])
+    assert _positive(instruct["speedup_vs_peft"]) and instruct["target"] == ">= 1.5x"
+    assert "packed" in instruct["lorafit"]["batch"]
+    # the same weights and tokens: one epoch at lr 2e-4 leaves both mean losses at the random model's
+    assert abs(instruct["lorafit"]["train_loss"] - instruct["peft"]["train_loss"]) < 0.05
 
     serve = cases["serve"]  # lorafit serve in a subprocess, batched and one request at a time
     has_psutil = importlib.util.find_spec("psutil") is not None  # the server's CPU time is read through it

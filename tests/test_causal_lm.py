@@ -17,6 +17,7 @@ import torch
 
 from conftest import tiny_gpt2, tiny_llama
 from lorafit.tasks import causal_lm as causal
+from lorafit.fast import causal_loss
 from lorafit.data import chat as lm_data
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
@@ -392,3 +393,106 @@ def test_short_real_run_on_smollm2(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(input_ids=ids).logits, peft_model(input_ids=ids).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+# --- packing: block-diagonal attention -------------------------------------------------------------------
+# Tolerance for "the same logits": fp32 on CPU, the packed and lone runs differ only in reduction order.
+PACK_ATOL = 1e-5
+
+
+def packed_examples(seed: int = 0, lengths=((7, 5, 4), (9, 6))) -> tuple[list[dict], list[list[dict]]]:
+    """Examples of random tokens (the first two of each unscored) and their packs, one pack per inner tuple."""
+    generator = torch.Generator().manual_seed(seed)
+    examples, packs = [], []
+    for group in lengths:
+        members = []
+        for length in group:
+            ids = torch.randint(3, 100, (length,), generator=generator).tolist()
+            members.append({"input_ids": ids, "labels": [-100, -100] + ids[2:], "attention_mask": [1] * length})
+        examples += members
+        packs.append(members)
+    return examples, packs
+
+
+def packed_batch(packs: list[list[dict]]) -> dict:
+    """The training collator's batch of the packs (each one row, the shorter right-padded)."""
+    rows = [lm_data.pack_examples(members, max_length=64)[0] for members in packs]
+    return lm_data.make_lm_collator(0)(rows)
+
+
+def logits_of(model, batch: dict) -> torch.Tensor:
+    """The logits the training loss's forward call sees (causal_loss.model_inputs)."""
+    with torch.no_grad():
+        return model(**causal_loss.model_inputs(batch)).logits
+
+
+def per_example_logits(model, examples: list[dict], packs: list[list[dict]]) -> list[torch.Tensor]:
+    """Each example's logits inside the packed batch, cut out of its row."""
+    logits, out = logits_of(model, packed_batch(packs)), []
+    for row, members in enumerate(packs):
+        start = 0
+        for member in members:
+            out.append(logits[row, start:start + len(member["input_ids"])])
+            start += len(member["input_ids"])
+    return out
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_logits_equal_each_example_run_alone(attention):
+    model = lora_wrapped("llama")
+    model.get_base_model().set_attn_implementation(attention)
+    examples, packs = packed_examples()
+    for example, packed in zip(examples, per_example_logits(model, examples, packs)):
+        alone = logits_of(model, {"input_ids": torch.tensor([example["input_ids"]])})[0]
+        torch.testing.assert_close(packed, alone, atol=PACK_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_examples_cannot_see_each_other(attention):
+    """Changing the first example of a pack changes its logits and no one else's."""
+    model = lora_wrapped("llama")
+    model.get_base_model().set_attn_implementation(attention)
+    examples, packs = packed_examples()
+    before = per_example_logits(model, examples, packs)
+    packs[0][0]["input_ids"] = [(token + 7) % 97 + 3 for token in packs[0][0]["input_ids"]]
+    after = per_example_logits(model, examples, packs)
+    assert (after[0] - before[0]).abs().max() > 1e-3
+    for changed, unchanged in zip(after[1:], before[1:]):
+        torch.testing.assert_close(changed, unchanged, atol=1e-6, rtol=0)
+
+
+def test_packed_batch_loss_is_the_sum_of_each_examples_loss():
+    """The training loss (head at scored positions) over two packed rows equals the examples' losses alone."""
+    model = lora_wrapped("llama")
+    examples, packs = packed_examples(seed=1)
+    with torch.no_grad():
+        total, count = causal.response_nll(model, packed_batch(packs))
+        alone = [causal.response_nll(model, {key: torch.tensor([example[key]]) for key in ("input_ids", "labels")})
+                 for example in examples]
+    assert int(count) == sum(int(n) for _, n in alone) == sum(len(e["input_ids"]) - 2 for e in examples)
+    assert abs(total.item() - sum(nll.item() for nll, _ in alone)) < 1e-4
+
+
+def test_packs_laid_in_one_row_give_the_same_loss():
+    """Flash-attention splits a row at restarting positions only when the batch has one row, so packed rows go
+    end to end for it; that layout's loss (checked here under SDPA) is the packed batch's."""
+    model = lora_wrapped("llama")
+    _, packs = packed_examples(seed=2)
+    batch = packed_batch(packs)
+    flat = causal_loss.one_row(batch)
+    assert flat["input_ids"].shape == (1, int(batch["attention_mask"].sum()))
+    with torch.no_grad():
+        expected, expected_count = causal.response_nll(model, batch)
+        total, count = causal.response_nll(model, flat)
+    assert int(count) == int(expected_count)
+    assert abs(total.item() - expected.item()) < 1e-4
+
+
+def test_flash_attention_takes_packed_batches_in_one_row():
+    model = lora_wrapped("llama")
+    batch = packed_batch(packed_examples()[1])
+    assert causal_loss.varlen_layout(model, batch) is batch  # SDPA masks each row block-diagonally itself
+    model.get_base_model().config._attn_implementation = "flash_attention_2"
+    assert causal_loss.varlen_layout(model, batch)["input_ids"].shape[0] == 1
+    unpacked = random_batch()
+    assert causal_loss.varlen_layout(model, unpacked) is unpacked  # padded rows: flash-attention unpads them

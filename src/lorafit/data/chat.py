@@ -4,15 +4,15 @@ Training and generation share ``render_prompt``/``encode_prompt`` so the adapter
 the same prompt format. The loss covers only what the assistant says (plus the token that ends
 its turn) unless ``train_on_prompt`` is set.
 
-Packing limitation: packed sequences carry ``position_ids`` that restart at 0 for every
-example, and each example's first label is masked so no example is trained to follow another.
-Whether tokens can *attend* across example boundaries depends on the forward call: with a 2-D
-``attention_mask`` in the batch (or with the model's default ``use_cache=True``), eager and SDPA
-attention let later examples see earlier ones in the same pack; only the positions restart.
-Transformers 5 builds block-diagonal attention from ``position_ids`` when the batch has no
-``attention_mask`` and the forward runs with ``use_cache=False`` (SmolLM2's packed logits then
-match unpacked ones), and flash_attention_2 uses ``position_ids`` the same way. So for packed
-batches drop ``attention_mask`` and pass ``use_cache=False``.
+Packing (``--pack``): packed sequences carry ``position_ids`` that restart at 0 for every example,
+and each example's first label is masked so no example is trained to follow another. Attention
+stays within each example because the causal-LM loss (``lorafit.fast.causal_loss.model_inputs``)
+drops the 2-D ``attention_mask`` of a packed batch and runs with ``use_cache=False``: transformers'
+SDPA and eager attention then mask each row block-diagonally where its positions restart.
+flash-attention does so only for a batch of one row, so for it ``varlen_layout`` lays the packed
+rows end to end first (its varlen kernel, no padding at all). A caller running the model on a packed
+batch itself must do the same: with the mask (or a cache) later examples see earlier ones and only
+the positions restart. tests/test_causal_lm.py checks packed logits against each example alone.
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 def model_inputs(batch: dict) -> dict:
     """Forward inputs of a batch; packed batches drop attention_mask so attention stays within each example.
 
-    Without a 2-D mask transformers builds block-diagonal attention from restarting position_ids;
-    the collator pads on the right, so padding never precedes a real token.
+    Without a 2-D mask (and without a cache) transformers' SDPA and eager attention mask each row
+    block-diagonally where its position_ids restart; the collator pads on the right, so padding never
+    precedes a real token. Flash-attention needs the batch in one row first (``varlen_layout``).
     """
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
@@ -31,6 +32,30 @@ def model_inputs(batch: dict) -> dict:
     elif "attention_mask" in batch:
         inputs["attention_mask"] = batch["attention_mask"]
     return inputs
+
+
+def attention_of(model) -> str:
+    """The attention implementation of the transformers model inside ``model`` (LoraModel, DDP wrapper)."""
+    inner = getattr(model, "module", model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return str(getattr(getattr(base, "config", None), "_attn_implementation", None) or "")
+
+
+def one_row(batch: dict) -> dict:
+    """A packed batch's rows laid end to end in one row, their padding dropped (a pack of packs)."""
+    real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(batch["input_ids"]).bool()
+    return {key: value[real][None] for key, value in batch.items()}
+
+
+def varlen_layout(model, batch: dict) -> dict:
+    """The batch as ``model``'s attention keeps packed examples apart.
+
+    Flash-attention runs its varlen kernel from position_ids only for a batch of one row (transformers'
+    ``_is_packed_sequence``); a row of a larger packed batch would be one causal sequence across its examples.
+    """
+    if "position_ids" in batch and batch["input_ids"].shape[0] > 1 and "flash" in attention_of(model):
+        return one_row(batch)
+    return batch
 
 
 def _causal_lm_of(model):
@@ -47,6 +72,7 @@ def _causal_lm_of(model):
 
 def response_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss over trained positions (label != -100) and their count."""
+    batch = varlen_layout(model, batch)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     base = _causal_lm_of(model) if is_on(model) else None
