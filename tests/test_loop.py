@@ -601,6 +601,21 @@ def test_bf16_computes_in_bf16_with_onednn_and_keeps_the_adapter_fp32(tmp_path):
     assert 0 < diff < 0.25 * moved  # bf16 keeps 8 bits of mantissa: near the fp32 run, not equal to it
 
 
+def test_bf16_training_evaluates_in_fp32_and_never_computes_bf16_without_onednn(tmp_path):
+    from lorafit.cpu import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 instructions (AVX512-BF16 or AMX)")
+    seen = set()
+    model = _no_dropout_model()
+    model.get_base_model().register_forward_pre_hook(lambda module, args: seen.add(
+        (module.training, torch.is_autocast_enabled("cpu"), torch.backends.mkldnn.enabled)))
+    _train(tmp_path, _steps_config(max_steps=4, lora_dropout=0.0, mixed_precision="bf16"), model=model)
+    evaluate_classifier(model, VALIDATION, data.make_collator(TOKENIZER), 4, ["a", "b"])  # as the end of a run does
+    # evaluation ran under accelerate's autocast wrapper, where oneDNN was off: bf16 matmuls 50x slower
+    assert seen == {(True, True, True), (False, False, False)}
+
+
 def _lm_examples(n: int) -> list[dict]:
     """Conversations whose trained (response) tokens differ in number, so a mean over tokens is not one over examples."""
     generator = torch.Generator().manual_seed(5)

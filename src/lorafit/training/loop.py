@@ -110,7 +110,9 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
     shapes = {model.active_adapter: model.adapter_shapes()}  # whole, before FSDP may shard it: saves must match
     param_shapes = [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]]
     model, optimizer = accelerator.prepare(model, optimizer)
-    lora_model: LoraModel = accelerator.unwrap_model(model)
+    # without accelerate's autocast around the model's forward: training steps compute in their own
+    # accelerator.autocast(), evaluation and the end of the run in the weights' precision (fp32)
+    lora_model: LoraModel = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     sharded = ShardedModel(model, lora_model, param_shapes)
     if sharded.version:
         print(f"FSDP{sharded.version}: each of the {accelerator.num_processes} processes holds a shard of the model")
