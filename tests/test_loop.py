@@ -548,7 +548,9 @@ def test_gradient_accumulation_gives_the_step_of_the_whole_batch(tmp_path):
     micro, _ = _train(tmp_path / "micro", _steps_config(batch_size=4, eval_strategy="no", lora_dropout=0.0,
                                                         gradient_accumulation_steps=3), model=_no_dropout_model())
     a, b = _final_weights(whole), _final_weights(micro)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6  # measured 6e-8: summation order only
+    # summation order only, which Adam's normalisation amplifies: 6e-8 on an AVX2 CPU, 1.7e-6 on an AVX-512 one;
+    # micro-batches weighted alike (2 + 1 + 1 examples as 1:1:1) move the weights by over 1e-3
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     assert max(b[k].abs().max().item() for k in b if "lora_B" in k) > 1e-3  # B left zero would match trivially
 
 
