@@ -295,6 +295,14 @@ def _gpu(case: dict | None, source: str = "") -> list[str]:
                      _x(step["lorafit"].get("ratio"))])
         if memory.get("lorafit"):
             rows.append([f"{label}: peak MiB", memory["lorafit"], memory["peft"], _x(memory["lorafit"] / memory["peft"])])
+    instruct = case.get("instruct")
+    if instruct and "tokens_per_second" in instruct:
+        speed, memory = instruct["tokens_per_second"], (instruct["lorafit"].get("peak_memory_mb"),
+                                                        instruct["peft"].get("peak_memory_mb"))
+        label = f"instruction tuning ({instruct['chat_template']}, {instruct['data'].get('examples')} chats)"
+        rows.append([f"{label}: tokens/s", speed["lorafit"], speed["peft"], _x(instruct["speedup_vs_peft"])])
+        if all(memory):
+            rows.append([f"{label}: peak MiB", memory[0], memory[1], _x(instruct.get("peak_memory_ratio"))])
     lines += _table(["figure", "lorafit", "PEFT", "lorafit / PEFT"], rows)
     demoted = _inference(case) + _scaling(case.get("scaling"))
     return lines + [("#" + line if line.startswith("## ") else line) for line in demoted]
