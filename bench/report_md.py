@@ -17,6 +17,8 @@ def render(results: dict) -> str:
               f"Training runs: {meta['repeats']} per classifier variant, {meta['llm_repeats']} per LLM side, "
               f"alternated, each in {'its own process' if meta['isolated_processes'] else 'one shared process'}; "
               "medians shown.", ""]
+    for case, origin in meta.get("carried", {}).items():  # cases this run did not measure, kept from an earlier one
+        lines += [f"The `{case}` case was not run here: its figures are carried from {origin}.", ""]
     busiest = _max_load(results)
     # the suite's own threads keep the 1-minute load near their count; more than that is other work
     own = meta["machine"].get("torch_threads") or 1
