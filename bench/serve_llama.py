@@ -20,12 +20,42 @@ from bench.fixtures import Setup
 THREADS = 2
 
 
+def open_llama(**kwargs):
+    """``llama_cpp.Llama(**kwargs)``; on a CPU with AMX, without llama.cpp's extra weight buffers (repacked
+    weights): llama-cpp-python 0.3.36 built there crashes (segfault) in the first decode of SmolLM2's Q4_1 file
+    with them, and runs it without them."""
+    import llama_cpp
+    from llama_cpp import llama as module
+
+    if not _cpu_has_amx():
+        return llama_cpp.Llama(**kwargs)
+    defaults = module.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    module.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(**kwargs)
+    finally:
+        module.llama_cpp.llama_model_default_params = defaults
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
 def reference(setup: Setup, adapter_dir: Path, prompts: list[str], max_tokens: int, work: Path,
               lorafit_outputs: list[str | None]) -> dict:
     if setup.smoke:
         return {"skipped": "smoke run: the tiny model has no GGUF"}
     try:
-        from llama_cpp import Llama
+        import llama_cpp  # noqa: F401
     except ImportError:
         return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
     from lorafit.inference.base_models import smollm2_gguf_path
@@ -33,7 +63,7 @@ def reference(setup: Setup, adapter_dir: Path, prompts: list[str], max_tokens: i
     lora_path, adapter_note = adapter_gguf(adapter_dir, setup.llm_model, work / "llama-cpp")
     before = load_average()
     started = time.perf_counter()
-    model = Llama(model_path=str(smollm2_gguf_path()), lora_path=lora_path, n_ctx=1024, n_threads=THREADS,
+    model = open_llama(model_path=str(smollm2_gguf_path()), lora_path=lora_path, n_ctx=1024, n_threads=THREADS,
                   n_threads_batch=THREADS, seed=0, verbose=False)
     load_seconds = time.perf_counter() - started
     outputs, completion = [], 0

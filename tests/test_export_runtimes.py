@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.serve_llama import open_llama
 from lorafit.cli import main
 from lorafit.inference.base_models import smollm2_gguf_path
 from lorafit.inference.generate import GenerationSettings, encode_prompt, stop_token_ids
@@ -77,7 +78,7 @@ def llama_cpp_replies(trained: Trained, model: Path, lora: Path | None = None,
                       stop_when_wrong: bool = False) -> list[str]:
     """Greedy replies from llama.cpp, up to lorafit's stop tokens and budget. ``stop_when_wrong`` ends a reply as
     soon as it stops being a prefix of the reference (it can no longer match; only for scoring)."""
-    llm = llama_cpp.Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=256, verbose=False)
+    llm = open_llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=256, verbose=False)
     replies = []
     for ids, reference in zip(trained.prompts, trained.references):
         tokens: list[int] = []
