@@ -38,6 +38,7 @@ def render(results: dict) -> str:
     lines += _table(["target", "goal", "measured", "result"],
                     [[t["target"], t["goal"], _fmt(t["measured"], 3),
                       {True: "PASS", False: "**FAIL**", None: "not measured"}[t["pass"]]] for t in results["targets"]])
+    lines += _unmet(results["targets"])
     lines += _classifier(cases.get("classifier"))
     lines += _inference(cases)
     lines += _lora_ops(cases.get("lora_ops"))
@@ -59,6 +60,20 @@ def render(results: dict) -> str:
         lines += _gpu(cases.get("gpu"))
     lines += _notes()
     return "\n".join(lines) + "\n"
+
+
+def _unmet(targets: list[dict]) -> list[str]:
+    """Each target this run did not meet or could not measure, with what stands in its way (bench/obstacles.py)."""
+    from bench.obstacles import OBSTACLES
+
+    unmet = [t for t in targets if t["pass"] is not True]
+    if not unmet:
+        return []
+    lines = ["### Targets not met here, and why", ""]
+    for t in unmet:
+        state = "not measured" if t["pass"] is None else f"measured {_fmt(t['measured'], 3)} against {t['goal']}"
+        lines.append(f"- **{t['target']}** ({state}): {OBSTACLES.get(t['target'], 'no explanation recorded yet.')}")
+    return lines + [""]
 
 
 def _max_load(results: dict) -> float | None:
