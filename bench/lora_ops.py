@@ -3,7 +3,8 @@
 For every Linear shape of the classifier base (on BERT: hidden -> hidden for query, key, value and the
 attention output; hidden -> intermediate; intermediate -> hidden), over the inference case's tokens:
 the base layer (``F.linear``, a compute-bound GEMM), ``x @ A.T`` (reads all of x for r columns) and
-``y.addmm_(h, B.T)`` (reads and rewrites all of y), as lorafit's fast path runs them; and one matmul
+``y.addmm_(h, B.T)`` (reads and rewrites all of y), as lorafit's fast path runs them while training; the
+merged weight ``W0 + s B A`` built for one forward, as it runs them without a graph; and one matmul
 for the A factors of three layers reading the same input (query, key, value) against three.
 The two rank-r products do ~r/in and ~r/out of the base's arithmetic, but both stream a whole
 activation through memory, which is what an unmerged adapter's overhead is made of.
@@ -34,6 +35,7 @@ def shape_variants(tokens: int, fan_in: int, fan_out: int, r: int, generator: to
             "lora_A": lambda: x @ a.T,
             "lora_B": lambda: y.addmm_(h, b.T, alpha=2.0),
             "unmerged": lambda: F.linear(x, weight, bias).addmm_(x @ a.T, b.T, alpha=2.0),
+            "merged_weight": lambda: F.linear(x, torch.addmm(weight, b, a, alpha=2.0), bias),
             "three_A": lambda: [x @ a.T for _ in range(3)],
             "fused_A": lambda: x @ a3.T}
 

@@ -56,13 +56,15 @@ def lora_ops(case: dict | None) -> list[str]:
         base = entry["base"]["median_ms"]
         rows.append([f"{name}: {entry['in']} -> {entry['out']}", f"{base:.3f}",
                      *(f"{entry[v]['median_ms']:.3f} ({ratio(entry[v].get('ratio'))})"
-                       for v in ("lora_A", "lora_B", "unmerged", "three_A", "fused_A"))])
+                       for v in ("lora_A", "lora_B", "unmerged", "merged_weight", "three_A", "fused_A"))])
     return (["### The LoRA branch, operation by operation", "",
              f"One Linear of each shape in the classifier base over {case['tokens']} tokens (the inference case's "
              f"batch), r={case['r']}, {case['threads']} threads; milliseconds and ratio to the base layer, medians "
              "of interleaved rounds. `lora_A` = `x @ A.T`, `lora_B` = `y.addmm_(h, B.T)` (lorafit's fused in-place "
-             "update), `unmerged` = all three; `three_A` / `fused_A`: the A factors of three layers reading one "
-             "input (query, key, value), as three matmuls or one. Each rank-r product does about r/in or r/out of "
+             "update), `unmerged` = all three (the training path), `merged_weight` = one GEMM on `W0 + s B A` built "
+             "for the forward (the path without a graph, lorafit.fast.lora_update); `three_A` / `fused_A`: the A "
+             "factors of three layers reading one input (query, key, value), as three matmuls or one. Each rank-r product does about r/in or r/out of "
              "the base's arithmetic but streams a whole activation through memory (x for A, y for B): that, not "
              "arithmetic, is an unmerged adapter's overhead on a CPU.", ""]
-            + _table(["layer (in -> out)", "base ms", "lora_A", "lora_B", "unmerged", "three_A", "fused_A"], rows))
+            + _table(["layer (in -> out)", "base ms", "lora_A", "lora_B", "unmerged", "merged_weight", "three_A",
+                      "fused_A"], rows))

@@ -111,7 +111,8 @@ def test_smoke_suite_produces_every_figure(bench, tmp_path):
         profile = cases["profile"][side]
         assert "matmul" in profile["categories"] and abs(sum(c["share"] for c in profile["categories"].values()) - 1) < 1e-2
     for shape in cases["lora_ops"]["shapes"].values():
-        assert all(_positive(shape[v]["ratio"]) for v in ("lora_A", "lora_B", "unmerged", "three_A", "fused_A"))
+        assert all(_positive(shape[v]["ratio"]) for v in ("lora_A", "lora_B", "unmerged", "merged_weight", "three_A",
+                                                       "fused_A"))
 
     from lorafit.cpu import cpu_has_bf16
 

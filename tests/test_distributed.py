@@ -69,6 +69,18 @@ def fsdp_options(version: int) -> list[str]:
     return options
 
 
+def kill_at_first_checkpoint(process, run_dir: Path, steps: int) -> None:
+    """SIGKILL a launched run (the launcher and every worker) once its first checkpoint is complete."""
+    deadline = time.monotonic() + 300
+    while not list(run_dir.glob("checkpoint-*/trainer_state.json")) and process.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    kill_tree(process.pid)
+    process.communicate()
+    assert not (run_dir / "README.md").exists(), "the run ended before it could be killed"
+    assert not (run_dir / f"checkpoint-{steps}").exists()
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL ``pid`` and every process under it at once, as a crash or an out-of-memory kill would: torchrun
     starts each worker in a session of its own, so killing the launcher's process group would leave them running."""
@@ -177,7 +189,6 @@ def test_a_refusal_on_the_main_process_stops_every_process(data, tmp_path):
     # rank 1 repeats rank 0's line; the two processes share one pipe, so their lines can run together
     refusal = f"lorafit train: error: output directory '{taken}' is not empty and was not made by lorafit"
     assert out.count(refusal) == 2 and out.count("lorafit train: error:") == 2, out[-3000:]
-    assert f"'{taken}'" in refusals[0] and "lorafit train: error: output directory" in refusals[0]
     assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"]
 
 
@@ -189,15 +200,7 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(data, tmp_pa
             "--save-steps", "2"]
     launched(run_args(data, tmp_path / "whole", *args), launcher="torchrun")
     killed = tmp_path / "killed"
-    process = launch(run_args(data, killed, *args), launcher="torchrun")
-    deadline = time.monotonic() + 300
-    while not list(killed.glob("checkpoint-*/trainer_state.json")) and process.poll() is None \
-            and time.monotonic() < deadline:
-        time.sleep(0.01)
-    kill_tree(process.pid)  # torchrun and both workers at once
-    process.communicate()
-    assert not (killed / "README.md").exists(), "the run ended before it could be killed"
-    assert not (killed / f"checkpoint-{steps}").exists()
+    kill_at_first_checkpoint(launch(run_args(data, killed, *args), launcher="torchrun"), killed, steps)
     launched(["--output-dir", killed, "--resume"], launcher="torchrun")
     whole = tmp_path / "whole"
     assert read_jsonl(killed / "metrics.jsonl") == read_jsonl(whole / "metrics.jsonl")

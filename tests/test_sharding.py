@@ -12,7 +12,6 @@ import contextlib
 import functools
 import io
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,8 @@ import torch
 
 from test_cli import _train_or_fail, adapter_tensors, read_jsonl
 from test_distributed import data  # noqa: F401 (the fixture)
-from test_distributed import ADAPTER_TOLERANCE, kill_tree, launch, launched, on_two_processes, run_args
+from test_distributed import (ADAPTER_TOLERANCE, kill_at_first_checkpoint, launch, launched, on_two_processes,
+                              run_args)
 
 # 30 examples in batches of 8; checkpoints and evaluations every 3 steps
 STEPS = 9
@@ -95,15 +95,7 @@ def test_fsdp_run_trains_the_one_process_adapter(version, data, one, tmp_path_fa
 def test_killed_fsdp_run_resumes_to_the_uninterrupted_result(data, tmp_path, tmp_path_factory):
     whole, _ = fsdp_run(1, data, tmp_path_factory.mktemp("fsdp1"))
     killed = tmp_path / "killed"
-    process = launch(run_args(data, killed, *extra(data)), fsdp=1)
-    deadline = time.monotonic() + 300
-    while not list(killed.glob("checkpoint-*/trainer_state.json")) and process.poll() is None \
-            and time.monotonic() < deadline:
-        time.sleep(0.01)
-    kill_tree(process.pid)  # accelerate and both workers at once
-    process.communicate()
-    assert not (killed / "README.md").exists(), "the run ended before it could be killed"
-    assert not (killed / f"checkpoint-{STEPS}").exists()
+    kill_at_first_checkpoint(launch(run_args(data, killed, *extra(data)), fsdp=1), killed, STEPS)
     on_one = tmp_path / "on-one"  # the same checkpoint, resumed on one process without FSDP
     shutil.copytree(killed, on_one)
     (on_one / ".lorafit.lock").unlink(missing_ok=True)
