@@ -44,7 +44,7 @@ def allowed() -> bool:
 def use_fast_paths(model: nn.Module, on: bool = True) -> bool:
     """Switch every fast path of ``model`` on (unless the environment forbids it) or off; returns which."""
     on = on and allowed()
-    base = _unwrapped(model)
+    base = unwrapped_base(model)
     (_PLAIN_MODELS.discard if on else _PLAIN_MODELS.add)(base)
     for module in model.modules():
         if hasattr(module, "fast_variant"):  # a LoRA layer; importing layers here would be a cycle
@@ -59,7 +59,7 @@ def use_fast_paths(model: nn.Module, on: bool = True) -> bool:
 
 def is_on(model: nn.Module) -> bool:
     """Whether ``model`` runs its fast paths (the default unless switched off)."""
-    return allowed() and _unwrapped(model) not in _PLAIN_MODELS
+    return allowed() and unwrapped_base(model) not in _PLAIN_MODELS
 
 
 @contextlib.contextmanager
@@ -88,7 +88,7 @@ def _swap_lora_dropouts(layer: nn.Module, fast: bool) -> None:
             dropouts[name] = lora_dropout(module.p, fast).train(module.training)
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
+def unwrapped_base(model: nn.Module) -> nn.Module:
     """The transformers model inside a LoraModel, or inside a DistributedDataParallel wrapper of one."""
     model = getattr(model, "module", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model

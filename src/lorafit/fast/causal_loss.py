@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafit.data.chat import IGNORE_INDEX
-from lorafit.fast import is_on
+from lorafit.fast import is_on, unwrapped_base
 from lorafit.fast.prefix_sharing import body_hidden
 
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -36,9 +36,7 @@ def model_inputs(batch: dict) -> dict:
 
 def attention_of(model) -> str:
     """The attention implementation of the transformers model inside ``model`` (LoraModel, DDP wrapper)."""
-    inner = getattr(model, "module", model)
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return str(getattr(getattr(base, "config", None), "_attn_implementation", None) or "")
+    return str(getattr(getattr(unwrapped_base(model), "config", None), "_attn_implementation", None) or "")
 
 
 def one_row(batch: dict) -> dict:

@@ -38,13 +38,12 @@ def check_accelerator_settings(config: TrainConfig, cuda: bool | None = None) ->
         if not cuda and not cpu_has_bf16():
             raise LorafitError("--mixed-precision bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX in "
                                "/proc/cpuinfo); pass --mixed-precision no, or train on a GPU")
-    if fsdp_requested() and os.environ.get("FSDP_VERSION", "1") == "1" \
-            and not str_to_bool(os.environ.get("FSDP_USE_ORIG_PARAMS", "false")):  # accelerate's own reading
+    fsdp1 = fsdp_requested() and os.environ.get("FSDP_VERSION", "1") == "1"  # as accelerate reads its config
+    if fsdp1 and not str_to_bool(os.environ.get("FSDP_USE_ORIG_PARAMS", "false")):
         raise LorafitError("FSDP1 without use_orig_params cannot train LoRA (the frozen base and the adapter share "
                            "its flat parameters); set fsdp_use_orig_params: true in the accelerate config (accelerate "
                            "launch --fsdp_use_orig_params true), or fsdp_version: 2")
-    if fsdp_requested() and not cuda and os.environ.get("FSDP_VERSION", "1") == "1" \
-            and str_to_bool(os.environ.get("FSDP_SYNC_MODULE_STATES", "false")):
+    if fsdp1 and not cuda and str_to_bool(os.environ.get("FSDP_SYNC_MODULE_STATES", "false")):
         raise LorafitError("FSDP1 on CPU processes: accelerate's sync_module_states looks for a GPU; pass "
                            "--fsdp_sync_module_states false --fsdp_cpu_ram_efficient_loading false to accelerate "
                            "launch (each process then loads the weights itself)")

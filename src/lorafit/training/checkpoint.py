@@ -25,7 +25,7 @@ from lorafit.files import replace_dir
 from lorafit.model import LoraModel
 from lorafit.training.distributed import gather_lists, process_index
 from lorafit.training.run_dir import checkpoint_dirs
-from lorafit.training.sharding import ShardedModel
+from lorafit.training.sharding import ShardedModel, parameter_shapes
 
 STATE_NAME = "trainer_state.json"
 
@@ -151,8 +151,7 @@ def load_checkpoint(path: Path, model: LoraModel, optimizer, scheduler, scaler=N
     (every process then calls this); the checkpoint's format is the same either way.
     """
     if sharded is None:
-        shapes = [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]]
-        sharded = ShardedModel(model, model, shapes)
+        sharded = ShardedModel(model, model, parameter_shapes(optimizer))
     with _reading(path, STATE_NAME):
         data = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
         state = TrainState(**data["state"])

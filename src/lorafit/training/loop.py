@@ -30,7 +30,7 @@ from lorafit.model import LoraModel
 from lorafit.training.distributed import on_main_process, share
 from lorafit.training.run_dir import append_metrics, recover_run_dir, rewrite_metrics
 from lorafit.training.settings import TrainConfig
-from lorafit.training.sharding import ShardedModel, whole_model
+from lorafit.training.sharding import ShardedModel, parameter_shapes, whole_model
 
 LossFn = Callable[[LoraModel, dict], torch.Tensor]
 EvalFn = Callable[[], dict]
@@ -108,7 +108,7 @@ def run_training(model: LoraModel, examples: Sequence[dict], collate: Callable, 
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, total_steps, config.warmup_ratio)  # stepped once per step: not prepared
     shapes = {model.active_adapter: model.adapter_shapes()}  # whole, before FSDP may shard it: saves must match
-    param_shapes = [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]]
+    param_shapes = parameter_shapes(optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     # without accelerate's autocast around the model's forward: training steps compute in their own
     # accelerator.autocast(), evaluation and the end of the run in the weights' precision (fp32)

@@ -128,6 +128,11 @@ def _fsdp2_unsharded(model: nn.Module) -> Iterator[None]:
             module.reshard()
 
 
+def parameter_shapes(optimizer: torch.optim.Optimizer) -> list[tuple[int, ...]]:
+    """Each optimizer parameter's shape, in the optimizer's order (whole only before FSDP shards them)."""
+    return [tuple(param.shape) for group in optimizer.param_groups for param in group["params"]]
+
+
 @dataclass
 class ShardedModel:
     """The model as the training loop runs it (``prepared``: FSDP-wrapped, or not) and what checkpoints need of it.
