@@ -30,13 +30,14 @@ from pathlib import Path
 
 import torch
 
+from bench import llm
 from bench.fixtures import CHAT_TEMPLATE, Setup, _word_level, write_jsonl
+from lorafit.data.chat import IGNORE_INDEX
 
 TARGETS = ["q_proj", "v_proj"]
 SPEEDUP_TARGET = 1.5
 """The issue's goal: lorafit's tokens/s at least this times PEFT + Trainer's."""
 SYSTEM = "you are a helpful assistant . answer the request in full ."
-IGNORE_INDEX = -100
 
 
 def shape(tiny: bool) -> dict:
@@ -113,11 +114,9 @@ def release(device: str) -> None:
 
 
 def token_counts(examples: list[dict]) -> dict:
-    real = sum(len(e["input_ids"]) for e in examples)
+    """The CPU LLM case's counts, and the length spread this case is about."""
     lengths = sorted(len(e["input_ids"]) for e in examples)
-    return {"examples": len(examples), "real_tokens": real, "mean_length": round(real / max(1, len(examples)), 1),
-            "median_length": lengths[len(lengths) // 2], "longest": lengths[-1],
-            "scored_tokens": sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples)}
+    return {**llm.token_counts(examples), "median_length": lengths[len(lengths) // 2], "longest": lengths[-1]}
 
 
 def pack_rows(peft_batch: int, mean_length: float, max_length: int) -> int:

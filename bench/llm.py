@@ -15,8 +15,7 @@ from pathlib import Path
 
 from bench.common import peak_rss_mb
 from bench.fixtures import Setup
-
-IGNORE_INDEX = -100
+from lorafit.data.chat import IGNORE_INDEX
 
 
 def encoded_examples(setup: Setup) -> tuple[list[dict], object]:
